@@ -1,0 +1,232 @@
+// Blocked, multithreaded gram += x^T x in float64.
+//
+// Rows are processed in panels of kPanelRows. Each panel is converted to float64 and
+// packed column-block-major ([col / 8][row][col % 8]) so the 4x8 micro-kernel reads
+// contiguous memory. Only output tiles on or above the diagonal are computed (half the
+// flops of a GEMM); each tile's panel delta is added to the tile and to its mirror.
+#include "pyengine/core/gram.h"
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYENGINE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYENGINE_MULTIVERSION
+#endif
+
+namespace pyengine::core {
+namespace {
+
+constexpr std::int64_t kPack = 8;         // columns per packed block
+constexpr std::int64_t kPanelRows = 256;  // rows per packed panel
+constexpr std::int64_t kTile = 64;        // output tile edge, a multiple of kPack
+constexpr std::int64_t kMicroRows = 4;    // micro-kernel: kMicroRows x kPack outputs
+
+struct Tile {
+  std::int64_t row0;
+  std::int64_t col0;
+};
+
+struct Half {
+  std::uint16_t bits;
+};
+struct BFloat {
+  std::uint16_t bits;
+};
+inline double convert(const Half* p) { return half_to_float(p->bits); }
+inline double convert(const BFloat* p) { return bfloat16_to_float(p->bits); }
+inline double convert(const float* p) { return *p; }
+inline double convert(const double* p) { return *p; }
+
+// Pack rows [row0, row0 + rows) of x into `panel`, zero-padding to padded_cols.
+template <typename T>
+void pack_panel_typed(const MatrixView& x, std::int64_t row0, std::int64_t rows,
+                      std::int64_t padded_cols, double* panel) {
+  const T* base = static_cast<const T*>(x.data);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* row = base + (row0 + r) * x.row_stride;
+    std::int64_t c = 0;
+    for (; c < x.cols; ++c) {
+      panel[(c / kPack) * rows * kPack + r * kPack + c % kPack] = convert(row + c * x.col_stride);
+    }
+    for (; c < padded_cols; ++c) {
+      panel[(c / kPack) * rows * kPack + r * kPack + c % kPack] = 0.0;
+    }
+  }
+}
+
+void pack_panel(const MatrixView& x, std::int64_t row0, std::int64_t rows,
+                std::int64_t padded_cols, double* panel) {
+  switch (x.dtype) {
+    case DType::Float16:
+      return pack_panel_typed<Half>(x, row0, rows, padded_cols, panel);
+    case DType::BFloat16:
+      return pack_panel_typed<BFloat>(x, row0, rows, padded_cols, panel);
+    case DType::Float32:
+      return pack_panel_typed<float>(x, row0, rows, padded_cols, panel);
+    case DType::Float64:
+      return pack_panel_typed<double>(x, row0, rows, padded_cols, panel);
+  }
+}
+
+// out[i][j] += sum_k a[k][i] * b[k][j] for a 4 x 8 block; a and b step kPack per row.
+PYENGINE_MULTIVERSION
+void micro_kernel(const double* a, const double* b, std::int64_t rows, double* out,
+                  std::int64_t ld_out) {
+  double acc[kMicroRows][kPack] = {};
+  for (std::int64_t k = 0; k < rows; ++k) {
+    const double* ak = a + k * kPack;
+    const double* bk = b + k * kPack;
+#pragma GCC unroll 4
+    for (int i = 0; i < kMicroRows; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kPack; ++j) acc[i][j] += ak[i] * bk[j];
+    }
+  }
+  for (int i = 0; i < kMicroRows; ++i) {
+    for (int j = 0; j < kPack; ++j) out[i * ld_out + j] += acc[i][j];
+  }
+}
+
+// What one worker does: `tiles` over rows [row_begin, row_end), written into `gram`
+// (d x d), plus column sums of columns [sum_begin, sum_end) into `sums`.
+struct Work {
+  std::int64_t row_begin = 0;
+  std::int64_t row_end = 0;
+  std::vector<Tile> tiles;
+  double* gram = nullptr;
+  double* sums = nullptr;
+  std::int64_t sum_begin = 0;
+  std::int64_t sum_end = 0;
+};
+
+void run_work(const MatrixView& x, const Work& work) {
+  const std::int64_t d = x.cols;
+  const std::int64_t padded = (d + kPack - 1) / kPack * kPack;
+  std::vector<double> panel(static_cast<std::size_t>(padded * kPanelRows));
+  std::vector<double> local(static_cast<std::size_t>(kTile * kTile));
+
+  for (std::int64_t r0 = work.row_begin; r0 < work.row_end; r0 += kPanelRows) {
+    const std::int64_t rows = std::min(kPanelRows, work.row_end - r0);
+    pack_panel(x, r0, rows, padded, panel.data());
+    for (std::int64_t c = work.sum_begin; c < work.sum_end; ++c) {
+      const double* block = panel.data() + (c / kPack) * rows * kPack + c % kPack;
+      double s = 0.0;
+      for (std::int64_t r = 0; r < rows; ++r) s += block[r * kPack];
+      work.sums[c] += s;
+    }
+    for (const Tile& tile : work.tiles) {
+      const std::int64_t height = std::min(kTile, padded - tile.row0);
+      const std::int64_t width = std::min(kTile, padded - tile.col0);
+      std::fill(local.begin(), local.end(), 0.0);
+      for (std::int64_t jb = 0; jb < width; jb += kPack) {
+        const double* b = panel.data() + ((tile.col0 + jb) / kPack) * rows * kPack;
+        for (std::int64_t ib = 0; ib < height; ib += kMicroRows) {
+          const std::int64_t col = tile.row0 + ib;
+          const double* a = panel.data() + (col / kPack) * rows * kPack + col % kPack;
+          micro_kernel(a, b, rows, local.data() + ib * kTile + jb, kTile);
+        }
+      }
+      const std::int64_t valid_h = std::min(height, d - tile.row0);
+      const std::int64_t valid_w = std::min(width, d - tile.col0);
+      for (std::int64_t i = 0; i < valid_h; ++i) {
+        for (std::int64_t j = 0; j < valid_w; ++j) {
+          const double v = local[i * kTile + j];
+          work.gram[(tile.row0 + i) * d + tile.col0 + j] += v;
+          if (tile.row0 != tile.col0) work.gram[(tile.col0 + j) * d + tile.row0 + i] += v;
+        }
+      }
+    }
+  }
+}
+
+void run_all(const MatrixView& x, const std::vector<Work>& works) {
+  if (works.size() == 1) {
+    run_work(x, works[0]);
+    return;
+  }
+  std::vector<std::thread> threads;
+  threads.reserve(works.size() - 1);
+  for (std::size_t t = 1; t < works.size(); ++t) {
+    threads.emplace_back(run_work, std::cref(x), std::cref(works[t]));
+  }
+  run_work(x, works[0]);
+  for (auto& thread : threads) thread.join();
+}
+
+}  // namespace
+
+void gram_accumulate(const MatrixView& x, double* gram, double* sums, int num_threads) {
+  const std::int64_t n = x.rows;
+  const std::int64_t d = x.cols;
+  if (n == 0 || d == 0) return;
+
+  std::vector<Tile> tiles;
+  for (std::int64_t i = 0; i < d; i += kTile) {
+    for (std::int64_t j = i; j < d; j += kTile) tiles.push_back({i, j});
+  }
+  // Below ~1 MFLOP per thread, threads cost more than they save.
+  const std::int64_t flops = n * d * d;
+  const std::int64_t max_useful = std::max<std::int64_t>(1, flops / (1 << 20));
+  const auto threads = static_cast<std::int64_t>(
+      std::clamp<std::int64_t>(num_threads, 1, max_useful));
+
+  if (static_cast<std::int64_t>(tiles.size()) >= threads) {
+    // Wide layers: threads own disjoint tiles of the shared gram, all rows each.
+    std::vector<Work> works(static_cast<std::size_t>(threads));
+    for (std::int64_t t = 0; t < threads; ++t) {
+      Work& w = works[static_cast<std::size_t>(t)];
+      w.row_begin = 0;
+      w.row_end = n;
+      for (std::size_t k = static_cast<std::size_t>(t); k < tiles.size();
+           k += static_cast<std::size_t>(threads)) {
+        w.tiles.push_back(tiles[k]);
+      }
+      w.gram = gram;
+      w.sums = sums;
+      w.sum_begin = sums ? d * t / threads : 0;
+      w.sum_end = sums ? d * (t + 1) / threads : 0;
+    }
+    run_all(x, works);
+    return;
+  }
+
+  // Narrow layers: threads own row ranges and private deltas, reduced in order.
+  std::vector<Work> works(static_cast<std::size_t>(threads));
+  std::vector<double> deltas(static_cast<std::size_t>(threads * d * (d + 1)), 0.0);
+  for (std::int64_t t = 0; t < threads; ++t) {
+    Work& w = works[static_cast<std::size_t>(t)];
+    w.row_begin = n * t / threads;
+    w.row_end = n * (t + 1) / threads;
+    w.tiles = tiles;
+    w.gram = deltas.data() + t * d * (d + 1);
+    w.sums = w.gram + d * d;
+    w.sum_begin = 0;
+    w.sum_end = sums ? d : 0;
+  }
+  run_all(x, works);
+  for (const Work& w : works) {
+    for (std::int64_t k = 0; k < d * d; ++k) gram[k] += w.gram[k];
+    if (sums) {
+      for (std::int64_t c = 0; c < d; ++c) sums[c] += w.sums[c];
+    }
+  }
+}
+
+void gram_accumulate_reference(const MatrixView& x, double* gram, double* sums) {
+  const std::int64_t d = x.cols;
+  std::vector<double> row(static_cast<std::size_t>(d));
+  std::vector<double> panel(static_cast<std::size_t>((d + kPack - 1) / kPack * kPack));
+  for (std::int64_t r = 0; r < x.rows; ++r) {
+    pack_panel(x, r, 1, static_cast<std::int64_t>(panel.size()), panel.data());
+    for (std::int64_t c = 0; c < d; ++c) row[c] = panel[(c / kPack) * kPack + c % kPack];
+    for (std::int64_t i = 0; i < d; ++i) {
+      for (std::int64_t j = 0; j < d; ++j) gram[i * d + j] += row[i] * row[j];
+      if (sums) sums[i] += row[i];
+    }
+  }
+}
+
+}  // namespace pyengine::core

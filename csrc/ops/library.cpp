@@ -1,0 +1,7 @@
+// Every pyengine op's schema, in one place. Implementations register per device.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyengine, m) {
+  m.def("gram_accumulate(Tensor(a!) gram, Tensor x, Tensor(b!)? sums=None) -> ()");
+  m.def("gram_eigh(Tensor gram, *, int? n=None, Tensor? center_sums=None) -> (Tensor, Tensor)");
+}
