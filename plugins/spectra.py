@@ -1,0 +1,168 @@
+"""``gram-spectrum``: per-layer activation Gram eigenspectra and effective rank.
+
+Redundant units show up as (near-)zero eigenvalues: a layer of units [a, 2a, b, a+b] has
+rank 2. The Gram matrix is accumulated in float64 by ``pyengine.ops.gram_accumulate``,
+streaming from the store or from a fresh pass over the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyengine import ops
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Options, Result, Technique, bad_option
+
+MAX_UNITS = 8192
+
+
+@dataclass(frozen=True)
+class GramSpectrumOptions(Options):
+    layers: tuple[str, ...] = ()  # default: the stored layers, else every ReLU module
+    center: bool = True  # covariance (centred) rather than second moment
+    thresholds: tuple[float, ...] = (1e-3, 1e-6)  # rank = #eigenvalues > t * largest
+    variance: tuple[float, ...] = (0.9, 0.99)  # rank = #components explaining this fraction
+    conv_units: str = "channels"  # conv maps: "channels" (positions are samples) or "flatten"
+    batch_size: int = 256
+    max_rows: int = 0  # 0: the whole dataset
+
+    def validate(self) -> None:
+        if isinstance(self.layers, str):
+            self._set("layers", (self.layers,))
+        self._set("layers", tuple(self.layers))
+        self._set("thresholds", tuple(float(t) for t in self.thresholds))
+        self._set("variance", tuple(float(v) for v in self.variance))
+        if not all(0 < t < 1 for t in self.thresholds):
+            raise bad_option("thresholds", self.thresholds, "relative cut-offs in (0, 1)")
+        if not all(0 < v <= 1 for v in self.variance):
+            raise bad_option("variance", self.variance, "explained-variance fractions in (0, 1]")
+        if self.conv_units not in ("channels", "flatten"):
+            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad_option("batch_size", self.batch_size, "a positive integer")
+        if not isinstance(self.max_rows, int) or self.max_rows < 0:
+            raise bad_option("max_rows", self.max_rows, "a non-negative integer (0 = all rows)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GramSpectrumResult(Result):
+    eigenvalues: dict[str, torch.Tensor]  # per layer, descending, float64
+    units: dict[str, int]  # layer width (units)
+    samples: dict[str, int]  # rows accumulated
+    rank: dict[str, int]  # "<layer> rel<t" and "<layer> var<v>" -> effective rank
+
+    def summary(self) -> str:
+        return "; ".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The redundancy report, e.g. ``layer X: 512 units, rank 37 at 1e-06``."""
+        out = []
+        for layer, width in self.units.items():
+            ranks = ", ".join(f"rank {value} at {key.split(' rel<')[1]}"
+                              for key, value in self.rank.items() if key.startswith(f"{layer} rel<"))
+            out.append(f"layer {layer}: {width} units, {ranks}")
+        return out
+
+
+def as_rows(activation: torch.Tensor, conv_units: str) -> torch.Tensor:
+    """(B, C, *spatial) -> (B * positions, C) for channels; otherwise (B, features)."""
+    if activation.dim() > 2 and conv_units == "channels":
+        return activation.movedim(1, -1).reshape(-1, activation.shape[1])
+    return activation.reshape(activation.shape[0], -1)
+
+
+def effective_ranks(values: torch.Tensor, layer: str, thresholds: tuple[float, ...],
+                    variance: tuple[float, ...]) -> dict[str, int]:
+    clipped = values.clamp(min=0)
+    top = float(clipped[0]) if clipped.numel() else 0.0
+    total = float(clipped.sum())
+    cumulative = clipped.cumsum(0) / total if total > 0 else clipped
+    ranks = {f"{layer} rel<{t:g}": int((clipped > t * top).sum()) if top > 0 else 0 for t in thresholds}
+    for v in variance:
+        ranks[f"{layer} var{v:g}"] = int((cumulative < v - 1e-12).sum()) + 1 if total > 0 else 0
+    return ranks
+
+
+class GramSpectrum(Technique):
+    name = "gram-spectrum"
+    summary = "per-layer activation Gram eigenspectrum and effective rank (redundant directions)"
+    Options = GramSpectrumOptions
+    needs_data = True
+
+    def _default_layers(self, ctx: Context) -> tuple[str, ...]:
+        if ctx.store is not None and ctx.store.layers:
+            return tuple(ctx.store.layers)
+        return tuple(name for name, module in ctx.layers.items() if isinstance(module, nn.ReLU))
+
+    def _blocks(self, ctx: Context, layers: tuple[str, ...], options: GramSpectrumOptions) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield {layer: activations} blocks, from the store when it has every layer."""
+        limit = options.max_rows or None
+        if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
+            streams = [ctx.store.iter_layer(layer, rows=options.batch_size, device=ctx.device, stop=limit)
+                       for layer in layers]
+            for blocks in zip(*streams):
+                yield dict(zip(layers, blocks))
+            return
+        modules = {layer: ctx.module(layer) for layer in layers}
+        outputs: dict[str, torch.Tensor] = {}
+        if ctx.data is not None:
+            stop = min(len(ctx.data), limit or len(ctx.data))
+            inputs_iter = (batch.inputs for batch in ctx.data.batches(options.batch_size, 0, stop))
+        elif ctx.inputs is not None:
+            inputs_iter = iter(ctx.inputs.split(options.batch_size))
+        else:
+            raise PyengineError(f"gram-spectrum: the store lacks layers {list(layers)} and no data was given")
+        with ctx.hooks() as scope, torch.no_grad():
+            for layer, module in modules.items():
+                scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
+            for inputs in inputs_iter:
+                ctx.model(inputs.to(ctx.device))
+                yield {layer: outputs[layer] for layer in layers}
+
+    def run(self, ctx: Context, options: GramSpectrumOptions) -> GramSpectrumResult:
+        layers = options.layers or self._default_layers(ctx)
+        if not layers:
+            raise PyengineError("gram-spectrum: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        grams: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
+        rows: dict[str, int] = {}
+        total = len(ctx.store) if ctx.store is not None else (len(ctx.data) if ctx.data is not None else None)
+        with ctx.progress(total, "gram-spectrum") as bar:
+            for block in self._blocks(ctx, layers, options):
+                for layer, activation in block.items():
+                    x = as_rows(activation, options.conv_units)
+                    if layer not in grams:
+                        if x.shape[1] > MAX_UNITS:
+                            raise PyengineError(
+                                f"gram-spectrum: layer {layer!r} has {x.shape[1]} units (> {MAX_UNITS}); "
+                                "use conv_units='channels' or a narrower layer")
+                        grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                        sums[layer] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+                        rows[layer] = 0
+                    ops.gram_accumulate(grams[layer], x, sums[layer])
+                    rows[layer] += x.shape[0]
+                bar.update(next(iter(block.values())).shape[0])
+        eigenvalues, ranks = {}, {}
+        for layer in layers:
+            if rows.get(layer, 0) == 0:
+                raise PyengineError(f"gram-spectrum: no rows for layer {layer!r}")
+            values, _ = ops.gram_eigh(grams[layer], n=rows[layer], center_sums=sums[layer] if options.center else None)
+            eigenvalues[layer] = values.cpu()
+            ranks.update(effective_ranks(eigenvalues[layer], layer, options.thresholds, options.variance))
+        curves = {layer: (v.clamp(min=1e-300) / v.clamp(min=1e-300)[0]).tolist() for layer, v in eigenvalues.items()}
+        figure = Figure("Gram eigenspectrum (relative to the largest)", lines=curves, log_y=True,
+                        xlabel="eigenvalue index", ylabel="λ / λ_max")
+        return GramSpectrumResult(eigenvalues=eigenvalues, units={k: int(v.shape[0]) for k, v in eigenvalues.items()},
+                                  samples=rows, rank=ranks, figures=(figure,))
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(GramSpectrum)

@@ -1,0 +1,71 @@
+"""The public entry point: ``pyengine.run``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyengine import host
+from pyengine.capture import model_device, param_hash
+from pyengine.context import Context
+from pyengine.data.base import as_dataset
+from pyengine.errors import PluginError, PyengineError
+from pyengine.store import StoreReader, next_run_name, write_result
+from pyengine.technique import Result
+
+
+def resolve_model(model: nn.Module | str) -> nn.Module:
+    """A model instance, or a registered model name (built with default arguments)."""
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, str):
+        return host.get_entry("model", model).factory()
+    raise PyengineError(f"model={type(model).__name__} is invalid: expected an nn.Module or a registered model name")
+
+
+def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *, data: Any = None,
+        store: StoreReader | str | os.PathLike[str] | None = None, save: str | os.PathLike[str] | None = None,
+        run_name: str | None = None, device: str | torch.device | None = None, seed: int = 0,
+        progress: bool = True, **options: Any) -> Result:
+    """Run technique ``name`` on ``model``; ``options`` are the technique's options.
+
+    ``data`` is a dataset to analyse, ``store`` an activation store to read from, ``save``
+    a results file to add the result to (under ``/results/<name>/<run_name>``).
+    ``device`` moves the model there (default: where the model already is).
+    """
+    technique_class = host.get_technique(name)
+    parsed = technique_class.options(**options)
+    model = resolve_model(model)
+    target = torch.device(device) if device is not None else model_device(model)
+    if device is not None:
+        model = model.to(target)
+    if technique_class.needs_inputs and inputs is None:
+        raise PyengineError(f"{name} needs inputs: call pyengine.run({name!r}, model, inputs, ...)")
+    if technique_class.needs_data and data is None and store is None and inputs is None:
+        raise PyengineError(f"{name} needs data: pass data=<dataset> or store=<activations .h5>")
+
+    reader = StoreReader(store) if isinstance(store, (str, os.PathLike)) else store
+    ctx = Context(model=model, device=target, inputs=inputs, data=as_dataset(data) if data is not None else None,
+                  store=reader, seed=seed, show_progress=progress)
+    was_training = model.training
+    model.eval()
+    try:
+        result = technique_class().run(ctx, parsed)
+    finally:
+        model.train(was_training)
+        if reader is not None and reader is not store:
+            reader.close()
+    if not isinstance(result, Result):
+        raise PluginError(f"technique {name!r} returned {type(result).__name__}; expected a pyengine.Result")
+    if save is not None:
+        run_name = run_name or next_run_name(save, name)
+        attrs: dict[str, Any] = dict(result.scalars())
+        attrs.update(technique=name, options=json.dumps(parsed.to_dict(), sort_keys=True), summary=result.summary())
+        write_result(save, name, run_name, arrays=result.arrays(), attrs=attrs,
+                     meta={"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                           "model_param_hash": param_hash(model)})
+    return result

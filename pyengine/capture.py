@@ -1,0 +1,131 @@
+"""Capture layer activations over a dataset into the HDF5 store, crash-safe and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyengine.context import HookScope, resolve_module
+from pyengine.data.base import Dataset, as_dataset
+from pyengine.errors import PyengineError, StoreError
+from pyengine.progress import Progress
+from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
+
+
+def param_hash(model: nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes, bytes): identifies the weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_options(layers: Sequence[str], batch_size: int, dtype: str, compression: str, start: int,
+                   stop: int | None, size: int) -> None:
+    if isinstance(layers, str) or not layers:
+        raise PyengineError(f"layers={layers!r} is invalid: expected a non-empty list of module paths")
+    if len(set(layers)) != len(layers):
+        raise PyengineError(f"layers={list(layers)!r} is invalid: a layer is named twice")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PyengineError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
+    if dtype not in STORED_DTYPES:
+        raise PyengineError(f"dtype={dtype!r} is invalid: expected one of {', '.join(STORED_DTYPES)}")
+    if compression not in COMPRESSIONS:
+        raise PyengineError(f"compression={compression!r} is invalid: expected one of {', '.join(COMPRESSIONS)}")
+    end = size if stop is None else stop
+    if not (0 <= start < end <= size):
+        raise PyengineError(f"range start={start}, stop={stop} is invalid: expected 0 <= start < stop <= {size}")
+
+
+def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | os.PathLike[str], *,
+            batch_size: int = 64, dtype: str = "float16", compression: str = "lzf",
+            device: str | torch.device | None = None, start: int = 0, stop: int | None = None,
+            overwrite: bool = False, progress: bool = True,
+            on_batch: Callable[[int], None] | None = None) -> Path:
+    """Run ``dataset`` through ``model`` and store the outputs of ``layers`` at ``path``.
+
+    Returns the path of the complete store. An interrupted capture with the same
+    configuration is resumed; a complete one is returned as is.
+    """
+    data: Dataset = as_dataset(dataset)
+    path = Path(path)
+    _check_options(layers, batch_size, dtype, compression, start, stop, len(data))
+    modules = {name: resolve_module(model, name) for name in layers}
+    stop = len(data) if stop is None else stop
+    device = torch.device(device) if device is not None else model_device(model)
+    config = {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_param_hash": param_hash(model),
+        "dataset": data.describe(),
+        "layers": list(layers),
+        "dtype": dtype,
+        "compression": compression,
+        "start": start,
+        "stop": stop,
+    }
+
+    if overwrite:
+        path.unlink(missing_ok=True)
+        partial_path(path).unlink(missing_ok=True)
+    finished = ActivationWriter.finished_config(path)
+    if finished is not None:
+        if finished == config:
+            return path
+        raise StoreError(f"{path} exists with a different capture configuration; choose another path or pass overwrite=True")
+
+    writer = ActivationWriter.resume(path, config)
+    model = model.to(device).eval()
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise PyengineError(f"layer {name!r} returned {type(output).__name__}; expected a tensor to capture")
+            outputs[name] = output.detach()
+
+        return hook
+
+    done = writer.rows_done if writer else 0
+    try:
+        with HookScope() as scope, torch.no_grad(), Progress(stop - start, f"capture {path.name}", enabled=progress) as bar:
+            for name, module in modules.items():
+                scope.forward(module, keep(name))
+            bar.update(done)
+            for batch in data.batches(batch_size, start + done, stop):
+                outputs.clear()
+                model(batch.inputs.to(device))
+                acts = {name: outputs[name] for name in layers}
+                if writer is None:
+                    writer = ActivationWriter.create(
+                        path,
+                        meta={"model_class": config["model_class"], "model_param_hash": config["model_param_hash"],
+                              "dataset_name": data.name, "dataset_size": len(data)},
+                        config=config, layers={name: tuple(a.shape[1:]) for name, a in acts.items()},
+                        dtype=dtype, compression=compression,
+                        concepts={name: tuple(data.concept_names.get(name, ())) for name in batch.concepts},
+                    )
+                writer.append(batch.index, batch.labels, batch.concepts, acts)
+                bar.update(int(batch.index.shape[0]))
+                if on_batch is not None:
+                    on_batch(writer.rows_done)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is None:  # nothing to write: cannot happen with start < stop
+        raise PyengineError("capture wrote no rows")
+    return writer.finish()

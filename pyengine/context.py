@@ -1,0 +1,98 @@
+"""What a technique gets: model, device, layers, data, store, hooks, progress, rng."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pyengine.errors import NotFoundError, PyengineError
+from pyengine.progress import Progress
+
+if TYPE_CHECKING:
+    from pyengine.data.base import Dataset
+    from pyengine.store import StoreReader
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at a module path like ``features.conv1``; errors list the closest names."""
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or names[:5]
+    raise NotFoundError(f"no layer {name!r} in {type(model).__name__}; closest: {', '.join(close)}")
+
+
+class HookScope:
+    """Collects hook handles; removes every one on exit, however the block ends."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, handle: Any) -> Any:
+        self._handles.append(handle)
+        return handle
+
+    def forward(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.add(module.register_forward_hook(hook, **kwargs))
+
+    def forward_pre(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.add(module.register_forward_pre_hook(hook, **kwargs))
+
+    def backward(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.add(module.register_full_backward_hook(hook, **kwargs))
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> HookScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Context:
+    """Everything a technique may use. Built by ``pyengine.run``; techniques never open files."""
+
+    model: nn.Module
+    device: torch.device
+    inputs: torch.Tensor | None = None
+    data: Dataset | None = None
+    store: StoreReader | None = None
+    seed: int = 0
+    show_progress: bool = True
+    rng: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """Module path -> module, for every submodule of the model."""
+        return {name: module for name, module in self.model.named_modules() if name}
+
+    def module(self, name: str) -> nn.Module:
+        return resolve_module(self.model, name)
+
+    @contextmanager
+    def hooks(self) -> Iterator[HookScope]:
+        """``with ctx.hooks() as scope: scope.forward(module, fn)`` — removed on exit."""
+        with HookScope() as scope:
+            yield scope
+
+    def progress(self, total: int | None, desc: str) -> Progress:
+        return Progress(total, desc, enabled=self.show_progress)
+
+    def require_inputs(self, technique: str) -> torch.Tensor:
+        if self.inputs is None:
+            raise PyengineError(f"{technique} needs inputs: pass a tensor as pyengine.run(..., inputs)")
+        return self.inputs.to(self.device)

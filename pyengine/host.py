@@ -1,0 +1,171 @@
+"""The plugin host: one pluggy PluginManager, the built-in plugins, the registries."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+
+from pyengine import hookspecs
+from pyengine.errors import NotFoundError, PluginError
+from pyengine.technique import Technique
+
+ENTRY_POINT_GROUP = "pyengine"
+DEFAULT_PLUGINS = (
+    "pyengine.models",
+    "pyengine.data",
+    "pyengine.plugins.spectra",
+)
+
+pm = pluggy.PluginManager("pyengine")
+pm.add_hookspecs(hookspecs)
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Load installed entry-point plugins (``PYENGINE_LOAD_PLUGINS`` restricts which), then the built-ins."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    selected = os.environ.get("PYENGINE_LOAD_PLUGINS")
+    if selected is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    else:
+        available = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        for name in filter(None, (part.strip() for part in selected.split(","))):
+            if name not in available:
+                known = ", ".join(sorted(available)) or "none installed"
+                raise PluginError(
+                    f"PYENGINE_LOAD_PLUGINS names {name!r}, which is not an installed pyengine "
+                    f"plugin (installed: {known})"
+                )
+            if pm.get_plugin(name) is None:
+                pm.register(available[name].load(), name=name)
+    for module_name in DEFAULT_PLUGINS:
+        if pm.get_plugin(module_name) is None:
+            pm.register(importlib.import_module(module_name), name=module_name)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered model or dataset factory and the plugin that registered it."""
+
+    name: str
+    factory: Callable[..., Any]
+    summary: str
+    plugin: str
+
+
+def _collect(
+    hook_name: str, make_register: Callable[[str, dict[str, Any], dict[str, str]], Callable[..., None]]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Call one discovery hook plugin by plugin; returns (name -> thing, name -> plugin)."""
+    load_plugins()
+    found: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        impl.function(register=make_register(impl.plugin_name, found, owners))
+    return dict(sorted(found.items())), owners
+
+
+def _claim(kind: str, name: str, plugin: str, owners: dict[str, str]) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
+    if name in owners:
+        raise PluginError(
+            f"{kind} name {name!r} is registered by two plugins: {owners[name]!r} and {plugin!r}"
+        )
+    owners[name] = plugin
+
+
+def _technique_registry() -> tuple[dict[str, type[Technique]], dict[str, str]]:
+    def make_register(plugin: str, found: dict[str, Any], owners: dict[str, str]) -> Callable[..., None]:
+        def register(technique: type[Technique]) -> None:
+            if not (isinstance(technique, type) and issubclass(technique, Technique)):
+                raise PluginError(
+                    f"plugin {plugin!r} registered {technique!r}; expected a pyengine.Technique subclass"
+                )
+            technique.check_definition()
+            _claim("technique", technique.name, plugin, owners)
+            found[technique.name] = technique
+
+        return register
+
+    return _collect("register_techniques", make_register)
+
+
+def techniques() -> dict[str, type[Technique]]:
+    """Every registered technique, name -> Technique class."""
+    return _technique_registry()[0]
+
+
+def technique_plugins() -> dict[str, str]:
+    """Technique name -> name of the plugin that registered it."""
+    return _technique_registry()[1]
+
+
+def _entries(hook_name: str, kind: str) -> dict[str, Entry]:
+    def make_register(plugin: str, found: dict[str, Any], owners: dict[str, str]) -> Callable[..., None]:
+        def register(name: str, factory: Callable[..., Any], summary: str = "") -> None:
+            if not callable(factory):
+                raise PluginError(f"plugin {plugin!r} registered {kind} {name!r} with a non-callable factory")
+            _claim(kind, name, plugin, owners)
+            found[name] = Entry(name, factory, summary, plugin)
+
+        return register
+
+    return _collect(hook_name, make_register)[0]
+
+
+def models() -> dict[str, Entry]:
+    """Registered model factories."""
+    return _entries("register_models", "model")
+
+
+def datasets() -> dict[str, Entry]:
+    """Registered dataset factories."""
+    return _entries("register_datasets", "dataset")
+
+
+def get_technique(name: str) -> type[Technique]:
+    found = techniques()
+    if name not in found:
+        raise NotFoundError(f"unknown technique {name!r}; registered: {', '.join(found) or 'none'}")
+    return found[name]
+
+
+def get_entry(kind: str, name: str) -> Entry:
+    found = models() if kind == "model" else datasets()
+    if name not in found:
+        raise NotFoundError(f"unknown {kind} {name!r}; registered: {', '.join(found) or 'none'}")
+    return found[name]
+
+
+def plugin_listing() -> list[dict[str, Any]]:
+    """What ``pyengine plugins`` prints: each plugin with what it registered."""
+    load_plugins()
+    dist_of = {plugin: dist.project_name + " " + dist.version for plugin, dist in pm.list_plugin_distinfo()}
+    rows: dict[str, dict[str, Any]] = {}
+    for plugin_object in pm.get_plugins():
+        name = pm.get_name(plugin_object) or repr(plugin_object)
+        rows[name] = {
+            "name": name,
+            "builtin": name in DEFAULT_PLUGINS,
+            "package": dist_of.get(plugin_object),
+            "hooks": sorted(h.name for h in pm.get_hookcallers(plugin_object) or []),
+            "techniques": [],
+            "models": [],
+            "datasets": [],
+        }
+    for technique, plugin in technique_plugins().items():
+        rows[plugin]["techniques"].append(technique)
+    for entry in models().values():
+        rows[entry.plugin]["models"].append(entry.name)
+    for entry in datasets().values():
+        rows[entry.plugin]["datasets"].append(entry.name)
+    return sorted(rows.values(), key=lambda row: (not row["builtin"], row["name"]))

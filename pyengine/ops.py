@@ -1,0 +1,44 @@
+"""Typed wrappers over ``torch.ops.pyengine.*``, with fake (meta) implementations.
+
+The only module that imports the native extension ``pyengine._C``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyengine import _C
+
+HAS_CUDA: bool = bool(_C.has_cuda)
+
+
+def build_info() -> dict[str, object]:
+    """How the native extension was built (version, C++ standard, pybind11, CUDA)."""
+    return dict(_C.build_info())
+
+
+def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
+    """In place: ``gram += x.T @ x`` in float64 and, if given, ``sums += x.sum(0)``.
+
+    ``x`` is (n, d) float16/bfloat16/float32/float64, any strides; ``gram`` is a contiguous
+    float64 (d, d) and ``sums`` a contiguous float64 (d,), on x's device.
+    """
+    torch.ops.pyengine.gram_accumulate(gram, x, sums)
+
+
+def gram_eigh(gram: torch.Tensor, *, n: int | None = None,
+              center_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of an accumulated Gram matrix.
+
+    With ``n`` (rows accumulated) the matrix is divided by n; with ``center_sums`` too, it
+    is centred first: ``(gram - s s^T / n) / n`` is the covariance.
+    """
+    values, vectors = torch.ops.pyengine.gram_eigh(gram, n=n, center_sums=center_sums)
+    return values, vectors
+
+
+@torch.library.register_fake("pyengine::gram_accumulate")
+def _gram_accumulate_fake(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
+    torch._check(x.dim() == 2, lambda: "pyengine.gram_accumulate: x must be 2-D")
+    torch._check(gram.shape == (x.shape[1], x.shape[1]), lambda: "pyengine.gram_accumulate: gram must be (d, d)")
+    return None

@@ -1,0 +1,326 @@
+"""The HDF5 store: the only code in pyengine that opens .h5 files.
+
+Layout (schema 1)::
+
+    /meta                       attrs: format, schema_version, pyengine_version, model_class,
+                                model_param_hash, dataset_name, dataset_size, created, config
+    /inputs/index, /inputs/labels     (N,)
+    /concepts/<name>            (N,) int codes; attr ``categories`` (JSON list)
+    /activations/<module.path>  (N, ...) chunked ~1 MiB, lzf or gzip, float16 or float32
+    /results/<technique>/<run>  datasets + attrs (``options`` as JSON)
+
+Captures write ``X.h5.partial`` in SWMR mode, flushed after every batch, and rename it to
+``X.h5`` when complete; a killed capture resumes from the last flushed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from pyengine._h5clear import clear_consistency_flags
+from pyengine.errors import StoreError
+
+FORMAT = "pyengine"
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 1 << 20
+COMPRESSIONS = ("lzf", "gzip", "none")
+STORED_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _version() -> str:
+    from pyengine import __version__
+
+    return __version__
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except OSError as error:
+        reason = str(error).split("(")[-1].rstrip(")") if "(" in str(error) else str(error)
+        raise StoreError(f"{path}: not a readable HDF5 file ({reason}); expected a pyengine store") from None
+
+
+def _check_meta(file: h5py.File, path: Path) -> dict[str, Any]:
+    meta = file.get("meta")
+    if meta is None or meta.attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a pyengine store (no /meta with format='pyengine'); written by another tool?")
+    version = int(meta.attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written with store schema {version}, newer than this pyengine's {SCHEMA_VERSION}; upgrade pyengine"
+        )
+    if version < 1:
+        raise StoreError(f"{path}: invalid schema_version {version}; expected 1..{SCHEMA_VERSION}")
+    out = {key: (value.item() if hasattr(value, "item") else value) for key, value in meta.attrs.items()}
+    out["config"] = json.loads(out.get("config", "{}"))
+    return out
+
+
+def _write_meta(file: h5py.File, meta: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    group = file.require_group("meta")
+    group.attrs["format"] = FORMAT
+    group.attrs["schema_version"] = SCHEMA_VERSION
+    group.attrs["pyengine_version"] = _version()
+    group.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, value in meta.items():
+        group.attrs[key] = value
+    group.attrs["config"] = json.dumps(config, sort_keys=True)
+
+
+def chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
+    """Rows per chunk so that one chunk holds about 1 MiB."""
+    row_bytes = max(1, math.prod(row_shape) * itemsize)
+    return max(1, CHUNK_BYTES // row_bytes)
+
+
+class ActivationWriter:
+    """Appends captured batches to ``X.h5.partial``; ``finish()`` renames it to ``X.h5``."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self.file = file
+        self.rows_done = int(file["inputs/index"].shape[0])
+
+    @staticmethod
+    def finished_config(path: Path) -> dict[str, Any] | None:
+        """The config of a complete store at ``path``, or None when there is none."""
+        if not path.exists():
+            return None
+        with _open_h5(path, "r") as file:
+            return _check_meta(file, path)["config"]
+
+    @classmethod
+    def resume(cls, path: Path, config: Mapping[str, Any]) -> ActivationWriter | None:
+        """Reopen an interrupted capture of the same config; None when there is none."""
+        partial = partial_path(path)
+        if not partial.exists():
+            return None
+        clear_consistency_flags(partial)
+        file = _open_h5(partial, "r+", libver="latest")
+        try:
+            found = _check_meta(file, partial)["config"]
+            if found != json.loads(json.dumps(config, sort_keys=True)):
+                raise StoreError(
+                    f"{partial} holds an interrupted capture with a different configuration; "
+                    "delete it or pass overwrite=True"
+                )
+            writer = cls(path, file)
+            for group in ("activations", "concepts", "inputs"):
+                for dataset in file[group].values():
+                    dataset.resize(writer.rows_done, axis=0)
+            file.swmr_mode = True
+            return writer
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def create(cls, path: Path, *, meta: Mapping[str, Any], config: Mapping[str, Any],
+               layers: Mapping[str, tuple[int, ...]], dtype: str, compression: str,
+               concepts: Mapping[str, tuple[str, ...]]) -> ActivationWriter:
+        """Create ``X.h5.partial`` (atomically) with empty resizable datasets."""
+        partial = partial_path(path)
+        staging = path.with_name(path.name + ".partial.tmp")
+        filters: dict[str, Any] = {}
+        if compression == "gzip":
+            filters = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        elif compression == "lzf":
+            filters = {"compression": "lzf"}
+        stored = STORED_DTYPES[dtype]
+        with _open_h5(staging, "w", libver="latest") as file:
+            _write_meta(file, meta, config)
+            for name, row_shape in layers.items():
+                rows = chunk_rows(row_shape, np.dtype(stored).itemsize)
+                file.create_dataset(f"activations/{name}", shape=(0, *row_shape), maxshape=(None, *row_shape),
+                                    chunks=(rows, *row_shape), dtype=stored, **filters)
+            for name in ("index", "labels"):
+                file.create_dataset(f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64)
+            file.require_group("concepts")
+            for name, categories in concepts.items():
+                dataset = file.create_dataset(f"concepts/{name}", shape=(0,), maxshape=(None,), chunks=(65536,),
+                                              dtype=np.int64)
+                dataset.attrs["categories"] = json.dumps(list(categories))
+        os.replace(staging, partial)
+        file = _open_h5(partial, "r+", libver="latest")
+        file.swmr_mode = True
+        return cls(path, file)
+
+    def append(self, index: torch.Tensor, labels: torch.Tensor, concepts: Mapping[str, torch.Tensor],
+               activations: Mapping[str, torch.Tensor]) -> None:
+        """Write one batch; /inputs/index grows last, so its length is the rows done."""
+        n = self.rows_done
+        rows = int(index.shape[0])
+
+        def put(dataset: h5py.Dataset, values: torch.Tensor) -> None:
+            dataset.resize(n + rows, axis=0)
+            dataset[n:n + rows] = values.detach().cpu().numpy().astype(dataset.dtype, copy=False)
+
+        for name, values in activations.items():
+            put(self.file[f"activations/{name}"], values)
+        for name, values in concepts.items():
+            put(self.file[f"concepts/{name}"], values)
+        put(self.file["inputs/labels"], labels)
+        put(self.file["inputs/index"], index)
+        self.file.flush()
+        self.rows_done = n + rows
+
+    def finish(self) -> Path:
+        self.file.close()
+        os.replace(partial_path(self.path), self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Stop without finishing: the partial file stays, ready to resume."""
+        if self.file.id.valid:
+            self.file.close()
+
+
+class StoreReader:
+    """Read access to a store; layers are streamed in chunks, never loaded whole."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.file = _open_h5(self.path, "r")
+        try:
+            self.meta = _check_meta(self.file, self.path)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __len__(self) -> int:
+        return int(self.file["inputs/index"].shape[0]) if "inputs/index" in self.file else 0
+
+    @property
+    def layers(self) -> list[str]:
+        group = self.file.get("activations")
+        return list(group.keys()) if group is not None else []
+
+    def _layer(self, layer: str) -> h5py.Dataset:
+        if layer not in self.layers:
+            raise StoreError(f"{self.path}: no activations for layer {layer!r}; stored layers: {', '.join(self.layers) or 'none'}")
+        return self.file[f"activations/{layer}"]
+
+    def shape(self, layer: str) -> tuple[int, ...]:
+        return tuple(self._layer(layer).shape)
+
+    def iter_layer(self, layer: str, *, rows: int | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield ``layer`` in consecutive row blocks (default: the HDF5 chunk rows)."""
+        dataset = self._layer(layer)
+        stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
+        step = rows or (dataset.chunks[0] if dataset.chunks else 1024)
+        for first in range(start, stop, step):
+            block = dataset[first:min(first + step, stop)]
+            yield torch.from_numpy(block).to(device=device, dtype=dtype)
+
+    def array(self, name: str) -> torch.Tensor:
+        """A small (N,) array: ``inputs/index``, ``inputs/labels`` or ``concepts/<name>``."""
+        if name not in self.file or not isinstance(self.file[name], h5py.Dataset) or self.file[name].ndim != 1:
+            raise StoreError(f"{self.path}: no 1-D array {name!r}")
+        return torch.from_numpy(self.file[name][:])
+
+    @property
+    def concepts(self) -> dict[str, list[str]]:
+        group = self.file.get("concepts")
+        return {name: json.loads(ds.attrs.get("categories", "[]")) for name, ds in (group or {}).items()}
+
+    def results(self) -> list[tuple[str, str]]:
+        group = self.file.get("results")
+        if group is None:
+            return []
+        return [(technique, run) for technique in group for run in group[technique] if not run.endswith(".partial")]
+
+    def result(self, technique: str, run: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Arrays and attributes of one stored result."""
+        key = f"results/{technique}/{run}"
+        if key not in self.file:
+            raise StoreError(f"{self.path}: no result {technique}/{run}")
+        arrays: dict[str, torch.Tensor] = {}
+        self.file[key].visititems(
+            lambda name, obj: arrays.__setitem__(name, torch.from_numpy(obj[()])) if isinstance(obj, h5py.Dataset) else None
+        )
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.file[key].attrs.items()}
+        return arrays, attrs
+
+    def describe(self) -> dict[str, Any]:
+        """What ``pyengine info`` prints."""
+        layers = {}
+        for name in self.layers:
+            dataset = self.file[f"activations/{name}"]
+            layers[name] = {"shape": list(dataset.shape), "dtype": str(dataset.dtype),
+                            "chunks": list(dataset.chunks or ()), "compression": dataset.compression}
+        meta = {k: v for k, v in self.meta.items()}
+        return {"path": str(self.path), "rows": len(self), "meta": meta, "layers": layers,
+                "concepts": self.concepts, "results": [f"{t}/{r}" for t, r in self.results()]}
+
+
+def write_result(path: str | os.PathLike[str], technique: str, run: str, *, arrays: Mapping[str, torch.Tensor],
+                 attrs: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """Add ``/results/<technique>/<run>`` to a results file, atomically (copy, write, rename)."""
+    target = Path(path)
+    staging = partial_path(target)
+    if target.exists():
+        with _open_h5(target, "r") as file:
+            _check_meta(file, target)
+        shutil.copyfile(target, staging)
+    try:
+        with _open_h5(staging, "a", libver="latest") as file:
+            if "meta" not in file:
+                _write_meta(file, meta, {})
+            group_name = f"results/{technique}/{run}"
+            if group_name in file:
+                raise StoreError(f"{target}: result {technique}/{run} exists; choose another run name")
+            group = file.create_group(group_name)
+            for name, value in arrays.items():
+                data = value.detach().cpu()
+                if data.dtype == torch.bfloat16:
+                    data = data.float()
+                group.create_dataset(name, data=data.numpy())
+            for name, value in attrs.items():
+                group.attrs[name] = value
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return run
+
+
+def next_run_name(path: str | os.PathLike[str], technique: str) -> str:
+    """``run-001``, ``run-002``, ... the first name not yet used for ``technique`` in ``path``."""
+    existing: set[str] = set()
+    target = Path(path)
+    if target.exists():
+        with StoreReader(target) as reader:
+            existing = {run for t, run in reader.results() if t == technique}
+    k = 1
+    while f"run-{k:03d}" in existing:
+        k += 1
+    return f"run-{k:03d}"
