@@ -14,8 +14,8 @@ from pyengine.capture import model_device, param_hash
 from pyengine.context import Context
 from pyengine.data.base import as_dataset
 from pyengine.errors import PluginError, PyengineError
-from pyengine.store import StoreReader, next_run_name, write_result
-from pyengine.technique import Result
+from pyengine.store import PendingResult, StoreReader, next_run_name, write_results
+from pyengine.technique import Options, Result
 
 
 def resolve_model(model: nn.Module | str) -> nn.Module:
@@ -62,10 +62,17 @@ def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *
     if not isinstance(result, Result):
         raise PluginError(f"technique {name!r} returned {type(result).__name__}; expected a pyengine.Result")
     if save is not None:
-        run_name = run_name or next_run_name(save, name)
-        attrs: dict[str, Any] = dict(result.scalars())
-        attrs.update(technique=name, options=json.dumps(parsed.to_dict(), sort_keys=True), summary=result.summary())
-        write_result(save, name, run_name, arrays=result.arrays(), attrs=attrs,
-                     meta={"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                           "model_param_hash": param_hash(model)})
+        pending = stored_result(name, run_name or next_run_name(save, name), parsed, result)
+        write_results(save, [pending], meta=model_meta(model))
     return result
+
+
+def model_meta(model: nn.Module) -> dict[str, str]:
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_param_hash": param_hash(model)}
+
+
+def stored_result(name: str, run_name: str, options: Options, result: Result) -> PendingResult:
+    """What the host writes for a result: its arrays, scalars, options JSON and summary."""
+    attrs: dict[str, Any] = dict(result.scalars())
+    attrs.update(technique=name, options=json.dumps(options.to_dict(), sort_keys=True), summary=result.summary())
+    return PendingResult(name, run_name, result.arrays(), attrs)

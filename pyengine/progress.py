@@ -22,6 +22,7 @@ class Progress:
         self._start = time.perf_counter()
         self._last = 0.0
         self._shown = False
+        self._live = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __enter__(self) -> Progress:
         return self
@@ -36,12 +37,14 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.count += n
         now = time.perf_counter()
-        if self.enabled and now - self._start >= self.delay and now - self._last >= 0.2:
+        if not (self.enabled and now - self._start >= self.delay):
+            return
+        self._shown = True  # the final line is printed on exit
+        if self._live and now - self._last >= 0.2:  # redraw in place only on a terminal
             self._last = now
             self._draw()
 
     def _draw(self, final: bool = False) -> None:
-        self._shown = True
         elapsed = time.perf_counter() - self._start
         rate = self.count / elapsed if elapsed > 0 else 0.0
         if self.total:
@@ -51,5 +54,5 @@ class Progress:
         else:
             text = f"{self.desc} {self.count}"
         suffix = "done" if final else f"{rate:.1f}/s"
-        self.stream.write(f"\r{text} {elapsed:.1f}s {suffix}  ")
+        self.stream.write(f"\r{text} {elapsed:.1f}s {suffix}  " if self._live else f"{text} {elapsed:.1f}s {suffix}")
         self.stream.flush()

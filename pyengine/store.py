@@ -19,7 +19,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ class ActivationWriter:
         stored = STORED_DTYPES[dtype]
         with _open_h5(staging, "w", libver="latest") as file:
             _write_meta(file, meta, config)
+            file.create_group("activations", track_order=True)
             for name, row_shape in layers.items():
                 rows = chunk_rows(row_shape, np.dtype(stored).itemsize)
                 file.create_dataset(f"activations/{name}", shape=(0, *row_shape), maxshape=(None, *row_shape),
@@ -282,9 +284,21 @@ class StoreReader:
                 "concepts": self.concepts, "results": [f"{t}/{r}" for t, r in self.results()]}
 
 
-def write_result(path: str | os.PathLike[str], technique: str, run: str, *, arrays: Mapping[str, torch.Tensor],
-                 attrs: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """Add ``/results/<technique>/<run>`` to a results file, atomically (copy, write, rename)."""
+@dataclass(frozen=True)
+class PendingResult:
+    """One result to store at ``/results/<technique>/<run>``."""
+
+    technique: str
+    run: str
+    arrays: Mapping[str, torch.Tensor]
+    attrs: Mapping[str, Any]
+
+
+def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult], *, meta: Mapping[str, Any]) -> None:
+    """Add results to a results file atomically: copy to ``.partial``, write, rename.
+
+    Either every result lands or none does; an existing file must be a pyengine store.
+    """
     target = Path(path)
     staging = partial_path(target)
     if target.exists():
@@ -295,22 +309,20 @@ def write_result(path: str | os.PathLike[str], technique: str, run: str, *, arra
         with _open_h5(staging, "a", libver="latest") as file:
             if "meta" not in file:
                 _write_meta(file, meta, {})
-            group_name = f"results/{technique}/{run}"
-            if group_name in file:
-                raise StoreError(f"{target}: result {technique}/{run} exists; choose another run name")
-            group = file.create_group(group_name)
-            for name, value in arrays.items():
-                data = value.detach().cpu()
-                if data.dtype == torch.bfloat16:
-                    data = data.float()
-                group.create_dataset(name, data=data.numpy())
-            for name, value in attrs.items():
-                group.attrs[name] = value
+            for pending in results:
+                group_name = f"results/{pending.technique}/{pending.run}"
+                if group_name in file:
+                    raise StoreError(f"{target}: result {pending.technique}/{pending.run} exists; choose another run name")
+                group = file.create_group(group_name)
+                for name, value in pending.arrays.items():
+                    data = value.detach().cpu()
+                    group.create_dataset(name, data=(data.float() if data.dtype == torch.bfloat16 else data).numpy())
+                for name, value in pending.attrs.items():
+                    group.attrs[name] = value
         os.replace(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    return run
 
 
 def next_run_name(path: str | os.PathLike[str], technique: str) -> str:

@@ -1,0 +1,56 @@
+"""``logit-margin``: how decisively the model picks its class, per input.
+
+margin = top logit - runner-up logit. A third-party plugin, registered through the
+``pyengine`` entry-point group exactly like the built-in techniques.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import pyengine
+
+
+@dataclass(frozen=True)
+class MarginOptions(pyengine.Options):
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise pyengine.bad_option("batch_size", self.batch_size, "a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MarginResult(pyengine.Result):
+    predictions: torch.Tensor  # (N,) predicted class
+    margins: torch.Tensor  # (N,) top logit minus runner-up logit
+    mean_margin: float
+
+    def summary(self) -> str:
+        return f"mean margin {self.mean_margin:.3f} over {self.margins.numel()} inputs"
+
+
+class LogitMargin(pyengine.Technique):
+    name = "logit-margin"
+    summary = "top-1 minus top-2 logit per input: how decisive each prediction is"
+    Options = MarginOptions
+    needs_inputs = True
+
+    def run(self, ctx: pyengine.Context, options: MarginOptions) -> MarginResult:
+        inputs = ctx.require_inputs(self.name)
+        predictions, margins = [], []
+        with torch.no_grad():
+            for chunk in inputs.split(options.batch_size):
+                top2 = ctx.model(chunk).topk(2, dim=1)
+                predictions.append(top2.indices[:, 0].cpu())
+                margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+        margin = torch.cat(margins)
+        return MarginResult(predictions=torch.cat(predictions), margins=margin, mean_margin=float(margin.mean()))
+
+
+@pyengine.hookimpl
+def register_techniques(register: Any) -> None:
+    register(LogitMargin)

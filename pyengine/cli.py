@@ -1,0 +1,207 @@
+"""The ``pyengine`` command. User errors print one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyengine import host
+from pyengine.errors import PyengineError
+
+USAGE_ERROR = 2
+
+
+def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    """``k=v`` pairs; values are TOML literals when they parse (numbers, booleans), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PyengineError(f"{flag} {pair!r} is invalid: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pyengine.demo import demo
+
+    failures = demo(args.out, progress=not args.quiet)
+    return 1 if failures else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyengine.api import model_meta, run, stored_result
+    from pyengine.config import build_dataset, build_model, load_config
+    from pyengine.store import StoreReader, next_run_name, write_results
+
+    config = load_config(args.config)
+    # Everything is checked before anything runs or is written.
+    model = build_model(config.model)
+    data = build_dataset(config.data.name, config.data.args) if config.data else None
+    parsed = [(spec, host.get_technique(spec.name).options(**spec.options)) for spec in config.techniques]
+    if config.data and config.data.store is not None:
+        StoreReader(config.data.store).close()
+    if config.out.exists():
+        StoreReader(config.out).close()
+    inputs = data.batch(range(min(config.data.inputs, len(data)))).inputs if data and config.data.inputs else None
+
+    pending = []
+    for spec, options in parsed:
+        result = run(spec.name, model, inputs, data=data, store=config.data.store if config.data else None,
+                     device=config.device, seed=config.seed, progress=not args.quiet, **spec.options)
+        run_name = spec.run or next_run_name(config.out, spec.name)
+        pending.append(stored_result(spec.name, run_name, options, result))
+        print(f"{spec.name}/{run_name}: {result.summary()}")
+    write_results(config.out, pending, meta=model_meta(model))
+    print(f"wrote {config.out}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from pyengine.capture import capture
+    from pyengine.config import ModelSpec, build_dataset, build_model
+
+    reference = args.model
+    spec = ModelSpec(factory=reference, args=_key_values(args.model_arg, "--model-arg"),
+                     weights=Path(args.weights) if args.weights else None) if ":" in reference else \
+        ModelSpec(name=reference, args=_key_values(args.model_arg, "--model-arg"),
+                  weights=Path(args.weights) if args.weights else None)
+    model = build_model(spec)
+    data = build_dataset(args.data, _key_values(args.data_arg, "--data-arg"))
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    path = capture(model, data, layers, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                   compression=args.compression, device=args.device, start=args.start, stop=args.stop,
+                   overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    listing = host.plugin_listing()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for row in listing:
+        kind = "built-in" if row["builtin"] else (row["package"] or "plugin")
+        things = "; ".join(f"{key}: {', '.join(row[key])}" for key in ("techniques", "models", "datasets") if row[key])
+        print(f"{row['name']} ({kind}) {things}")
+    return 0
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from dataclasses import MISSING, fields
+
+    rows = []
+    for name, technique in host.techniques().items():
+        options = {f.name: (None if f.default is MISSING else f.default) for f in fields(technique.Options)}
+        rows.append({"name": name, "summary": technique.summary,
+                     "options": json.loads(json.dumps(options, default=str))})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']}: {row['summary']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pyengine.store import StoreReader
+
+    with StoreReader(args.file) as reader:
+        info = reader.describe()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    meta = info["meta"]
+    print(f"{info['path']}: pyengine store schema {meta.get('schema_version')} (pyengine {meta.get('pyengine_version')})")
+    print(f"  model {meta.get('model_class', '?')}  params {str(meta.get('model_param_hash', '?'))[:12]}")
+    if "dataset_name" in meta:
+        print(f"  dataset {meta['dataset_name']} ({meta.get('dataset_size')} rows), {info['rows']} captured")
+    for name, layer in info["layers"].items():
+        print(f"  /activations/{name}  {tuple(layer['shape'])} {layer['dtype']} {layer['compression'] or 'raw'}")
+    for name, categories in info["concepts"].items():
+        print(f"  /concepts/{name}  {', '.join(categories)}")
+    for result in info["results"]:
+        print(f"  /results/{result}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyengine", description="Interpretability engine for PyTorch models.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("demo", help="train demo-cnn on shapes, run every technique, write a report")
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = commands.add_parser("run", help="run techniques from a TOML config")
+    p.add_argument("config", help="CONFIG.toml")
+    p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("capture", help="store layer activations over a dataset in HDF5")
+    p.add_argument("--model", required=True, help="registered model name or 'module:callable'")
+    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="K=V")
+    p.add_argument("--data", required=True, help="registered dataset name")
+    p.add_argument("--data-arg", action="append", default=[], metavar="K=V")
+    p.add_argument("--layers", required=True, help="comma-separated module paths")
+    p.add_argument("--out", required=True, help="output .h5")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
+    p.add_argument("--device")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--stop", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=cmd_capture)
+
+    p = commands.add_parser("plugins", help="list loaded plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plugins)
+
+    p = commands.add_parser("techniques", help="list techniques and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_techniques)
+
+    p = commands.add_parser("info", help="describe an HDF5 store")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_info)
+
+    host.load_plugins()
+    host.pm.hook.register_commands(cli=commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.handler(args) or 0)
+    except PyengineError as error:
+        print(f"pyengine: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        print(f"pyengine: error: {error.strerror}: {error.filename}", file=sys.stderr)
+        return USAGE_ERROR
+    except torch.OutOfMemoryError as error:
+        print(f"pyengine: error: out of memory: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyengine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
