@@ -267,7 +267,7 @@ class StoreReader:
             raise StoreError(f"{self.path}: no result {technique}/{run}")
         arrays: dict[str, torch.Tensor] = {}
         self.file[key].visititems(
-            lambda name, obj: arrays.__setitem__(name, torch.from_numpy(obj[()])) if isinstance(obj, h5py.Dataset) else None
+            lambda name, obj: arrays.__setitem__(name, torch.from_numpy(np.asarray(obj[()]))) if isinstance(obj, h5py.Dataset) else None
         )
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.file[key].attrs.items()}
         return arrays, attrs

@@ -1,0 +1,192 @@
+"""The plugin host: registration, duplicates, options validation, run(), no hook leaks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import pyengine
+from pyengine import host
+from pyengine.errors import NotFoundError, OptionsError, PluginError, PyengineError
+
+from conftest import hooks_on
+
+
+@dataclass(frozen=True)
+class CountOptions(pyengine.Options):
+    scale: float = 1.0
+    layers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not isinstance(self.scale, (int, float)) or self.scale <= 0:
+            raise pyengine.bad_option("scale", self.scale, "a positive number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountResult(pyengine.Result):
+    total: float
+    per_layer: dict[str, torch.Tensor]
+
+
+class CountTechnique(pyengine.Technique):
+    name = "test-count"
+    summary = "sums layer outputs (test technique)"
+    Options = CountOptions
+    needs_inputs = True
+
+    def run(self, ctx: pyengine.Context, options: CountOptions) -> CountResult:
+        seen: dict[str, torch.Tensor] = {}
+        with ctx.hooks() as scope:
+            for name in options.layers:
+                scope.forward(ctx.module(name), lambda m, a, out, name=name: seen.__setitem__(name, out.sum().detach()))
+            ctx.model(ctx.require_inputs(self.name))
+            if "boom" in options.layers:
+                raise RuntimeError("failure inside the hook scope")
+        return CountResult(total=float(sum(seen.values(), torch.tensor(0.0))) * options.scale, per_layer=seen)
+
+
+class Plugin:
+    def __init__(self, *techniques: type[pyengine.Technique]) -> None:
+        self.techniques = techniques
+
+    @pyengine.hookimpl
+    def register_techniques(self, register: Any) -> None:
+        for technique in self.techniques:
+            register(technique)
+
+
+@pytest.fixture
+def registered() -> Any:
+    added: list[str] = []
+
+    def add(name: str, *techniques: type[pyengine.Technique]) -> None:
+        host.load_plugins()
+        host.pm.register(Plugin(*techniques), name=name)
+        added.append(name)
+
+    yield add
+    for name in added:
+        host.pm.unregister(name=name)
+
+
+def test_builtins_are_registered_like_plugins() -> None:
+    found = pyengine.techniques()
+    assert "gram-spectrum" in found
+    assert issubclass(found["gram-spectrum"], pyengine.Technique)
+    assert host.technique_plugins()["gram-spectrum"] == "pyengine.plugins.spectra"
+    assert {"demo-cnn", "demo-mlp"} <= set(host.models())
+    assert "shapes" in host.datasets()
+
+
+def test_duplicate_technique_names_both_plugins(registered: Any) -> None:
+    registered("first-plugin", CountTechnique)
+    registered("second-plugin", CountTechnique)
+    with pytest.raises(PluginError, match="'test-count' is registered by two plugins") as info:
+        pyengine.techniques()
+    assert "first-plugin" in str(info.value) and "second-plugin" in str(info.value)
+
+
+def test_a_plugin_cannot_shadow_a_builtin(registered: Any) -> None:
+    class Impostor(CountTechnique):
+        name = "gram-spectrum"
+
+    registered("impostor", Impostor)
+    with pytest.raises(PluginError, match="pyengine.plugins.spectra"):
+        pyengine.techniques()
+
+
+def test_bad_registrations_are_named(registered: Any) -> None:
+    class NoName(CountTechnique):
+        name = "Bad Name"
+
+    registered("bad-name", NoName)
+    with pytest.raises(PluginError, match="lowercase-dashed"):
+        pyengine.techniques()
+    host.pm.unregister(name="bad-name")
+
+    class NotTechnique:
+        name = "x"
+
+    host.pm.register(Plugin(NotTechnique), name="not-technique")  # type: ignore[arg-type]
+    try:
+        with pytest.raises(PluginError, match="plugin 'not-technique' registered .*expected a pyengine.Technique"):
+            pyengine.techniques()
+    finally:
+        host.pm.unregister(name="not-technique")
+
+
+def test_options_validate_themselves(registered: Any) -> None:
+    registered("counting", CountTechnique)
+    with pytest.raises(OptionsError, match=r"test-count: unknown option 'scael'; valid options: scale, layers"):
+        CountTechnique.options(scael=2)
+    with pytest.raises(OptionsError, match=r"option scale=-1 is invalid: expected a positive number"):
+        pyengine.run("test-count", nn.Identity(), torch.ones(2), scale=-1)
+    with pytest.raises(dataclasses_frozen_error()):
+        CountTechnique.options(scale=2).scale = 3  # type: ignore[misc]
+
+
+def dataclasses_frozen_error() -> type[Exception]:
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_run_api(registered: Any, small_cnn: nn.Module) -> None:
+    registered("counting", CountTechnique)
+    inputs = torch.rand(3, 3, 16, 16)
+    result = pyengine.run("test-count", small_cnn, inputs, layers=("features.conv1",), scale=2.0)
+    expected = small_cnn.features.conv1(inputs).sum().detach() * 2
+    assert result.total == pytest.approx(float(expected), rel=1e-5)
+    assert set(result.arrays()) == {"per_layer/features.conv1"}
+    assert result.scalars() == {"total": result.total}
+    with pytest.raises(NotFoundError, match="unknown technique 'nope'; registered: .*gram-spectrum"):
+        pyengine.run("nope", small_cnn)
+    with pytest.raises(PyengineError, match="test-count needs inputs"):
+        pyengine.run("test-count", small_cnn)
+    with pytest.raises(NotFoundError, match=r"no layer 'features.conv9' in DemoCNN; closest: features.conv3, features.conv2, features.conv1"):
+        pyengine.run("test-count", small_cnn, inputs, layers=("features.conv9",))
+    assert hooks_on(small_cnn) == []
+
+
+def test_hooks_are_removed_when_a_technique_fails(registered: Any, small_cnn: nn.Module) -> None:
+    registered("counting", CountTechnique)
+    small_cnn.boom = nn.Identity()
+    with pytest.raises(RuntimeError, match="failure inside the hook scope"):
+        pyengine.run("test-count", small_cnn, torch.rand(1, 3, 16, 16), layers=("features.conv1", "boom"))
+    assert hooks_on(small_cnn) == []
+
+
+def test_run_restores_training_mode(registered: Any, small_cnn: nn.Module) -> None:
+    registered("counting", CountTechnique)
+    small_cnn.train()
+    pyengine.run("test-count", small_cnn, torch.rand(1, 3, 16, 16))
+    assert small_cnn.training
+
+
+def test_every_registered_technique_leaves_no_hooks(small_cnn: nn.Module, small_shapes: Any, tmp_path: Any) -> None:
+    store = pyengine.capture(small_cnn, small_shapes, ["features.relu1", "classifier.relu4"], tmp_path / "a.h5",
+                             progress=False)
+    inputs = small_shapes.batch(range(4)).inputs
+    for name in pyengine.techniques():
+        pyengine.run(name, small_cnn, inputs, data=small_shapes, store=store, progress=False)
+        assert hooks_on(small_cnn) == [], name
+
+
+def test_saved_results_carry_options_and_scalars(registered: Any, small_cnn: nn.Module, tmp_path: Any) -> None:
+    registered("counting", CountTechnique)
+    inputs = torch.rand(2, 3, 16, 16)
+    path = tmp_path / "results.h5"
+    first = pyengine.run("test-count", small_cnn, inputs, save=path, layers=("features.conv1",))
+    pyengine.run("test-count", small_cnn, inputs, save=path, layers=("features.conv1",), scale=3.0)
+    with pyengine.StoreReader(path) as reader:
+        assert reader.results() == [("test-count", "run-001"), ("test-count", "run-002")]
+        arrays, attrs = reader.result("test-count", "run-001")
+    assert torch.equal(arrays["per_layer/features.conv1"], first.per_layer["features.conv1"])
+    assert attrs["total"] == pytest.approx(first.total)
+    assert '"scale": 1.0' in attrs["options"]
+    with pytest.raises(pyengine.StoreError, match="exists; choose another run name"):
+        pyengine.run("test-count", small_cnn, inputs, save=path, run_name="run-001")
