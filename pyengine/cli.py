@@ -53,13 +53,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         StoreReader(config.data.store).close()
     if config.out.exists():
         StoreReader(config.out).close()
+    run_names: list[str] = []
+    for spec, _ in parsed:
+        taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}
+        name = spec.run or next_run_name(config.out, spec.name, taken)
+        if name in taken:
+            raise PyengineError(f"technique {spec.name!r} has two entries with run = {name!r}; expected distinct names")
+        run_names.append(name)
     inputs = data.batch(range(min(config.data.inputs, len(data)))).inputs if data and config.data.inputs else None
 
     pending = []
-    for spec, options in parsed:
+    for (spec, options), run_name in zip(parsed, run_names):
         result = run(spec.name, model, inputs, data=data, store=config.data.store if config.data else None,
                      device=config.device, seed=config.seed, progress=not args.quiet, **spec.options)
-        run_name = spec.run or next_run_name(config.out, spec.name)
         pending.append(stored_result(spec.name, run_name, options, result))
         print(f"{spec.name}/{run_name}: {result.summary()}")
     write_results(config.out, pending, meta=model_meta(model))

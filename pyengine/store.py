@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -325,13 +325,13 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
         raise
 
 
-def next_run_name(path: str | os.PathLike[str], technique: str) -> str:
-    """``run-001``, ``run-002``, ... the first name not yet used for ``technique`` in ``path``."""
-    existing: set[str] = set()
+def next_run_name(path: str | os.PathLike[str], technique: str, taken: Set[str] = frozenset()) -> str:
+    """``run-001``, ``run-002``, ...: the first name not used for ``technique`` in ``path`` or ``taken``."""
+    existing = set(taken)
     target = Path(path)
     if target.exists():
         with StoreReader(target) as reader:
-            existing = {run for t, run in reader.results() if t == technique}
+            existing |= {run for t, run in reader.results() if t == technique}
     k = 1
     while f"run-{k:03d}" in existing:
         k += 1

@@ -1,16 +1,21 @@
 // Blocked, multithreaded gram += x^T x in float64.
 //
-// Rows are processed in panels of kPanelRows. Each panel is converted to float64 and
-// packed column-block-major ([col / 8][row][col % 8]) so the 4x8 micro-kernel reads
-// contiguous memory. Only output tiles on or above the diagonal are computed (half the
-// flops of a GEMM); each tile's panel delta is added to the tile and to its mirror.
+// Rows are processed in panels (see kMaxPanelRows). Each panel is converted to float64
+// and packed column-block-major ([col / 8][row][col % 8]) so the micro-kernels read
+// contiguous memory: 8x16 with AVX-512 intrinsics, else an autovectorised 4x8. Only
+// output tiles on or above the diagonal are computed (half the flops of a GEMM); each
+// tile's panel delta is added to the tile and to its mirror.
 #include "pyengine/core/gram.h"
 
 #include <algorithm>
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYENGINE_X86 1
+#endif
+#if defined(PYENGINE_X86) && !defined(__clang__)
 #define PYENGINE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define PYENGINE_MULTIVERSION
@@ -20,7 +25,12 @@ namespace pyengine::core {
 namespace {
 
 constexpr std::int64_t kPack = 8;         // columns per packed block
-constexpr std::int64_t kPanelRows = 256;  // rows per packed panel
+// Rows per packed panel: tall panels amortise each tile's flush into the Gram matrix
+// (measured best near 1024 rows at d = 512); wide layers get shorter panels so a
+// panel stays under ~4 MiB per thread.
+constexpr std::int64_t kMaxPanelRows = 1024;
+constexpr std::int64_t kMinPanelRows = 256;
+constexpr std::int64_t kPanelElements = std::int64_t{1} << 19;
 constexpr std::int64_t kTile = 64;        // output tile edge, a multiple of kPack
 constexpr std::int64_t kMicroRows = 4;    // micro-kernel: kMicroRows x kPack outputs
 
@@ -90,6 +100,82 @@ void micro_kernel(const double* a, const double* b, std::int64_t rows, double* o
   }
 }
 
+#ifdef PYENGINE_X86
+// AVX-512: out[8 x 16] += a^T [b0 b1]; 16 accumulators stay in registers, and each k
+// needs two vector loads and eight broadcasts for sixteen FMAs.
+__attribute__((target("avx512f"))) void micro_kernel_8x16(const double* a, const double* b0, const double* b1,
+                                                        std::int64_t rows, double* out, std::int64_t ld_out) {
+  __m512d acc0[8], acc1[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc0[i] = acc1[i] = _mm512_setzero_pd();
+  for (std::int64_t k = 0; k < rows; ++k) {
+    const __m512d x0 = _mm512_loadu_pd(b0 + k * kPack);
+    const __m512d x1 = _mm512_loadu_pd(b1 + k * kPack);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512d ai = _mm512_set1_pd(a[k * kPack + i]);
+      acc0[i] = _mm512_fmadd_pd(ai, x0, acc0[i]);
+      acc1[i] = _mm512_fmadd_pd(ai, x1, acc1[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    double* row = out + i * ld_out;
+    _mm512_storeu_pd(row, _mm512_add_pd(_mm512_loadu_pd(row), acc0[i]));
+    _mm512_storeu_pd(row + 8, _mm512_add_pd(_mm512_loadu_pd(row + 8), acc1[i]));
+  }
+}
+
+__attribute__((target("avx512f"))) void micro_kernel_8x8(const double* a, const double* b, std::int64_t rows,
+                                                       double* out, std::int64_t ld_out) {
+  __m512d acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_pd();
+  for (std::int64_t k = 0; k < rows; ++k) {
+    const __m512d x = _mm512_loadu_pd(b + k * kPack);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_pd(_mm512_set1_pd(a[k * kPack + i]), x, acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_pd(out + i * ld_out, _mm512_add_pd(_mm512_loadu_pd(out + i * ld_out), acc[i]));
+  }
+}
+
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+#else
+bool has_avx512() { return false; }
+#endif
+
+// One panel's contribution to one output tile, into `local` (kTile x kTile).
+void tile_delta(const double* panel, std::int64_t rows, const Tile& tile, std::int64_t height,
+                std::int64_t width, bool avx512, double* local) {
+  auto block = [&](std::int64_t col) { return panel + (col / kPack) * rows * kPack; };
+#ifdef PYENGINE_X86
+  if (avx512) {
+    for (std::int64_t jb = 0; jb < width; jb += 16) {
+      const double* b = block(tile.col0 + jb);
+      for (std::int64_t ib = 0; ib < height; ib += kPack) {
+        const double* a = block(tile.row0 + ib);
+        if (jb + 16 <= width) {
+          micro_kernel_8x16(a, b, b + rows * kPack, rows, local + ib * kTile + jb, kTile);
+        } else {
+          micro_kernel_8x8(a, b, rows, local + ib * kTile + jb, kTile);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (std::int64_t jb = 0; jb < width; jb += kPack) {
+    const double* b = block(tile.col0 + jb);
+    for (std::int64_t ib = 0; ib < height; ib += kMicroRows) {
+      const std::int64_t col = tile.row0 + ib;
+      micro_kernel(block(col) + col % kPack, b, rows, local + ib * kTile + jb, kTile);
+    }
+  }
+}
+
 // What one worker does: `tiles` over rows [row_begin, row_end), written into `gram`
 // (d x d), plus column sums of columns [sum_begin, sum_end) into `sums`.
 struct Work {
@@ -105,11 +191,13 @@ struct Work {
 void run_work(const MatrixView& x, const Work& work) {
   const std::int64_t d = x.cols;
   const std::int64_t padded = (d + kPack - 1) / kPack * kPack;
-  std::vector<double> panel(static_cast<std::size_t>(padded * kPanelRows));
+  const std::int64_t panel_rows = std::clamp(kPanelElements / padded, kMinPanelRows, kMaxPanelRows);
+  std::vector<double> panel(static_cast<std::size_t>(padded * panel_rows));
   std::vector<double> local(static_cast<std::size_t>(kTile * kTile));
+  const bool avx512 = has_avx512();
 
-  for (std::int64_t r0 = work.row_begin; r0 < work.row_end; r0 += kPanelRows) {
-    const std::int64_t rows = std::min(kPanelRows, work.row_end - r0);
+  for (std::int64_t r0 = work.row_begin; r0 < work.row_end; r0 += panel_rows) {
+    const std::int64_t rows = std::min(panel_rows, work.row_end - r0);
     pack_panel(x, r0, rows, padded, panel.data());
     for (std::int64_t c = work.sum_begin; c < work.sum_end; ++c) {
       const double* block = panel.data() + (c / kPack) * rows * kPack + c % kPack;
@@ -121,14 +209,7 @@ void run_work(const MatrixView& x, const Work& work) {
       const std::int64_t height = std::min(kTile, padded - tile.row0);
       const std::int64_t width = std::min(kTile, padded - tile.col0);
       std::fill(local.begin(), local.end(), 0.0);
-      for (std::int64_t jb = 0; jb < width; jb += kPack) {
-        const double* b = panel.data() + ((tile.col0 + jb) / kPack) * rows * kPack;
-        for (std::int64_t ib = 0; ib < height; ib += kMicroRows) {
-          const std::int64_t col = tile.row0 + ib;
-          const double* a = panel.data() + (col / kPack) * rows * kPack + col % kPack;
-          micro_kernel(a, b, rows, local.data() + ib * kTile + jb, kTile);
-        }
-      }
+      tile_delta(panel.data(), rows, tile, height, width, avx512, local.data());
       const std::int64_t valid_h = std::min(height, d - tile.row0);
       const std::int64_t valid_w = std::min(width, d - tile.col0);
       for (std::int64_t i = 0; i < valid_h; ++i) {

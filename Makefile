@@ -1,0 +1,48 @@
+# Everything sets itself up: a fresh machine needs only python3.
+#   make demo   train + capture + every technique + report, into demo-out/
+#   make test   build, compile-check the CUDA sources (when nvcc is on PATH), run the tests
+#   make bench  the benchmarks (ratios against anchors measured in the same run)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH ?= torch==2.13.0
+BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setuptools
+RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
+TEST_DEPS := "pytest>=7"
+CUDA_ARCH ?= 90
+
+.PHONY: all setup build test demo bench nvcc-check clean
+
+all: test
+
+$(VENV)/.ready: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
+	$(PIP) install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS)
+	touch $@
+
+setup: $(VENV)/.ready
+
+build: setup
+	$(PIP) install -q --no-build-isolation --no-deps .
+
+nvcc-check:
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  for f in csrc/cuda/*.cu; do \
+	    echo "nvcc compile check (sm_$(CUDA_ARCH)): $$f"; \
+	    nvcc -std=c++20 -arch=sm_$(CUDA_ARCH) -Icsrc/core/include -c $$f -o /dev/null || exit 1; \
+	  done; \
+	else echo "nvcc not on PATH: CUDA compile check skipped"; fi
+
+test: build nvcc-check
+	$(VENV)/bin/pytest
+
+demo: build
+	$(VENV)/bin/pyengine demo --out demo-out
+
+bench: build
+	$(PY) -P benchmarks/gram.py
+
+clean:
+	rm -rf build demo-out .pytest_cache
