@@ -200,6 +200,8 @@ class StoreReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        if self.path.name.endswith(".partial"):
+            raise StoreError(f"{self.path} is an unfinished capture; run the same capture again to resume it")
         self.file = _open_h5(self.path, "r")
         try:
             self.meta = _check_meta(self.file, self.path)

@@ -128,3 +128,24 @@ def test_capture_and_info_user_errors(tmp_path: Path) -> None:
     assert_user_error(run_cli("info", str(tmp_path / "none.h5")), "no such file")
     result = run_cli("frobnicate")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_plugins_can_add_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from typing import Any
+
+    from pyengine import cli, host
+
+    class CommandPlugin:
+        @pyengine.hookimpl
+        def register_commands(self, cli: Any) -> None:
+            parser = cli.add_parser("hello", help="say hello")
+            parser.add_argument("name")
+            parser.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
+
+    host.load_plugins()
+    host.pm.register(CommandPlugin(), name="command-plugin")
+    try:
+        assert cli.main(["hello", "world"]) == 0
+    finally:
+        host.pm.unregister(name="command-plugin")
+    assert capsys.readouterr().out == "hello world\n"

@@ -189,6 +189,8 @@ def test_killed_capture_resumes_bit_for_bit(tmp_path: Path) -> None:
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert (tmp_path / "resumed.h5.partial").exists() and not interrupted.exists()
+        with pytest.raises(StoreError, match="unfinished capture; run the same capture again to resume it"):
+            pyengine.StoreReader(tmp_path / "resumed.h5.partial")
 
     resumed = run_capture_script(interrupted, script)
     output, _ = resumed.communicate(timeout=300)
