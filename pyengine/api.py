@@ -14,7 +14,7 @@ from pyengine.capture import model_device, param_hash
 from pyengine.context import Context
 from pyengine.data.base import as_dataset
 from pyengine.errors import PluginError, PyengineError
-from pyengine.store import PendingResult, StoreReader, next_run_name, write_results
+from pyengine.store import PendingResult, StoreReader, reserve_run_name, write_results
 from pyengine.technique import Options, Result
 
 
@@ -29,7 +29,7 @@ def resolve_model(model: nn.Module | str) -> nn.Module:
 
 def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *, data: Any = None,
         store: StoreReader | str | os.PathLike[str] | None = None, save: str | os.PathLike[str] | None = None,
-        run_name: str | None = None, device: str | torch.device | None = None, seed: int = 0,
+        run_name: str = "", device: str | torch.device | None = None, seed: int = 0,
         progress: bool = True, **options: Any) -> Result:
     """Run technique ``name`` on ``model``; ``options`` are the technique's options.
 
@@ -48,6 +48,8 @@ def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *
     if technique_class.needs_data and data is None and store is None and inputs is None:
         raise PyengineError(f"{name} needs data: pass data=<dataset> or store=<activations .h5>")
 
+    if save is not None:
+        run_name = reserve_run_name(save, name, run_name)
     reader = StoreReader(store) if isinstance(store, (str, os.PathLike)) else store
     ctx = Context(model=model, device=target, inputs=inputs, data=as_dataset(data) if data is not None else None,
                   store=reader, seed=seed, show_progress=progress)
@@ -62,8 +64,7 @@ def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *
     if not isinstance(result, Result):
         raise PluginError(f"technique {name!r} returned {type(result).__name__}; expected a pyengine.Result")
     if save is not None:
-        pending = stored_result(name, run_name or next_run_name(save, name), parsed, result)
-        write_results(save, [pending], meta=model_meta(model))
+        write_results(save, [stored_result(name, run_name, parsed, result)], meta=model_meta(model))
     return result
 
 

@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pyengine.api import model_meta, run, stored_result
     from pyengine.config import build_dataset, build_model, load_config
-    from pyengine.store import StoreReader, next_run_name, write_results
+    from pyengine.store import StoreReader, reserve_run_name, write_results
 
     config = load_config(args.config)
     # Everything is checked before anything runs or is written.
@@ -51,15 +51,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     parsed = [(spec, host.get_technique(spec.name).options(**spec.options)) for spec in config.techniques]
     if config.data and config.data.store is not None:
         StoreReader(config.data.store).close()
-    if config.out.exists():
-        StoreReader(config.out).close()
     run_names: list[str] = []
     for spec, _ in parsed:
         taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}
-        name = spec.run or next_run_name(config.out, spec.name, taken)
-        if name in taken:
-            raise PyengineError(f"technique {spec.name!r} has two entries with run = {name!r}; expected distinct names")
-        run_names.append(name)
+        run_names.append(reserve_run_name(config.out, spec.name, spec.run, taken))
     inputs = data.batch(range(min(config.data.inputs, len(data)))).inputs if data and config.data.inputs else None
 
     pending = []
@@ -77,11 +72,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from pyengine.capture import capture
     from pyengine.config import ModelSpec, build_dataset, build_model
 
-    reference = args.model
-    spec = ModelSpec(factory=reference, args=_key_values(args.model_arg, "--model-arg"),
-                     weights=Path(args.weights) if args.weights else None) if ":" in reference else \
-        ModelSpec(name=reference, args=_key_values(args.model_arg, "--model-arg"),
-                  weights=Path(args.weights) if args.weights else None)
+    source = {"factory": args.model} if ":" in args.model else {"name": args.model}
+    spec = ModelSpec(**source, args=_key_values(args.model_arg, "--model-arg"),
+                     weights=Path(args.weights) if args.weights else None)
     model = build_model(spec)
     data = build_dataset(args.data, _key_values(args.data_arg, "--data-arg"))
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]

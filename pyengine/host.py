@@ -24,31 +24,37 @@ DEFAULT_PLUGINS = (
 pm = pluggy.PluginManager("pyengine")
 pm.add_hookspecs(hookspecs)
 _loaded = False
+_packages: dict[str, str] = {}  # plugin name -> "distribution version"
 
 
 def load_plugins() -> None:
-    """Load installed entry-point plugins (``PYENGINE_LOAD_PLUGINS`` restricts which), then the built-ins."""
+    """Register installed entry-point plugins (``PYENGINE_LOAD_PLUGINS`` restricts which), then the built-ins."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
+    available = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     selected = os.environ.get("PYENGINE_LOAD_PLUGINS")
-    if selected is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    else:
-        available = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        for name in filter(None, (part.strip() for part in selected.split(","))):
-            if name not in available:
-                known = ", ".join(sorted(available)) or "none installed"
-                raise PluginError(
-                    f"PYENGINE_LOAD_PLUGINS names {name!r}, which is not an installed pyengine "
-                    f"plugin (installed: {known})"
-                )
-            if pm.get_plugin(name) is None:
-                pm.register(available[name].load(), name=name)
+    names = sorted(available) if selected is None else [n for n in (p.strip() for p in selected.split(",")) if n]
+    for name in names:
+        if name not in available:
+            known = ", ".join(sorted(available)) or "none installed"
+            raise PluginError(
+                f"PYENGINE_LOAD_PLUGINS names {name!r}, which is not an installed pyengine plugin (installed: {known})"
+            )
+        if pm.get_plugin(name) is not None or pm.is_blocked(name):
+            continue
+        entry_point = available[name]
+        try:
+            plugin = entry_point.load()
+        except Exception as error:  # a broken third-party package must not look like our crash
+            raise PluginError(f"plugin {name!r} ({entry_point.value}) failed to import: {error}") from error
+        pm.register(plugin, name=name)
+        if entry_point.dist is not None:
+            _packages[name] = f"{entry_point.dist.name} {entry_point.dist.version}"
     for module_name in DEFAULT_PLUGINS:
         if pm.get_plugin(module_name) is None:
             pm.register(importlib.import_module(module_name), name=module_name)
+    _loaded = True
 
 
 @dataclass(frozen=True)
@@ -149,14 +155,13 @@ def get_entry(kind: str, name: str) -> Entry:
 def plugin_listing() -> list[dict[str, Any]]:
     """What ``pyengine plugins`` prints: each plugin with what it registered."""
     load_plugins()
-    dist_of = {plugin: dist.project_name + " " + dist.version for plugin, dist in pm.list_plugin_distinfo()}
     rows: dict[str, dict[str, Any]] = {}
     for plugin_object in pm.get_plugins():
         name = pm.get_name(plugin_object) or repr(plugin_object)
         rows[name] = {
             "name": name,
             "builtin": name in DEFAULT_PLUGINS,
-            "package": dist_of.get(plugin_object),
+            "package": _packages.get(name),
             "hooks": sorted(h.name for h in pm.get_hookcallers(plugin_object) or []),
             "techniques": [],
             "models": [],

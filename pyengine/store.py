@@ -327,13 +327,22 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
         raise
 
 
-def next_run_name(path: str | os.PathLike[str], technique: str, taken: Set[str] = frozenset()) -> str:
-    """``run-001``, ``run-002``, ...: the first name not used for ``technique`` in ``path`` or ``taken``."""
+def reserve_run_name(path: str | os.PathLike[str], technique: str, run: str = "",
+                     taken: Set[str] = frozenset()) -> str:
+    """Check a results target before any work: ``run`` if free, else the next ``run-NNN``.
+
+    Raises StoreError if ``path`` is not a pyengine store or ``run`` is already used there
+    or in ``taken`` (names about to be written with it).
+    """
     existing = set(taken)
     target = Path(path)
     if target.exists():
         with StoreReader(target) as reader:
-            existing |= {run for t, run in reader.results() if t == technique}
+            existing |= {name for t, name in reader.results() if t == technique}
+    if run:
+        if run in existing:
+            raise StoreError(f"{target}: result {technique}/{run} exists; choose another run name")
+        return run
     k = 1
     while f"run-{k:03d}" in existing:
         k += 1

@@ -84,6 +84,7 @@ def test_capture_and_info(tmp_path: Path) -> None:
         (MODEL + DATA + TECHNIQUE + "colour = 1\n", "unknown key 'colour'"),
         (MODEL + DATA, "no [[technique]] entries"),
         (MODEL + DATA.replace('inputs = 4', 'inputs = -1') + TECHNIQUE, "data.inputs=-1 is invalid"),
+        (MODEL + DATA + (TECHNIQUE + 'run = "a"\n') * 2, "result gram-spectrum/a exists; choose another run name"),
     ],
 )
 def test_run_user_errors(tmp_path: Path, config: str | None, fragment: str) -> None:
@@ -149,3 +150,13 @@ def test_plugins_can_add_commands(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         host.pm.unregister(name="command-plugin")
     assert capsys.readouterr().out == "hello world\n"
+
+
+def test_a_broken_plugin_is_named_not_a_traceback(tmp_path: Path) -> None:
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[pyengine]\nbroken = broken_plugin_module\n")
+    (tmp_path / "broken_plugin_module.py").write_text("raise ImportError('needs a library that is missing')\n")
+    result = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
+    assert_user_error(result, "plugin 'broken' (broken_plugin_module) failed to import: needs a library that is missing")

@@ -29,33 +29,10 @@ def fresh(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
             torch.zeros(d, dtype=torch.float64, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1000, 77), (513, 130), (5, 3), (300, 1), (64, 64)])
-def test_float64_parity_with_numpy(device: str, shape: tuple[int, int]) -> None:
-    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
-    gram, sums = fresh(shape[1], device)
-    ops.gram_accumulate(gram, x, sums)
-    expected_gram, expected_sums = numpy_reference(x)
-    assert relative_error(gram, expected_gram) <= 1e-10
-    assert relative_error(sums, expected_sums) <= 1e-10
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_every_dtype_accumulates_in_float64(device: str, dtype: torch.dtype) -> None:
-    x = (torch.randn(700, 45, generator=torch.Generator().manual_seed(2)) * 3).to(dtype).to(device)
-    gram, sums = fresh(45, device)
-    ops.gram_accumulate(gram, x, sums)
-    expected_gram, expected_sums = numpy_reference(x)
-    assert relative_error(gram, expected_gram) <= 1e-10
-    assert relative_error(sums, expected_sums) <= 1e-10
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_chunks_add_up_to_the_whole(device: str) -> None:
-    x = torch.randn(1001, 70, dtype=torch.float32, generator=torch.Generator().manual_seed(3)).to(device)
-    gram, sums = fresh(70, device)
-    for chunk in torch.split(x, [1, 0, 333, 500, 167]):
+def assert_streamed_gram_matches_numpy(x: torch.Tensor, split: list[int] | None = None) -> None:
+    """Accumulate x (optionally in chunks of the given sizes) and compare with numpy float64."""
+    gram, sums = fresh(x.shape[1], str(x.device))
+    for chunk in torch.split(x, split) if split else [x]:
         ops.gram_accumulate(gram, chunk, sums)
     expected_gram, expected_sums = numpy_reference(x)
     assert relative_error(gram, expected_gram) <= 1e-10
@@ -63,15 +40,31 @@ def test_chunks_add_up_to_the_whole(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1000, 77), (513, 130), (5, 3), (300, 1), (64, 64)])
+def test_float64_parity_with_numpy(device: str, shape: tuple[int, int]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_streamed_gram_matches_numpy(x.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_dtype_accumulates_in_float64(device: str, dtype: torch.dtype) -> None:
+    x = torch.randn(700, 45, generator=torch.Generator().manual_seed(2)) * 3
+    assert_streamed_gram_matches_numpy(x.to(dtype).to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunks_add_up_to_the_whole(device: str) -> None:
+    x = torch.randn(1001, 70, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    assert_streamed_gram_matches_numpy(x.to(device), split=[1, 0, 333, 500, 167])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device: str) -> None:
     base = torch.randn(400, 90, dtype=torch.float32, generator=torch.Generator().manual_seed(4)).to(device)
     for x in (base[:, ::3], base.T[:, :200], base[::2, 10:50]):
         assert not x.is_contiguous()
-        gram, sums = fresh(x.shape[1], device)
-        ops.gram_accumulate(gram, x, sums)
-        expected_gram, expected_sums = numpy_reference(x)
-        assert relative_error(gram, expected_gram) <= 1e-10
-        assert relative_error(sums, expected_sums) <= 1e-10
+        assert_streamed_gram_matches_numpy(x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
