@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+FLOAT16_MAX = 65504.0
+
+
+def _warn_on_float16_overflow(activations: dict[str, torch.Tensor]) -> None:
+    for name, values in activations.items():
+        if values.numel() and float(values.detach().abs().max()) > FLOAT16_MAX:
+            warnings.warn(f"layer {name!r} has values beyond the float16 range (|x| > 65504), stored as inf; "
+                          "capture with dtype='float32'", RuntimeWarning, stacklevel=3)
 
 
 def _check_options(layers: Sequence[str], batch_size: int, dtype: str, compression: str, start: int,
@@ -88,6 +99,7 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
         raise StoreError(f"{path} exists with a different capture configuration; choose another path or pass overwrite=True")
 
     writer = ActivationWriter.resume(path, config)
+    was_training = model.training
     model = model.to(device).eval()
     outputs: dict[str, torch.Tensor] = {}
 
@@ -109,6 +121,8 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
                 outputs.clear()
                 model(batch.inputs.to(device))
                 acts = {name: outputs[name] for name in layers}
+                if dtype == "float16":
+                    _warn_on_float16_overflow(acts)
                 if writer is None:
                     writer = ActivationWriter.create(
                         path,
@@ -126,6 +140,8 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
         if writer is not None:
             writer.close()
         raise
+    finally:
+        model.train(was_training)
     if writer is None:  # nothing to write: cannot happen with start < stop
         raise PyengineError("capture wrote no rows")
     return writer.finish()

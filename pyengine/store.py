@@ -173,7 +173,8 @@ class ActivationWriter:
 
         def put(dataset: h5py.Dataset, values: torch.Tensor) -> None:
             dataset.resize(n + rows, axis=0)
-            dataset[n:n + rows] = values.detach().cpu().numpy().astype(dataset.dtype, copy=False)
+            stored = torch.from_numpy(np.empty(0, dtype=dataset.dtype)).dtype  # cast in torch: no numpy warnings
+            dataset[n:n + rows] = values.detach().to("cpu", stored).numpy()
 
         for name, values in activations.items():
             put(self.file[f"activations/{name}"], values)

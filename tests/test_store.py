@@ -224,3 +224,20 @@ def test_resume_refuses_a_different_configuration(small_cnn: nn.Module, small_sh
     done = pyengine.capture(small_cnn, small_shapes, ["features.relu1"], path, batch_size=8, progress=False)
     with pyengine.StoreReader(done) as reader:
         assert torch.equal(reader.array("inputs/index"), torch.arange(len(small_shapes)))
+
+
+def test_capture_restores_training_mode_and_warns_on_float16_overflow(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].weight.data.fill_(1e5)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="beyond the float16 range"):
+        pyengine.capture(model, TensorDataset(torch.ones(4, 3)), ["0"], tmp_path / "a.h5", progress=False)
+    assert model.training
+    pyengine.capture(model, TensorDataset(torch.ones(4, 3)), ["0"], tmp_path / "b.h5", dtype="float32", progress=False)
+
+
+def test_tensor_datasets_with_other_contents_are_other_captures(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    pyengine.capture(model, TensorDataset(torch.zeros(4, 3)), ["0"], tmp_path / "a.h5", progress=False)
+    with pytest.raises(StoreError, match="different capture configuration"):
+        pyengine.capture(model, TensorDataset(torch.ones(4, 3)), ["0"], tmp_path / "a.h5", progress=False)

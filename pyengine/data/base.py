@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,13 @@ class TensorDataset(Dataset):
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Name, size and a content hash, so a resumed capture never mixes two arrays."""
+        digest = hashlib.sha256()
+        for tensor in (self.inputs, self.labels, *self.concepts.values()):
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return {"name": self.name, "size": len(self), "sha256": digest.hexdigest()}
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
