@@ -19,6 +19,7 @@ DEFAULT_PLUGINS = (
     "pyengine.models",
     "pyengine.data",
     "pyengine.plugins.spectra",
+    "pyengine.plugins.probing",
 )
 
 pm = pluggy.PluginManager("pyengine")

@@ -1,0 +1,354 @@
+"""Probing: can a concept be predicted from a layer's activations, on held-out data?
+
+- ``probe-neurons``: a one-weight logistic probe per neuron and concept, all neurons of a
+  layer fitted at once; reports accuracy, AUC and the firing threshold −b/w.
+- ``probe-linear``: one linear probe over all neurons (multi-label sigmoid, or softmax
+  for a multi-class concept) with L1/L2; the neurons with the largest weights.
+- ``probe-mlp``: a small nonlinear probe per concept, early-stopped on validation.
+
+Every probe is fitted on the training rows and scored on the test rows only, next to the
+same probe on a control task (Hewitt & Liang); selectivity = accuracy − control accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pyengine.context import Context
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Result, Technique, bad_option
+
+from pyengine.plugins.probe_data import ProbeData, ProbeOptions, collect, iter_pairs, standardise
+from pyengine.plugins.probe_fit import (accuracy_per_column, auc_per_column, control_labels, fit_linear, fit_mlp,
+                                        fit_single_neuron)
+
+HISTOGRAM_BINS = 30
+
+
+def _key(layer: str, concept: str) -> str:
+    return f"{layer}|{concept}"
+
+
+def _per_layer_figure(title: str, values: dict[str, float], layers: list[str], concepts: list[str],
+                      ylabel: str) -> Figure:
+    lines = {concept: [values[_key(layer, concept)] for layer in layers] for concept in concepts}
+    return Figure(title, lines=lines, x=list(range(len(layers))), xlabel="layer: " + ", ".join(layers),
+                  ylabel=ylabel)
+
+
+def _best_layer_per_concept(test_accuracy: dict[str, float]) -> str:
+    """``concept: best layer accuracy; ...`` from "layer|concept" accuracies."""
+    best: dict[str, tuple[float, str]] = {}
+    for key, accuracy in test_accuracy.items():
+        layer, concept = key.split("|", 1)
+        best[concept] = max(best.get(concept, (-1.0, "")), (accuracy, layer))
+    return "; ".join(f"{concept}: {layer} {accuracy:.3f}" for concept, (accuracy, layer) in best.items())
+
+
+def _histogram_figure(title: str, h: torch.Tensor, y: torch.Tensor, threshold: float) -> Figure:
+    low, high = float(h.min()), float(h.max())
+    high = high if high > low else low + 1
+    edges = torch.linspace(low, high, HISTOGRAM_BINS + 1)
+    present = torch.histc(h[y == 1].float().cpu(), HISTOGRAM_BINS, low, high)
+    absent = torch.histc(h[y == 0].float().cpu(), HISTOGRAM_BINS, low, high)
+    centres = ((edges[:-1] + edges[1:]) / 2).tolist()
+    return Figure(title, lines={"concept present": present.tolist(), "concept absent": absent.tolist()}, x=centres,
+                  xlabel="activation", ylabel="inputs", caption=f"probe threshold −b/w = {threshold:.3g}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult(Result):
+    """Rows of the seeded, stratified split, so every number can be reproduced."""
+
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
+    test_rows: torch.Tensor
+
+
+def _split_fields(data: ProbeData) -> dict[str, torch.Tensor]:
+    return {"train_rows": data.split.train.cpu(), "val_rows": data.split.val.cpu(), "test_rows": data.split.test.cpu()}
+
+
+# --- probe-neurons -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeNeuronsOptions(ProbeOptions):
+    c: float = 1.0  # inverse L2 strength on w, as scikit-learn's C
+    top: int = 5  # neurons listed per concept
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.c, (int, float)) or self.c <= 0:
+            raise bad_option("c", self.c, "a positive number (inverse regularisation strength)")
+        if not isinstance(self.top, int) or self.top < 1:
+            raise bad_option("top", self.top, "a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeNeuronsResult(ProbeResult):
+    """Per ``layer|concept`` arrays over the layer's neurons."""
+
+    train_accuracy: dict[str, torch.Tensor]
+    test_accuracy: dict[str, torch.Tensor]
+    control_accuracy: dict[str, torch.Tensor]
+    selectivity: dict[str, torch.Tensor]
+    auc: dict[str, torch.Tensor]
+    weight: dict[str, torch.Tensor]
+    bias: dict[str, torch.Tensor]
+    threshold: dict[str, torch.Tensor]  # −b/w: the activation at which the probe flips
+    ranking: dict[str, torch.Tensor]  # neuron indices, best test accuracy first
+    best_accuracy: dict[str, float]  # concept -> best single-neuron test accuracy
+    best_neuron: dict[str, str]  # concept -> "layer#unit"
+    top_neurons: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        return list(self.top_neurons)
+
+    def summary(self) -> str:
+        return "; ".join(f"{concept}: {self.best_neuron[concept]} {accuracy:.3f}"
+                         for concept, accuracy in self.best_accuracy.items())
+
+
+class ProbeNeurons(Technique):
+    name = "probe-neurons"
+    summary = "one-weight logistic probe per neuron and concept; accuracy, AUC, selectivity, firing threshold"
+    Options = ProbeNeuronsOptions
+    needs_data = True
+
+    def run(self, ctx: Context, options: ProbeNeuronsOptions) -> ProbeNeuronsResult:
+        data = collect(ctx, options)
+        fields: dict[str, dict[str, torch.Tensor]] = {name: {} for name in (
+            "train_accuracy", "test_accuracy", "control_accuracy", "selectivity", "auc", "weight", "bias",
+            "threshold", "ranking")}
+        for layer, concept, x, y in iter_pairs(data):
+            key = _key(layer, concept)
+            x_train, _, x_test = data.train_val_test(x)
+            y_train, _, y_test = data.train_val_test(y)
+            control_train, _, control_test = data.train_val_test(data.controls[concept])
+            weights, biases = fit_single_neuron(x_train, torch.stack([y_train, control_train]), c=options.c,
+                                                seed=ctx.seed)
+            (w, wc), (b, bc) = weights, biases
+            test = accuracy_per_column(x_test * w.float() + b.float(), y_test)
+            control = accuracy_per_column(x_test * wc.float() + bc.float(), control_test)
+            fields["train_accuracy"][key] = accuracy_per_column(x_train * w.float() + b.float(), y_train).cpu()
+            fields["test_accuracy"][key] = test.cpu()
+            fields["control_accuracy"][key] = control.cpu()
+            fields["selectivity"][key] = (test - control).cpu()
+            fields["auc"][key] = auc_per_column(x_test * w.sign().float(), y_test).cpu()
+            fields["weight"][key] = w.float().cpu()
+            fields["bias"][key] = b.float().cpu()
+            fields["threshold"][key] = torch.where(w != 0, -b / w, torch.full_like(w, float("inf"))).float().cpu()
+            fields["ranking"][key] = torch.argsort(test.cpu(), descending=True, stable=True)
+
+        layers, concepts = list(data.features), list(data.targets)
+        best_accuracy, best_neuron, lines, histograms = {}, {}, [], []
+        for concept in concepts:
+            candidates = [(float(fields["test_accuracy"][_key(layer, concept)][unit]), layer, int(unit))
+                          for layer in layers for unit in fields["ranking"][_key(layer, concept)][:options.top]]
+            candidates.sort(key=lambda item: -item[0])
+            accuracy, layer, unit = candidates[0]
+            best_accuracy[concept], best_neuron[concept] = accuracy, f"{layer}#{unit}"
+            listed = ", ".join(
+                f"{lay}#{u} acc {acc:.3f} sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
+                f"fires above {float(fields['threshold'][_key(lay, concept)][u]):.3g}"
+                for acc, lay, u in candidates[:options.top])
+            lines.append(f"{concept}: {listed}")
+            key = _key(layer, concept)
+            histograms.append(_histogram_figure(f"{concept}: {layer}#{unit} activations by concept",
+                                                data.features[layer][:, unit], data.targets[concept],
+                                                float(fields["threshold"][key][unit])))
+        best_per_layer = {k: float(v.max()) for k, v in fields["test_accuracy"].items()}
+        selectivity_per_layer = {k: float(fields["selectivity"][k][fields["ranking"][k][0]]) for k in best_per_layer}
+        figures = (
+            _per_layer_figure("Best single-neuron test accuracy per layer", best_per_layer, layers, concepts, "accuracy"),
+            _per_layer_figure("Selectivity of that neuron (accuracy − control)", selectivity_per_layer, layers,
+                              concepts, "selectivity"),
+            *histograms,
+        )
+        return ProbeNeuronsResult(**fields, **_split_fields(data), best_accuracy=best_accuracy, best_neuron=best_neuron,
+                                  top_neurons=tuple(lines), figures=figures)
+
+
+# --- probe-linear ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeLinearOptions(ProbeOptions):
+    l1: float = 0.0
+    l2: float = 1e-3
+    multiclass: tuple[str, ...] = ()  # categorical concepts to probe with one softmax each
+    iterations: int = 1000
+    top: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        self._set("multiclass", (self.multiclass,) if isinstance(self.multiclass, str) else tuple(self.multiclass))
+        for name in ("l1", "l2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise bad_option(name, value, "a non-negative number")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise bad_option("iterations", self.iterations, "a positive integer")
+        if not isinstance(self.top, int) or self.top < 1:
+            raise bad_option("top", self.top, "a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeLinearResult(ProbeResult):
+    test_accuracy: dict[str, float]  # "layer|concept"
+    control_accuracy: dict[str, float]
+    selectivity: dict[str, float]
+    weights: dict[str, torch.Tensor]  # "layer|concept" -> (units,) in activation units
+    bias: dict[str, torch.Tensor]
+    top_units: dict[str, str]  # "layer|concept" -> "u1 (w1), u2 (w2), ..."
+
+    def lines(self) -> list[str]:
+        return [f"{key}: test {self.test_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}; "
+                f"top units {self.top_units[key]}" for key in self.test_accuracy]
+
+    def summary(self) -> str:
+        return _best_layer_per_concept(self.test_accuracy)
+
+
+def _describe_top(weights: torch.Tensor, top: int) -> str:
+    order = torch.argsort(weights.abs(), descending=True, stable=True)[:top]
+    return ", ".join(f"{int(u)} ({float(weights[u]):+.3g})" for u in order)
+
+
+class ProbeLinear(Technique):
+    name = "probe-linear"
+    summary = "linear probe over all neurons of a layer: multi-label sigmoid or softmax, L1/L2, top weights"
+    Options = ProbeLinearOptions
+    needs_data = True
+
+    def run(self, ctx: Context, options: ProbeLinearOptions) -> ProbeLinearResult:
+        data = collect(ctx, options)
+        accuracy, control, weights, bias, top = {}, {}, {}, {}, {}
+        train, test = data.split.train, data.split.test
+        binary = [c for c in data.targets if c.split("=", 1)[0] not in options.multiclass]
+        for layer, x in data.features.items():
+            z, mean, std = standardise(x.double(), train)
+            fits = []
+            if binary:
+                targets = torch.stack([data.targets[c] for c in binary], 1).double()
+                controls = torch.stack([data.controls[c] for c in binary], 1).double()
+                w, b = fit_linear(z[train], targets[train], multiclass=False, l1=options.l1, l2=options.l2,
+                                  iterations=options.iterations)
+                wc, bc = fit_linear(z[train], controls[train], multiclass=False, l1=options.l1, l2=options.l2,
+                                    iterations=options.iterations)
+                hit = ((z[test] @ w.T + b) > 0) == targets[test].bool()
+                hit_control = ((z[test] @ wc.T + bc) > 0) == controls[test].bool()
+                fits += [(c, float(hit[:, k].double().mean()), float(hit_control[:, k].double().mean()), w[k], b[k])
+                         for k, c in enumerate(binary)]
+            for concept in options.multiclass:
+                if concept not in data.categorical:
+                    raise bad_option("multiclass", concept, f"a categorical concept: {', '.join(data.categorical)}")
+                codes = data.categorical[concept]
+                shuffled = control_labels(codes, data.types, data.seed + 1000).to(codes.device)
+                w, b = fit_linear(z[train], codes[train], multiclass=True, l1=options.l1, l2=options.l2,
+                                  iterations=options.iterations)
+                wc, bc = fit_linear(z[train], shuffled[train], multiclass=True, l1=options.l1, l2=options.l2,
+                                    iterations=options.iterations)
+                acc = float(((z[test] @ w.T + b).argmax(1) == codes[test]).double().mean())
+                acc_control = float(((z[test] @ wc.T + bc).argmax(1) == shuffled[test]).double().mean())
+                for k in range(w.shape[0]):
+                    fits.append((f"{concept}[{k}]", acc, acc_control, w[k], b[k]))
+            for concept, acc, acc_control, w_std, b_std in fits:
+                key = _key(layer, concept)
+                accuracy[key], control[key] = acc, acc_control
+                raw = w_std / std  # back to activation units: w·(h − mean)/std + b
+                weights[key] = raw.float().cpu()
+                bias[key] = (b_std - (raw * mean).sum()).float().reshape(1).cpu()
+                top[key] = _describe_top(w_std.cpu(), options.top)
+        layers = list(data.features)
+        concepts = list(dict.fromkeys(key.split("|", 1)[1] for key in accuracy))
+        figure = _per_layer_figure("Linear probe test accuracy per layer", accuracy, layers, concepts, "accuracy")
+        selectivity = {key: accuracy[key] - control[key] for key in accuracy}
+        figure_selectivity = _per_layer_figure("Linear probe selectivity per layer", selectivity, layers, concepts,
+                                               "selectivity")
+        return ProbeLinearResult(**_split_fields(data), test_accuracy=accuracy, control_accuracy=control, selectivity=selectivity,
+                                 weights=weights, bias=bias, top_units=top, figures=(figure, figure_selectivity))
+
+
+# --- probe-mlp ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeMLPOptions(ProbeOptions):
+    hidden: int = 32
+    epochs: int = 100
+    patience: int = 10
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    train_batch: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("hidden", "epochs", "patience", "train_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise bad_option(name, value, "a positive integer")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise bad_option("lr", self.lr, "a positive number")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise bad_option("weight_decay", self.weight_decay, "a non-negative number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeMLPResult(ProbeResult):
+    test_accuracy: dict[str, float]
+    control_accuracy: dict[str, float]
+    selectivity: dict[str, float]
+
+    def lines(self) -> list[str]:
+        return [f"{key}: test {acc:.3f}, control {self.control_accuracy[key]:.3f}, "
+                f"selectivity {self.selectivity[key]:+.3f}" for key, acc in self.test_accuracy.items()]
+
+    def summary(self) -> str:
+        return _best_layer_per_concept(self.test_accuracy)
+
+
+class ProbeMLP(Technique):
+    name = "probe-mlp"
+    summary = "small nonlinear probe per concept (relations between neurons), early-stopped on validation"
+    Options = ProbeMLPOptions
+    needs_data = True
+
+    def _fit_and_score(self, data: ProbeData, z: torch.Tensor, y: torch.Tensor, options: ProbeMLPOptions,
+                       seed: int) -> float:
+        x_train, x_val, x_test = data.train_val_test(z)
+        y_train, y_val, y_test = data.train_val_test(y)
+        model = fit_mlp(x_train, y_train, x_val, y_val, hidden=options.hidden, epochs=options.epochs,
+                        patience=options.patience, lr=options.lr, weight_decay=options.weight_decay,
+                        batch_size=options.train_batch, seed=seed)
+        with torch.no_grad():
+            return float(((model(x_test).squeeze(1) > 0) == y_test.bool()).float().mean())
+
+    def run(self, ctx: Context, options: ProbeMLPOptions) -> ProbeMLPResult:
+        data = collect(ctx, options)
+        accuracy, control = {}, {}
+        standardised = {layer: standardise(x, data.split.train)[0] for layer, x in data.features.items()}
+        pairs = list(iter_pairs(data))
+        with ctx.progress(len(pairs), "probe-mlp") as bar:
+            for k, (layer, concept, _, y) in enumerate(pairs):
+                key = _key(layer, concept)
+                accuracy[key] = self._fit_and_score(data, standardised[layer], y, options, ctx.seed + k)
+                control[key] = self._fit_and_score(data, standardised[layer], data.controls[concept], options,
+                                                   ctx.seed + k)
+                bar.update()
+        selectivity = {key: accuracy[key] - control[key] for key in accuracy}
+        layers, concepts = list(data.features), list(data.targets)
+        return ProbeMLPResult(**_split_fields(data), test_accuracy=accuracy, control_accuracy=control, selectivity=selectivity,
+                              figures=(_per_layer_figure("MLP probe test accuracy per layer", accuracy, layers,
+                                                         concepts, "accuracy"),))
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(ProbeNeurons)
+    register(ProbeLinear)
+    register(ProbeMLP)
