@@ -3,8 +3,9 @@
 A layer of NEURONS units over SAMPLES inputs with a binary concept planted in some units
 at varying strength. pyengine fits every neuron's one-weight probe at once (batched
 Newton); the anchor loops sklearn.linear_model.LogisticRegression over the neurons on the
-same training rows. The pyengine time covers the whole technique: the probes, their
-control-task probes and the AUCs. Prints the time ratio and the accuracy agreement.
+same training rows. Two pyengine timings: the probes alone (the same work as the anchor),
+and the whole technique (plus control-task probes, AUCs, thresholds). Prints the time
+ratios and the accuracy agreement.
 
     python benchmarks/probing.py [--neurons 512] [--samples 20000]
 """
@@ -43,6 +44,11 @@ def main() -> None:
     data = TensorDataset(h, concepts={"concept": y})
     model = nn.Sequential(nn.Identity())
 
+    warm_x, warm_y = planted_layer(8, 200, seed=1)  # imports and plugin loading, off the clock
+    pyengine.run("probe-neurons", model, data=TensorDataset(warm_x, concepts={"concept": warm_y}), layers=["0"],
+                 progress=False)
+    LogisticRegression().fit(warm_x[:, :1].numpy(), warm_y.numpy())
+
     start = time.perf_counter()
     result = pyengine.run("probe-neurons", model, data=data, layers=["0"], device=args.device, progress=False)
     ours_seconds = time.perf_counter() - start
@@ -56,16 +62,27 @@ def main() -> None:
         reference[unit] = fitted.score(x_test[:, unit:unit + 1], y_test)
     sklearn_seconds = time.perf_counter() - start
 
+    # Equal work: the probes alone, fitted on the same rows and scored on the test rows.
+    from pyengine.plugins.probe_fit import accuracy_per_column, fit_single_neuron
+
+    h_train, h_test = h[result.train_rows], h[result.test_rows]
+    start = time.perf_counter()
+    w, b = fit_single_neuron(h_train, y[result.train_rows].unsqueeze(0))
+    probes_only = accuracy_per_column(h_test * w[0].float() + b[0].float(), y[result.test_rows]).numpy()
+    probes_seconds = time.perf_counter() - start
+
     ours = result.test_accuracy["0|concept"].numpy()
     gap = np.abs(ours - reference)
     print(f"probe-neurons: {args.neurons} neurons x {args.samples:,} samples ({len(train):,} train, "
           f"{len(test):,} test) on {args.device}, {torch.get_num_threads()} threads")
-    print(f"  sklearn loop (probes only)              {sklearn_seconds:8.3f} s")
-    print(f"  pyengine (probes + controls + AUC)      {ours_seconds:8.3f} s")
-    print(f"  test accuracy: mean {ours.mean():.4f} vs sklearn {reference.mean():.4f}; "
-          f"max per-neuron gap {100 * gap.max():.2f} pp")
-    print(f"  ratio pyengine/sklearn time = {ours_seconds / sklearn_seconds:.4f} "
-          f"(speed-up {sklearn_seconds / ours_seconds:.1f}x)")
+    print(f"  sklearn loop: fit + score per neuron          {sklearn_seconds:8.3f} s")
+    print(f"  pyengine probes: fit + score, all neurons     {probes_seconds:8.3f} s   "
+          f"ratio {probes_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / probes_seconds:.1f}x)")
+    print(f"  pyengine probe-neurons technique              {ours_seconds:8.3f} s   "
+          f"ratio {ours_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / ours_seconds:.1f}x)")
+    print("    (the technique also fits a control-task probe per neuron and computes AUCs and thresholds)")
+    print(f"  test accuracy: mean {ours.mean():.4f} vs sklearn {reference.mean():.4f}; max per-neuron gap "
+          f"{100 * gap.max():.2f} pp (probes alone: {100 * np.abs(probes_only - reference).max():.2f} pp)")
 
 
 if __name__ == "__main__":

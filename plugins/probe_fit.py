@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyengine import ops
+
 
 @dataclass(frozen=True)
 class Split:
@@ -63,23 +65,19 @@ def auc_per_column(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if n_pos == 0 or n_neg == 0:
         return torch.full((scores.shape[1],), float("nan"), device=scores.device)
     values, order = scores.T.contiguous().sort(dim=1)
-    first = torch.searchsorted(values, values, right=False)
-    last = torch.searchsorted(values, values, right=True)
-    average_rank = (first + last + 1).double() / 2  # 1-based, averaged over ties
+    # Ties: every position gets the mean of the first and last rank of its run of equal
+    # values, found with running maxima (O(n) per column).
+    position = torch.arange(n, device=scores.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    first = torch.where(starts, position, 0).cummax(dim=1).values
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    # The last position of a run is the first one when the column is read backwards.
+    last = n - 1 - torch.where(ends.flip(1), position, 0).cummax(dim=1).values.flip(1)
+    average_rank = (first + last).double() / 2 + 1  # 1-based, averaged over ties
     positive_rank_sum = (average_rank * positive[order]).sum(1)
     return ((positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
-
-
-def _bin_index(h: torch.Tensor, bins: int, seed: int) -> torch.Tensor:
-    """(n, d) bin of every value: ``bins`` equal-width bins per column spanning the range
-    of a row sample (values outside it fall into the edge bins)."""
-    n = h.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(n, generator=generator)[: min(n, 16 * bins)].to(h.device)
-    sample = h[rows]
-    low, high = sample.amin(0), sample.amax(0)
-    scale = torch.where(high > low, bins / (high - low), torch.zeros_like(high))
-    return ((h - low) * scale).floor_().clamp_(0, bins - 1).to(torch.int64)
 
 
 def binned_statistics(h: torch.Tensor, targets: torch.Tensor, bins: int = 256,
@@ -87,24 +85,16 @@ def binned_statistics(h: torch.Tensor, targets: torch.Tensor, bins: int = 256,
     """Compress every column of h (N, d), for targets (T, N) in {0, 1}, into 2·bins
     weighted points per column: counts, mean activations and labels, each (T, d, 2·bins).
 
-    A point is the rows of one bin with one label; one ``bincount`` per statistic over
-    (column, bin, joint label of all targets) covers every column and target at once.
+    A point is the rows of one bin with one label. Bins are equal-width over the range of
+    a row sample of the column; ``pyengine.ops.binned_statistics`` fills them in one pass.
     """
-    n, d = h.shape
-    t = targets.shape[0]
-    if t > 8:
-        raise ValueError(f"binned_statistics handles at most 8 targets at once, got {t}")
-    combos = 1 << t
-    joint = (targets.long() << torch.arange(t, device=h.device).unsqueeze(1)).sum(0)  # (n,)
-    index = _bin_index(h, bins, seed)  # (n, d)
-    key = ((torch.arange(d, device=h.device) * bins + index) * combos + joint.unsqueeze(1)).view(-1)
-    size = d * bins * combos
-    joint_counts = torch.bincount(key, minlength=size).double().view(d, bins, combos)
-    joint_sums = torch.bincount(key, weights=h.double().view(-1), minlength=size).view(d, bins, combos)
-    bits = (torch.arange(combos, device=h.device).unsqueeze(0) >> torch.arange(t, device=h.device).unsqueeze(1)) & 1
-    member = torch.stack([1 - bits, bits], dim=1).double()  # (t, 2, combos): label of each joint combo
-    counts = torch.einsum("dkc,tlc->tdlk", joint_counts, member).reshape(t, d, 2 * bins)
-    sums = torch.einsum("dkc,tlc->tdlk", joint_sums, member).reshape(t, d, 2 * bins)
+    n = h.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=generator)[: min(n, 16 * bins)].to(h.device)
+    sample = h[rows]
+    counts, sums = ops.binned_statistics(h, targets, sample.amin(0), sample.amax(0), bins)
+    t, d = counts.shape[:2]
+    counts, sums = counts.view(t, d, 2 * bins), sums.view(t, d, 2 * bins)
     labels = torch.arange(2, dtype=torch.float64, device=h.device).repeat_interleave(bins).expand(t, d, 2 * bins)
     return counts, sums / counts.clamp(min=1), labels
 

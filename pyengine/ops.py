@@ -37,6 +37,23 @@ def gram_eigh(gram: torch.Tensor, *, n: int | None = None,
     return values, vectors
 
 
+def binned_statistics(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                      bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of h (n, d): counts and sums of the values in each of ``bins`` equal-width
+    bins spanning [low[j], high[j]] (edge bins take values outside), split by each target's
+    0/1 label. labels: (targets, n). Returns counts, sums: (targets, d, 2, bins) float64.
+    """
+    counts, sums = torch.ops.pyengine.binned_statistics(h, labels, low, high, bins)
+    return counts, sums
+
+
+@torch.library.register_fake("pyengine::binned_statistics")
+def _binned_statistics_fake(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                            bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (labels.shape[0], h.shape[1], 2, bins)
+    return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
+
+
 @torch.library.register_fake("pyengine::gram_accumulate")
 def _gram_accumulate_fake(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
     torch._check(x.dim() == 2, lambda: "pyengine.gram_accumulate: x must be 2-D")

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -39,17 +40,6 @@ struct Tile {
   std::int64_t col0;
 };
 
-struct Half {
-  std::uint16_t bits;
-};
-struct BFloat {
-  std::uint16_t bits;
-};
-inline double convert(const Half* p) { return half_to_float(p->bits); }
-inline double convert(const BFloat* p) { return bfloat16_to_float(p->bits); }
-inline double convert(const float* p) { return *p; }
-inline double convert(const double* p) { return *p; }
-
 // Pack rows [row0, row0 + rows) of x into `panel`, zero-padding to padded_cols.
 template <typename T>
 void pack_panel_typed(const MatrixView& x, std::int64_t row0, std::int64_t rows,
@@ -59,7 +49,7 @@ void pack_panel_typed(const MatrixView& x, std::int64_t row0, std::int64_t rows,
     const T* row = base + (row0 + r) * x.row_stride;
     std::int64_t c = 0;
     for (; c < x.cols; ++c) {
-      panel[(c / kPack) * rows * kPack + r * kPack + c % kPack] = convert(row + c * x.col_stride);
+      panel[(c / kPack) * rows * kPack + r * kPack + c % kPack] = to_double(row + c * x.col_stride);
     }
     for (; c < padded_cols; ++c) {
       panel[(c / kPack) * rows * kPack + r * kPack + c % kPack] = 0.0;
@@ -69,16 +59,9 @@ void pack_panel_typed(const MatrixView& x, std::int64_t row0, std::int64_t rows,
 
 void pack_panel(const MatrixView& x, std::int64_t row0, std::int64_t rows,
                 std::int64_t padded_cols, double* panel) {
-  switch (x.dtype) {
-    case DType::Float16:
-      return pack_panel_typed<Half>(x, row0, rows, padded_cols, panel);
-    case DType::BFloat16:
-      return pack_panel_typed<BFloat>(x, row0, rows, padded_cols, panel);
-    case DType::Float32:
-      return pack_panel_typed<float>(x, row0, rows, padded_cols, panel);
-    case DType::Float64:
-      return pack_panel_typed<double>(x, row0, rows, padded_cols, panel);
-  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    pack_panel_typed<std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>>(x, row0, rows, padded_cols, panel);
+  });
 }
 
 // out[i][j] += sum_k a[k][i] * b[k][j] for a 4 x 8 block; a and b step kPack per row.

@@ -1,12 +1,10 @@
 // Tiled fp64 Gram accumulation. One block computes one 64x64 output tile on or above
 // the diagonal over a range of rows; 256 threads each hold a 4x4 register tile.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "gram.cuh"
+#include "convert.cuh"
 
 namespace pyengine::cuda {
 namespace {
@@ -15,19 +13,6 @@ constexpr int kTile = 64;
 constexpr int kStep = 16;  // rows per shared-memory stage
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
-
-template <typename T>
-__device__ __forceinline__ double to_double(const T* p) {
-  return static_cast<double>(*p);
-}
-template <>
-__device__ __forceinline__ double to_double<__half>(const __half* p) {
-  return static_cast<double>(__half2float(*p));
-}
-template <>
-__device__ __forceinline__ double to_double<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return static_cast<double>(__bfloat162float(*p));
-}
 
 // Maps a linear index to the (tile_row, tile_col) pair with tile_row <= tile_col.
 __device__ void upper_tile(int index, int tiles, int* tile_row, int* tile_col) {

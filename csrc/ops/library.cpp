@@ -4,4 +4,5 @@
 TORCH_LIBRARY(pyengine, m) {
   m.def("gram_accumulate(Tensor(a!) gram, Tensor x, Tensor(b!)? sums=None) -> ()");
   m.def("gram_eigh(Tensor gram, *, int? n=None, Tensor? center_sums=None) -> (Tensor, Tensor)");
+  m.def("binned_statistics(Tensor h, Tensor labels, Tensor low, Tensor high, int bins) -> (Tensor, Tensor)");
 }

@@ -50,4 +50,32 @@ inline float bfloat16_to_float(std::uint16_t b) {
   return out;
 }
 
+// Storage types of the 16-bit formats, and exact widening of every supported type.
+struct Half {
+  std::uint16_t bits;
+};
+struct BFloat16 {
+  std::uint16_t bits;
+};
+inline double to_double(const Half* p) { return half_to_float(p->bits); }
+inline double to_double(const BFloat16* p) { return bfloat16_to_float(p->bits); }
+inline double to_double(const float* p) { return *p; }
+inline double to_double(const double* p) { return *p; }
+
+// Calls f(static_cast<const T*>(nullptr)) with T the storage type of `dtype`.
+template <typename F>
+decltype(auto) visit_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float16:
+      return f(static_cast<const Half*>(nullptr));
+    case DType::BFloat16:
+      return f(static_cast<const BFloat16*>(nullptr));
+    case DType::Float32:
+      return f(static_cast<const float*>(nullptr));
+    case DType::Float64:
+      break;
+  }
+  return f(static_cast<const double*>(nullptr));
+}
+
 }  // namespace pyengine::core
