@@ -160,3 +160,16 @@ def test_a_broken_plugin_is_named_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "broken_plugin_module.py").write_text("raise ImportError('needs a library that is missing')\n")
     result = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
     assert_user_error(result, "plugin 'broken' (broken_plugin_module) failed to import: needs a library that is missing")
+
+
+def test_run_probes_from_a_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'out = "res.h5"\n' + MODEL + DATA.replace("n = 40", "n = 120")
+                          + '[[technique]]\nname = "probe-neurons"\noptions = { concepts = ["texture=striped"] }\n'
+                          + '[[technique]]\nname = "probe-linear"\noptions = { concepts = ["colour"], l1 = 0.01 }\n')
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "probe-neurons/run-001: texture=striped: " in result.stdout
+    with pyengine.StoreReader(tmp_path / "res.h5") as reader:
+        arrays, attrs = reader.result("probe-linear", "run-001")
+    assert "weights/features.relu1|colour=red" in arrays
+    assert json.loads(attrs["options"])["l1"] == 0.01

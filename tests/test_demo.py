@@ -18,10 +18,19 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert float(match.group(1)) >= 95.0
     with pyengine.StoreReader(tmp_path / "out" / "results.h5") as reader:
         assert {t for t, _ in reader.results()} == set(pyengine.techniques())
+        striped = {}
+        for technique in ("probe-linear", "probe-mlp"):
+            _, attrs = reader.result(technique, "demo")
+            striped.update({f"{technique} {key}": value for key, value in attrs.items()
+                            if key.startswith("test_accuracy/") and key.endswith("|texture=striped")})
+    assert len(striped) == 8  # 4 layers x 2 probes
+    assert max(striped.values()) >= 0.9, striped  # the texture concept is decodable from some layer
     with pyengine.StoreReader(tmp_path / "out" / "activations.h5") as reader:
         assert len(reader) == 1000 and "features.relu3" in reader.layers
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "gram-spectrum" in page and "held-out accuracy" in page
+    assert "Best single-neuron test accuracy per layer" in page and "activations by concept" in page
+    assert "texture=striped: " in page and "fires above" in page
     assert list((tmp_path / "cache").glob("democnn-*.pt"))
 
     again = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")})
