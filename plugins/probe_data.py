@@ -49,10 +49,8 @@ class ProbeOptions(Options):
         self._set("split", split)
         if self.control not in ("input", "label"):
             raise bad_option("control", self.control, "'input' or 'label'")
-        if not isinstance(self.max_rows, int) or self.max_rows < 0:
-            raise bad_option("max_rows", self.max_rows, "a non-negative integer (0 = all rows)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise bad_option("batch_size", self.batch_size, "a positive integer")
+        self.require_int("max_rows", minimum=0)
+        self.require_int("batch_size")
 
 
 @dataclass(frozen=True)

@@ -82,10 +82,8 @@ class ProbeNeuronsOptions(ProbeOptions):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.c, (int, float)) or self.c <= 0:
-            raise bad_option("c", self.c, "a positive number (inverse regularisation strength)")
-        if not isinstance(self.top, int) or self.top < 1:
-            raise bad_option("top", self.top, "a positive integer")
+        self.require_number("c", positive=True)
+        self.require_int("top")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,14 +185,8 @@ class ProbeLinearOptions(ProbeOptions):
     def validate(self) -> None:
         super().validate()
         self._set("multiclass", (self.multiclass,) if isinstance(self.multiclass, str) else tuple(self.multiclass))
-        for name in ("l1", "l2"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise bad_option(name, value, "a non-negative number")
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise bad_option("iterations", self.iterations, "a positive integer")
-        if not isinstance(self.top, int) or self.top < 1:
-            raise bad_option("top", self.top, "a positive integer")
+        self.require_number("l1", "l2")
+        self.require_int("iterations", "top")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,14 +280,9 @@ class ProbeMLPOptions(ProbeOptions):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("hidden", "epochs", "patience", "train_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise bad_option(name, value, "a positive integer")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise bad_option("lr", self.lr, "a positive number")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise bad_option("weight_decay", self.weight_decay, "a non-negative number")
+        self.require_int("hidden", "epochs", "patience", "train_batch")
+        self.require_number("lr", positive=True)
+        self.require_number("weight_decay")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,10 +45,8 @@ class GramSpectrumOptions(Options):
             raise bad_option("variance", self.variance, "explained-variance fractions in (0, 1]")
         if self.conv_units not in ("channels", "flatten"):
             raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise bad_option("batch_size", self.batch_size, "a positive integer")
-        if not isinstance(self.max_rows, int) or self.max_rows < 0:
-            raise bad_option("max_rows", self.max_rows, "a non-negative integer (0 = all rows)")
+        self.require_int("batch_size")
+        self.require_int("max_rows", minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)

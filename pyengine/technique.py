@@ -41,6 +41,21 @@ class Options:
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
+    def require_int(self, *names: str, minimum: int = 1) -> None:
+        """Each named option must be an integer >= minimum."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+                raise bad_option(name, value, expected)
+
+    def require_number(self, *names: str, positive: bool = False) -> None:
+        """Each named option must be a number > 0 (positive) or >= 0."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+                raise bad_option(name, value, "a positive number" if positive else "a non-negative number")
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], technique: str = "") -> Self:
         names = [f.name for f in fields(cls)]

@@ -190,3 +190,21 @@ def test_saved_results_carry_options_and_scalars(registered: Any, small_cnn: nn.
     assert '"scale": 1.0' in attrs["options"]
     with pytest.raises(pyengine.StoreError, match="exists; choose another run name"):
         pyengine.run("test-count", small_cnn, inputs, save=path, run_name="run-001")
+
+
+def test_option_helpers_name_the_option() -> None:
+    @dataclass(frozen=True)
+    class Numbers(pyengine.Options):
+        steps: int = 1
+        rate: float = 0.1
+
+        def validate(self) -> None:
+            self.require_int("steps")
+            self.require_number("rate", positive=True)
+
+    with pytest.raises(OptionsError, match=r"option steps=0 is invalid: expected a positive integer"):
+        Numbers(steps=0)
+    with pytest.raises(OptionsError, match=r"option steps=True is invalid"):
+        Numbers(steps=True)
+    with pytest.raises(OptionsError, match=r"option rate=0 is invalid: expected a positive number"):
+        Numbers(rate=0)

@@ -19,8 +19,7 @@ class MarginOptions(pyengine.Options):
     batch_size: int = 64
 
     def validate(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise pyengine.bad_option("batch_size", self.batch_size, "a positive integer")
+        self.require_int("batch_size")
 
 
 @dataclass(frozen=True, kw_only=True)
