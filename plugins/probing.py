@@ -152,9 +152,10 @@ class ProbeNeurons(Technique):
             best_accuracy[concept], best_neuron[concept] = accuracy, f"{layer}#{unit}"
             listed = ", ".join(
                 f"{lay}#{u} acc {acc:.3f} sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
-                f"fires above {float(fields['threshold'][_key(lay, concept)][u]):.3g}"
+                f"{'above' if float(fields['weight'][_key(lay, concept)][u]) >= 0 else 'below'} "
+                f"{float(fields['threshold'][_key(lay, concept)][u]):.3g}"
                 for acc, lay, u in candidates[:options.top])
-            lines.append(f"{concept}: {listed}")
+            lines.append(f"{concept} (neuron, test accuracy, selectivity, activation that signals it): {listed}")
             key = _key(layer, concept)
             histograms.append(_histogram_figure(f"{concept}: {layer}#{unit} activations by concept",
                                                 data.features[layer][:, unit], data.targets[concept],

@@ -30,7 +30,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "gram-spectrum" in page and "held-out accuracy" in page
     assert "Best single-neuron test accuracy per layer" in page and "activations by concept" in page
-    assert "texture=striped: " in page and "fires above" in page
+    assert "texture=striped (neuron, test accuracy, selectivity, activation that signals it): " in page
     assert list((tmp_path / "cache").glob("democnn-*.pt"))
 
     again = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")})

@@ -45,6 +45,7 @@ def test_single_neuron_probes_agree_with_sklearn_neuron_by_neuron() -> None:
         assert float(result.auc["0|c"][unit]) == pytest.approx(auc, abs=1e-6)
     assert ours[4] > 0.9 and ours[20] > 0.9 and ours[5:20].max() < 0.7
     assert result.best_neuron["c"] in ("0#4", "0#20")
+    assert "0#20 acc" in result.lines()[0] and "above" in result.lines()[0]
     threshold = float(result.threshold["0|c"][20])
     predicted = h[test, 20] > threshold
     assert float((predicted == y[test].bool()).float().mean()) == pytest.approx(float(ours[20]), abs=1e-6)
