@@ -11,7 +11,7 @@ from torch import nn
 
 from pyengine import host
 from pyengine.capture import model_device, param_hash
-from pyengine.context import Context
+from pyengine.context import Context, resolve_device
 from pyengine.data.base import as_dataset
 from pyengine.errors import PluginError, PyengineError
 from pyengine.store import PendingResult, StoreReader, reserve_run_name, write_results
@@ -40,7 +40,7 @@ def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *
     technique_class = host.get_technique(name)
     parsed = technique_class.options(**options)
     model = resolve_model(model)
-    target = torch.device(device) if device is not None else model_device(model)
+    target = resolve_device(device) if device is not None else model_device(model)
     if device is not None:
         model = model.to(target)
     if technique_class.needs_inputs and inputs is None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyengine.context import HookScope, resolve_module
+from pyengine.context import HookScope, resolve_device, resolve_module
 from pyengine.data.base import Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
 from pyengine.progress import Progress
@@ -77,7 +77,7 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
     _check_options(layers, batch_size, dtype, compression, start, stop, len(data))
     modules = {name: resolve_module(model, name) for name in layers}
     stop = len(data) if stop is None else stop
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(device) if device is not None else model_device(model)
     config = {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_param_hash": param_hash(model),

@@ -42,10 +42,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pyengine.api import model_meta, run, stored_result
     from pyengine.config import build_dataset, build_model, load_config
+    from pyengine.context import resolve_device
     from pyengine.store import StoreReader, reserve_run_name, write_results
 
     config = load_config(args.config)
     # Everything is checked before anything runs or is written.
+    if config.device is not None:
+        resolve_device(config.device)
     model = build_model(config.model)
     data = build_dataset(config.data.name, config.data.args) if config.data else None
     parsed = [(spec, host.get_technique(spec.name).options(**spec.options)) for spec in config.techniques]

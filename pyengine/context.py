@@ -29,6 +29,20 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     raise NotFoundError(f"no layer {name!r} in {type(model).__name__}; closest: {', '.join(close)}")
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here; a clear error for typos and absent accelerators."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PyengineError(f"device={device!r} is invalid: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PyengineError(f"device={device!r} is not available: this torch sees no CUDA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise PyengineError(f"device={device!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here")
+    return parsed
+
+
 class HookScope:
     """Collects hook handles; removes every one on exit, however the block ends."""
 

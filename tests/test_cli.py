@@ -85,6 +85,7 @@ def test_capture_and_info(tmp_path: Path) -> None:
         (MODEL + DATA, "no [[technique]] entries"),
         (MODEL + DATA.replace('inputs = 4', 'inputs = -1') + TECHNIQUE, "data.inputs=-1 is invalid"),
         (MODEL + DATA + (TECHNIQUE + 'run = "a"\n') * 2, "result gram-spectrum/a exists; choose another run name"),
+        ('device = "gpu7"\n' + MODEL + DATA + TECHNIQUE, "device='gpu7' is invalid: expected 'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
 def test_run_user_errors(tmp_path: Path, config: str | None, fragment: str) -> None:

@@ -208,3 +208,9 @@ def test_option_helpers_name_the_option() -> None:
         Numbers(steps=True)
     with pytest.raises(OptionsError, match=r"option rate=0 is invalid: expected a positive number"):
         Numbers(rate=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_an_absent_gpu_is_a_clear_error(small_cnn: nn.Module) -> None:
+    with pytest.raises(PyengineError, match="device='cuda' is not available: this torch sees no CUDA GPU"):
+        pyengine.run("gram-spectrum", small_cnn, torch.rand(2, 3, 16, 16), device="cuda")
