@@ -20,6 +20,7 @@ DEFAULT_PLUGINS = (
     "pyengine.data",
     "pyengine.plugins.spectra",
     "pyengine.plugins.probing",
+    "pyengine.plugins.synchrony",
 )
 
 pm = pluggy.PluginManager("pyengine")

@@ -47,6 +47,27 @@ def binned_statistics(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, 
     return counts, sums
 
 
+def pack_firing(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Firing patterns of h (n, units) as bitsets: (units, ceil(n / 64)) int64 words, bit
+    r % 64 of word r // 64 set when h[r, unit] > threshold. 32x smaller than float32."""
+    return torch.ops.pyengine.pack_firing(h, threshold)
+
+
+def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
+    """(units, units) int64: rows where exactly one of the two units fires (XOR popcount)."""
+    return torch.ops.pyengine.firing_disagreements(bits)
+
+
+@torch.library.register_fake("pyengine::pack_firing")
+def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)
+
+
+@torch.library.register_fake("pyengine::firing_disagreements")
+def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
+    return bits.new_empty((bits.shape[0], bits.shape[0]), dtype=torch.int64)
+
+
 @torch.library.register_fake("pyengine::binned_statistics")
 def _binned_statistics_fake(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                             bins: int) -> tuple[torch.Tensor, torch.Tensor]:

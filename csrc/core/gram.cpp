@@ -7,6 +7,8 @@
 // tile's panel delta is added to the tile and to its mirror.
 #include "pyengine/core/gram.h"
 
+#include "multiversion.h"
+
 #include <algorithm>
 #include <thread>
 #include <type_traits>
@@ -15,11 +17,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PYENGINE_X86 1
-#endif
-#if defined(PYENGINE_X86) && !defined(__clang__)
-#define PYENGINE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYENGINE_MULTIVERSION
 #endif
 
 namespace pyengine::core {

@@ -4,5 +4,7 @@
 TORCH_LIBRARY(pyengine, m) {
   m.def("gram_accumulate(Tensor(a!) gram, Tensor x, Tensor(b!)? sums=None) -> ()");
   m.def("gram_eigh(Tensor gram, *, int? n=None, Tensor? center_sums=None) -> (Tensor, Tensor)");
+  m.def("pack_firing(Tensor h, float threshold=0.0) -> Tensor");
+  m.def("firing_disagreements(Tensor bits) -> Tensor");
   m.def("binned_statistics(Tensor h, Tensor labels, Tensor low, Tensor high, int bins) -> (Tensor, Tensor)");
 }

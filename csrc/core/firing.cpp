@@ -1,0 +1,102 @@
+// Bitset firing patterns: packing splits row blocks of 64 across threads; pairwise
+// counts split tiles of the upper triangle, each tile reading its bitsets word block by
+// word block so both operands stay in cache.
+#include "pyengine/core/firing.h"
+
+#include "multiversion.h"
+
+#include <algorithm>
+#include <bit>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace pyengine::core {
+namespace {
+
+constexpr std::int64_t kTile = 32;          // units per side of a pairwise tile
+constexpr std::int64_t kWordBlock = 256;    // words per pass over a tile (2 KiB per unit)
+
+PYENGINE_MULTIVERSION
+std::int64_t xor_popcount(const std::uint64_t* x, const std::uint64_t* y, std::int64_t count) {
+  std::int64_t total = 0;
+  for (std::int64_t w = 0; w < count; ++w) total += std::popcount(x[w] ^ y[w]);
+  return total;
+}
+
+template <typename F>
+void parallel_for(std::int64_t count, int num_threads, F&& work) {
+  const std::int64_t threads = std::clamp<std::int64_t>(num_threads, 1, std::max<std::int64_t>(1, count));
+  std::vector<std::thread> pool;
+  for (std::int64_t t = 1; t < threads; ++t) {
+    pool.emplace_back([&, t] { work(count * t / threads, count * (t + 1) / threads); });
+  }
+  work(0, count / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+template <typename T>
+void pack_typed(const MatrixView& h, double threshold, std::uint64_t* bits, std::int64_t words,
+                std::int64_t word_begin, std::int64_t word_end) {
+  const T* data = static_cast<const T*>(h.data);
+  std::vector<std::uint64_t> local(static_cast<std::size_t>(h.cols));
+  for (std::int64_t w = word_begin; w < word_end; ++w) {
+    std::fill(local.begin(), local.end(), 0);
+    const std::int64_t last = std::min<std::int64_t>(64, h.rows - w * 64);
+    for (std::int64_t b = 0; b < last; ++b) {
+      const T* row = data + (w * 64 + b) * h.row_stride;
+      for (std::int64_t j = 0; j < h.cols; ++j) {
+        local[j] |= static_cast<std::uint64_t>(to_double(row + j * h.col_stride) > threshold) << b;
+      }
+    }
+    for (std::int64_t j = 0; j < h.cols; ++j) bits[j * words + w] = local[j];
+  }
+}
+
+}  // namespace
+
+void pack_firing(const MatrixView& h, double threshold, std::uint64_t* bits, std::int64_t words,
+                 int num_threads) {
+  if (h.rows == 0 || h.cols == 0) return;
+  visit_dtype(h.dtype, [&](auto tag) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    parallel_for(words, num_threads, [&](std::int64_t begin, std::int64_t end) {
+      pack_typed<T>(h, threshold, bits, words, begin, end);
+    });
+  });
+}
+
+void firing_disagreements(const std::uint64_t* bits, std::int64_t units, std::int64_t words,
+                          std::int64_t* disagreements, int num_threads) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> tiles;
+  for (std::int64_t i = 0; i < units; i += kTile) {
+    for (std::int64_t j = i; j < units; j += kTile) tiles.emplace_back(i, j);
+  }
+  parallel_for(static_cast<std::int64_t>(tiles.size()), num_threads, [&](std::int64_t begin, std::int64_t end) {
+    std::int64_t counts[kTile][kTile];
+    for (std::int64_t k = begin; k < end; ++k) {
+      const auto [i0, j0] = tiles[static_cast<std::size_t>(k)];
+      const std::int64_t rows = std::min(kTile, units - i0);
+      const std::int64_t cols = std::min(kTile, units - j0);
+      for (auto& row : counts) std::fill(std::begin(row), std::end(row), 0);
+      for (std::int64_t w0 = 0; w0 < words; w0 += kWordBlock) {
+        const std::int64_t w1 = std::min(words, w0 + kWordBlock);
+        for (std::int64_t a = 0; a < rows; ++a) {
+          const std::uint64_t* x = bits + (i0 + a) * words;
+          for (std::int64_t b = (i0 == j0 ? a + 1 : 0); b < cols; ++b) {
+            counts[a][b] += xor_popcount(x + w0, bits + (j0 + b) * words + w0, w1 - w0);
+          }
+        }
+      }
+      for (std::int64_t a = 0; a < rows; ++a) {
+        for (std::int64_t b = (i0 == j0 ? a + 1 : 0); b < cols; ++b) {
+          disagreements[(i0 + a) * units + j0 + b] = counts[a][b];
+          disagreements[(j0 + b) * units + i0 + a] = counts[a][b];
+        }
+      }
+    }
+  });
+  for (std::int64_t i = 0; i < units; ++i) disagreements[i * units + i] = 0;
+}
+
+}  // namespace pyengine::core

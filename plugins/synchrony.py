@@ -1,0 +1,190 @@
+"""``relu-sync``: ReLU units that fire on the same inputs (a source of degeneracy).
+
+Firing patterns (h > 0) over the whole dataset are packed into bitsets (64 inputs per
+word, 32x smaller than float32) by ``pyengine.ops.pack_firing``; pairwise agreement comes
+from XOR popcounts (``pyengine.ops.firing_disagreements``), never from a float matrix.
+Units whose patterns agree on at least ``threshold`` of the inputs are linked, and the
+linked components are the synchronized groups. Dead and always-on units are set apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyengine import ops
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Options, Result, Technique, bad_option
+
+from pyengine.plugins.spectra import as_rows
+
+
+@dataclass(frozen=True)
+class ReluSyncOptions(Options):
+    layers: tuple[str, ...] = ()  # default: the stored layers, else every ReLU module
+    threshold: float = 1.0  # minimum fraction of inputs on which two units agree (1.0: identical)
+    fires_above: float = 0.0  # a unit fires when its activation exceeds this
+    conv_units: str = "channels"  # conv maps: "channels" (positions are inputs) or "flatten"
+    batch_size: int = 256
+    max_rows: int = 0  # 0: the whole dataset
+
+    def validate(self) -> None:
+        self._set("layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers))
+        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
+            raise bad_option("threshold", self.threshold, "an agreement fraction in (0, 1]")
+        if self.conv_units not in ("channels", "flatten"):
+            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        if isinstance(self.fires_above, bool) or not isinstance(self.fires_above, (int, float)):
+            raise bad_option("fires_above", self.fires_above, "a number")
+        self.require_int("batch_size")
+        self.require_int("max_rows", minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReluSyncResult(Result):
+    agreement: dict[str, torch.Tensor]  # (units, units) fraction of inputs where both agree
+    firing_rate: dict[str, torch.Tensor]  # (units,) fraction of inputs where the unit fires
+    group: dict[str, torch.Tensor]  # (units,) group id, -1 outside any group
+    groups: dict[str, int]  # number of synchronized groups per layer
+    dead: dict[str, int]
+    always_on: dict[str, int]
+    samples: dict[str, int]
+
+    def lines(self) -> list[str]:
+        out = []
+        for layer, labels in self.group.items():
+            sizes = sorted(torch.bincount(labels[labels >= 0]).tolist(), reverse=True) if self.groups[layer] else []
+            detail = f" (sizes {', '.join(map(str, sizes))})" if sizes else ""
+            out.append(f"layer {layer}: {labels.numel()} units, {self.groups[layer]} synchronized groups{detail}, "
+                       f"{self.dead[layer]} dead, {self.always_on[layer]} always on, over {self.samples[layer]} inputs")
+        return out
+
+    def summary(self) -> str:
+        return "; ".join(self.lines())
+
+
+class FiringPacker:
+    """Packs row blocks of any size into one bitset: full 64-row words at once, the
+    remainder (< 64 rows) carried to the next block."""
+
+    def __init__(self, fires_above: float) -> None:
+        self.fires_above = fires_above
+        self.words: list[torch.Tensor] = []
+        self.carry: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.rows += rows.shape[0]
+        if self.carry is not None:
+            rows = torch.cat([self.carry, rows])
+        full = rows.shape[0] // 64 * 64
+        if full:
+            self.words.append(ops.pack_firing(rows[:full], self.fires_above))
+        self.carry = rows[full:] if full < rows.shape[0] else None
+
+    def finish(self) -> torch.Tensor:
+        if self.carry is not None:
+            self.words.append(ops.pack_firing(self.carry, self.fires_above))
+            self.carry = None
+        if not self.words:
+            raise PyengineError("relu-sync: no rows to analyse")
+        return torch.cat(self.words, dim=1).contiguous()
+
+
+def synchronized_groups(disagreements: torch.Tensor, rows: int, threshold: float,
+                        live: torch.Tensor) -> torch.Tensor:
+    """Group id per unit: connected components of live units agreeing on >= threshold."""
+    units = disagreements.shape[0]
+    allowed = int((1 - threshold) * rows + 1e-9)  # most disagreements a linked pair may have
+    linked = (disagreements <= allowed) & live.unsqueeze(0) & live.unsqueeze(1)
+    linked.fill_diagonal_(False)
+    parent = list(range(units))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in torch.nonzero(torch.triu(linked, diagonal=1)).tolist():
+        parent[root(i)] = root(j)
+    roots = torch.tensor([root(i) for i in range(units)])
+    sizes = torch.bincount(roots, minlength=units)
+    in_group = sizes[roots] > 1
+    group = torch.full((units,), -1, dtype=torch.long)
+    if bool(in_group.any()):
+        group[in_group] = torch.unique(roots[in_group], return_inverse=True)[1]
+    return group
+
+
+class ReluSync(Technique):
+    name = "relu-sync"
+    summary = "groups of ReLU units that fire on the same inputs, from bitset firing patterns"
+    Options = ReluSyncOptions
+    needs_data = True
+
+    def _blocks(self, ctx: Context, layers: tuple[str, ...], options: ReluSyncOptions) -> Iterator[dict[str, torch.Tensor]]:
+        limit = options.max_rows or None
+        if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
+            streams = [ctx.store.iter_layer(layer, rows=options.batch_size, device=ctx.device, stop=limit)
+                       for layer in layers]
+            for blocks in zip(*streams):
+                yield dict(zip(layers, blocks))
+            return
+        if ctx.data is None and ctx.inputs is None:
+            raise PyengineError(f"relu-sync: the store lacks layers {list(layers)} and no data was given")
+        outputs: dict[str, torch.Tensor] = {}
+        batches = ((b.inputs for b in ctx.data.batches(options.batch_size, 0, min(len(ctx.data), limit or len(ctx.data))))
+                   if ctx.data is not None else iter(ctx.require_inputs(self.name).split(options.batch_size)))
+        with ctx.hooks() as scope, torch.no_grad():
+            for layer in layers:
+                scope.forward(ctx.module(layer), lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
+            for inputs in batches:
+                ctx.model(inputs.to(ctx.device))
+                yield {layer: outputs[layer] for layer in layers}
+
+    def run(self, ctx: Context, options: ReluSyncOptions) -> ReluSyncResult:
+        layers = options.layers
+        if not layers:
+            stored = ctx.store.layers if ctx.store is not None else []
+            layers = tuple(stored) or tuple(n for n, m in ctx.layers.items() if isinstance(m, nn.ReLU))
+        if not layers:
+            raise PyengineError("relu-sync: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        packers = {layer: FiringPacker(options.fires_above) for layer in layers}
+        for block in self._blocks(ctx, layers, options):
+            for layer, activation in block.items():
+                packers[layer].add(as_rows(activation, options.conv_units))
+        fields: dict[str, dict[str, Any]] = {k: {} for k in (
+            "agreement", "firing_rate", "group", "groups", "dead", "always_on", "samples")}
+        figures = []
+        for layer, packer in packers.items():
+            bits = packer.finish()
+            rows = packer.rows
+            # One extra all-zero unit: its disagreement with unit i is how often i fires.
+            padded = torch.cat([bits, torch.zeros_like(bits[:1])])
+            disagreements = ops.firing_disagreements(padded).cpu()
+            fires = disagreements[-1, :-1]
+            disagreements = disagreements[:-1, :-1]
+            live = (fires > 0) & (fires < rows)
+            group = synchronized_groups(disagreements, rows, options.threshold, live)
+            agreement = (1 - disagreements.double() / rows).float()
+            fields["agreement"][layer] = agreement
+            fields["firing_rate"][layer] = (fires.double() / rows).float()
+            fields["group"][layer] = group
+            fields["groups"][layer] = int(group.max()) + 1
+            fields["dead"][layer] = int((fires == 0).sum())
+            fields["always_on"][layer] = int((fires == rows).sum())
+            fields["samples"][layer] = rows
+            figures.append(Figure(f"{layer}: pairwise firing agreement (white = identical)", image=agreement))
+        return ReluSyncResult(**fields, figures=tuple(figures))
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(ReluSync)
