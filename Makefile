@@ -44,6 +44,7 @@ demo: build
 bench: build
 	$(PY) -P benchmarks/gram.py
 	$(PY) -P benchmarks/probing.py
+	$(PY) -P benchmarks/degeneracy.py
 
 clean:
 	rm -rf build demo-out .pytest_cache
