@@ -21,6 +21,7 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.spectra",
     "pyengine.plugins.probing",
     "pyengine.plugins.synchrony",
+    "pyengine.plugins.llc",
 )
 
 pm = pluggy.PluginManager("pyengine")
