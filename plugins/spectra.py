@@ -7,7 +7,6 @@ streaming from the store or from a fresh pass over the data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,31 +98,6 @@ class GramSpectrum(Technique):
             return tuple(ctx.store.layers)
         return tuple(name for name, module in ctx.layers.items() if isinstance(module, nn.ReLU))
 
-    def _blocks(self, ctx: Context, layers: tuple[str, ...], options: GramSpectrumOptions) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield {layer: activations} blocks, from the store when it has every layer."""
-        limit = options.max_rows or None
-        if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
-            streams = [ctx.store.iter_layer(layer, rows=options.batch_size, device=ctx.device, stop=limit)
-                       for layer in layers]
-            for blocks in zip(*streams):
-                yield dict(zip(layers, blocks))
-            return
-        modules = {layer: ctx.module(layer) for layer in layers}
-        outputs: dict[str, torch.Tensor] = {}
-        if ctx.data is not None:
-            stop = min(len(ctx.data), limit or len(ctx.data))
-            inputs_iter = (batch.inputs for batch in ctx.data.batches(options.batch_size, 0, stop))
-        elif ctx.inputs is not None:
-            inputs_iter = iter(ctx.inputs.split(options.batch_size))
-        else:
-            raise PyengineError(f"gram-spectrum: the store lacks layers {list(layers)} and no data was given")
-        with ctx.hooks() as scope, torch.no_grad():
-            for layer, module in modules.items():
-                scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
-            for inputs in inputs_iter:
-                ctx.model(inputs.to(ctx.device))
-                yield {layer: outputs[layer] for layer in layers}
-
     def run(self, ctx: Context, options: GramSpectrumOptions) -> GramSpectrumResult:
         layers = options.layers or self._default_layers(ctx)
         if not layers:
@@ -133,7 +107,8 @@ class GramSpectrum(Technique):
         rows: dict[str, int] = {}
         total = len(ctx.store) if ctx.store is not None else (len(ctx.data) if ctx.data is not None else None)
         with ctx.progress(total, "gram-spectrum") as bar:
-            for block in self._blocks(ctx, layers, options):
+            for block in ctx.activations(layers, batch_size=options.batch_size, max_rows=options.max_rows,
+                                         technique=self.name):
                 for layer, activation in block.items():
                     x = as_rows(activation, options.conv_units)
                     if layer not in grams:

@@ -9,7 +9,6 @@ linked components are the synchronized groups. Dead and always-on units are set 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,26 +128,6 @@ class ReluSync(Technique):
     Options = ReluSyncOptions
     needs_data = True
 
-    def _blocks(self, ctx: Context, layers: tuple[str, ...], options: ReluSyncOptions) -> Iterator[dict[str, torch.Tensor]]:
-        limit = options.max_rows or None
-        if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
-            streams = [ctx.store.iter_layer(layer, rows=options.batch_size, device=ctx.device, stop=limit)
-                       for layer in layers]
-            for blocks in zip(*streams):
-                yield dict(zip(layers, blocks))
-            return
-        if ctx.data is None and ctx.inputs is None:
-            raise PyengineError(f"relu-sync: the store lacks layers {list(layers)} and no data was given")
-        outputs: dict[str, torch.Tensor] = {}
-        batches = ((b.inputs for b in ctx.data.batches(options.batch_size, 0, min(len(ctx.data), limit or len(ctx.data))))
-                   if ctx.data is not None else iter(ctx.require_inputs(self.name).split(options.batch_size)))
-        with ctx.hooks() as scope, torch.no_grad():
-            for layer in layers:
-                scope.forward(ctx.module(layer), lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
-            for inputs in batches:
-                ctx.model(inputs.to(ctx.device))
-                yield {layer: outputs[layer] for layer in layers}
-
     def run(self, ctx: Context, options: ReluSyncOptions) -> ReluSyncResult:
         layers = options.layers
         if not layers:
@@ -157,7 +136,8 @@ class ReluSync(Technique):
         if not layers:
             raise PyengineError("relu-sync: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
-        for block in self._blocks(ctx, layers, options):
+        for block in ctx.activations(layers, batch_size=options.batch_size, max_rows=options.max_rows,
+                                     technique=self.name):
             for layer, activation in block.items():
                 packers[layer].add(as_rows(activation, options.conv_units))
         fields: dict[str, dict[str, Any]] = {k: {} for k in (

@@ -103,6 +103,33 @@ class Context:
         with HookScope() as scope:
             yield scope
 
+    def activations(self, layers: tuple[str, ...], *, batch_size: int, max_rows: int = 0,
+                    technique: str = "") -> Iterator[dict[str, torch.Tensor]]:
+        """Blocks ``{layer: activations}`` of at most ``batch_size`` rows: streamed from the
+        store when it holds every layer, else from a fresh pass over the data (or inputs)."""
+        limit = max_rows or None
+        if self.store is not None and all(layer in self.store.layers for layer in layers):
+            streams = [self.store.iter_layer(layer, rows=batch_size, device=self.device, stop=limit) for layer in layers]
+            for blocks in zip(*streams):
+                yield dict(zip(layers, blocks))
+            return
+        modules = {layer: self.module(layer) for layer in layers}
+        if self.data is not None:
+            stop = min(len(self.data), limit or len(self.data))
+            batches: Iterator[torch.Tensor] = (batch.inputs for batch in self.data.batches(batch_size, 0, stop))
+        elif self.inputs is not None:
+            batches = iter(self.inputs[:limit].split(batch_size))
+        else:
+            raise PyengineError(f"{technique or 'this technique'}: no data: pass data=<dataset>, inputs, "
+                                f"or a store holding {list(layers)}")
+        outputs: dict[str, torch.Tensor] = {}
+        with self.hooks() as scope, torch.no_grad():
+            for layer, module in modules.items():
+                scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
+            for inputs in batches:
+                self.model(inputs.to(self.device))
+                yield {layer: outputs[layer] for layer in layers}
+
     def progress(self, total: int | None, desc: str) -> Progress:
         return Progress(total, desc, enabled=self.show_progress)
 
