@@ -22,6 +22,7 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.probing",
     "pyengine.plugins.synchrony",
     "pyengine.plugins.llc",
+    "pyengine.plugins.jacobians",
 )
 
 pm = pluggy.PluginManager("pyengine")

@@ -1,0 +1,149 @@
+"""``jacobian-gram``: E[JᵀJ] for J = ∂(target)/∂(layer), its spectrum and effective rank.
+
+Directions of a layer that never move the target (the next layer or the output) are
+degenerate: they are the near-zero eigenvalues of the Jacobian Gram. Rows of J come from
+batched vector-Jacobian products: one per output coordinate (exact), or from random ±1
+sources when the target is wide (E[ssᵀ] = I, so E[(Jᵀs)(Jᵀs)ᵀ] = JᵀJ). The rows are
+accumulated in float64 by ``pyengine.ops.gram_accumulate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyengine import ops
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Options, Result, Technique, bad_option
+
+from pyengine.plugins.spectra import MAX_UNITS, as_rows, effective_ranks
+
+
+@dataclass(frozen=True)
+class JacobianGramOptions(Options):
+    layers: tuple[str, ...] = ()  # default: every ReLU module
+    target: str = ""  # module path whose output J differentiates; "" = the model output
+    sources: str = "auto"  # "exact" (one VJP per target coordinate), "random" (±1), or "auto"
+    random_sources: int = 64  # VJPs per input with random sources ("auto" uses them above this width)
+    conv_units: str = "channels"  # conv layers: channels (positions summed) or "flatten"
+    thresholds: tuple[float, ...] = (1e-3, 1e-6)
+    variance: tuple[float, ...] = (0.9, 0.99)
+    batch_size: int = 64
+    max_rows: int = 0
+
+    def validate(self) -> None:
+        self._set("layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers))
+        self._set("thresholds", tuple(float(t) for t in self.thresholds))
+        self._set("variance", tuple(float(v) for v in self.variance))
+        if self.sources not in ("auto", "exact", "random"):
+            raise bad_option("sources", self.sources, "'auto', 'exact' or 'random'")
+        if self.conv_units not in ("channels", "flatten"):
+            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        if not all(0 < t < 1 for t in self.thresholds):
+            raise bad_option("thresholds", self.thresholds, "relative cut-offs in (0, 1)")
+        if not all(0 < v <= 1 for v in self.variance):
+            raise bad_option("variance", self.variance, "explained-variance fractions in (0, 1]")
+        self.require_int("random_sources", "batch_size")
+        self.require_int("max_rows", minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JacobianGramResult(Result):
+    gram: dict[str, torch.Tensor]  # E[JᵀJ] per layer (units x units), float64
+    eigenvalues: dict[str, torch.Tensor]  # descending
+    rank: dict[str, int]  # "<layer> rel<t" and "<layer> var<v>"
+    units: dict[str, int]
+    sources: str
+
+    def lines(self) -> list[str]:
+        out = []
+        for layer, width in self.units.items():
+            ranks = ", ".join(f"rank {value} at {key.split(' rel<')[1]}"
+                              for key, value in self.rank.items() if key.startswith(f"{layer} rel<"))
+            out.append(f"layer {layer}: {width} units, Jacobian Gram {ranks} ({self.sources} sources)")
+        return out
+
+    def summary(self) -> str:
+        return "; ".join(self.lines())
+
+
+class JacobianGram(Technique):
+    name = "jacobian-gram"
+    summary = "E[JᵀJ] of each layer towards the output (or a target layer): directions that never matter"
+    Options = JacobianGramOptions
+    needs_data = True
+    uses_gradients = True
+
+    def run(self, ctx: Context, options: JacobianGramOptions) -> JacobianGramResult:
+        layers = options.layers or tuple(n for n, m in ctx.layers.items() if isinstance(m, nn.ReLU))
+        if not layers:
+            raise PyengineError("jacobian-gram: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        modules = {layer: ctx.module(layer) for layer in layers}
+        target_module = ctx.module(options.target) if options.target else None
+        if ctx.data is not None:
+            stop = min(len(ctx.data), options.max_rows or len(ctx.data))
+            batches = [b.inputs for b in ctx.data.batches(options.batch_size, 0, stop)]
+        else:
+            batches = list(ctx.require_inputs(self.name)[: options.max_rows or None].split(options.batch_size))
+        grams: dict[str, torch.Tensor] = {}
+        count = 0
+        chosen = options.sources
+        generator = torch.Generator().manual_seed(ctx.seed)
+        with ctx.hooks() as scope, ctx.progress(len(batches), self.name) as bar:
+            leaves: dict[str, torch.Tensor] = {}
+            captured: dict[str, torch.Tensor] = {}
+            for layer, module in modules.items():
+                scope.forward(module, lambda m, a, out, layer=layer: leaves.__setitem__(layer, out))
+            if target_module is not None:
+                scope.forward(target_module, lambda m, a, out: captured.__setitem__("target", out))
+            for inputs in batches:
+                with torch.enable_grad():
+                    # A differentiable input keeps every layer's output in the graph, even
+                    # for frozen models; J is taken w.r.t. those outputs.
+                    output = ctx.model(inputs.to(ctx.device).requires_grad_(True))
+                    y = (captured["target"] if target_module is not None else output).flatten(1)
+                    width = y.shape[1]
+                    if chosen == "auto":
+                        chosen = "random" if width > options.random_sources else "exact"
+                    vectors = (torch.eye(width, device=y.device).unsqueeze(1).expand(width, y.shape[0], width)
+                               if chosen == "exact" else
+                               (torch.randint(0, 2, (options.random_sources, *y.shape), generator=generator) * 2 - 1)
+                               .to(y.device, y.dtype))
+                    scale = 1.0 if chosen == "exact" else 1.0 / options.random_sources ** 0.5
+                    for vector in vectors:
+                        rows = torch.autograd.grad(y, [leaves[layer] for layer in layers], grad_outputs=vector,
+                                                   retain_graph=True, allow_unused=True)
+                        for layer, row in zip(layers, rows):
+                            if row is None:
+                                raise PyengineError(f"jacobian-gram: the target does not depend on layer {layer!r}")
+                            x = as_rows(row.detach() * scale, options.conv_units)
+                            if layer not in grams:
+                                if x.shape[1] > MAX_UNITS:
+                                    raise PyengineError(f"jacobian-gram: layer {layer!r} has {x.shape[1]} units "
+                                                        f"(> {MAX_UNITS}); use conv_units='channels'")
+                                grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                            ops.gram_accumulate(grams[layer], x)
+                count += inputs.shape[0]
+                bar.update()
+        eigenvalues, ranks, means = {}, {}, {}
+        for layer in layers:
+            means[layer] = (grams[layer] / count).cpu()
+            values, _ = ops.gram_eigh(grams[layer], n=count)
+            eigenvalues[layer] = values.cpu()
+            ranks.update(effective_ranks(eigenvalues[layer], layer, options.thresholds, options.variance))
+        curves = {layer: (v.clamp(min=1e-300) / v.clamp(min=1e-300)[0]).tolist() for layer, v in eigenvalues.items()}
+        figure = Figure("Jacobian Gram eigenspectrum (relative to the largest)", lines=curves, log_y=True,
+                        xlabel="eigenvalue index", ylabel="λ / λ_max")
+        return JacobianGramResult(gram=means, eigenvalues=eigenvalues, rank=ranks,
+                                  units={k: int(v.shape[0]) for k, v in means.items()}, sources=chosen,
+                                  figures=(figure,))
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(JacobianGram)
