@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.synchrony",
     "pyengine.plugins.llc",
     "pyengine.plugins.jacobians",
+    "pyengine.plugins.interaction",
 )
 
 pm = pluggy.PluginManager("pyengine")

@@ -11,7 +11,8 @@ from conftest import run_cli
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")})
+    result = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")},
+                     timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"held-out accuracy ([0-9.]+)% on 1000 shapes images \(trained in ([0-9.]+) s\)", result.stdout)
     assert match, result.stdout
