@@ -12,6 +12,7 @@ E_ij = E[(∂f̂_next,j / ∂f̂_i · f̂_i)²], with f̂ = C f.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +53,29 @@ class InteractionBasisResult(Result):
     top1_share: dict[str, float]  # fraction of total edge weight in the top 1% of edges
     top10_share: dict[str, float]
     output_change: dict[str, float]  # max |Δ output| when f ↦ C⁺ C f at that layer
+    seconds: dict[str, float]  # time in "gram" (forward + accumulation), "jacobian" (VJPs), "eigh"
+    top_edges: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         out = [f"layer {layer}: basis {self.basis_size[layer]} of {self.width[layer]} units; output change "
                f"through the basis {self.output_change[layer]:.2e}" for layer in self.basis_size]
         out += [f"edges {key}: top 1% hold {self.top1_share[key]:.1%}, top 10% hold {self.top10_share[key]:.1%} "
                 f"of the interaction strength" for key in self.edges]
-        return out
+        return out + list(self.top_edges)
 
     def summary(self) -> str:
         return "; ".join(self.lines())
+
+
+def layer_pair(key: str) -> tuple[str, str]:
+    first, second = key.split("->")
+    return first, second
+
+
+def _largest(weights: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    """(row, column) of the largest entries, largest first."""
+    order = weights.flatten().argsort(descending=True)[:count]
+    return [(int(k) // weights.shape[1], int(k) % weights.shape[1]) for k in order]
 
 
 def _top_share(weights: torch.Tensor, fraction: float) -> float:
@@ -115,6 +129,7 @@ class InteractionBasis(Technique):
         if not layers:
             raise PyengineError("interaction-basis: no layers with at most 4096 units; pass layers=[...]")
         count = sum(b.shape[0] for b in batches)
+        seconds = {"gram": 0.0, "jacobian": 0.0, "eigh": 0.0}
         basis: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
         chain = list(layers) + ["<output>"]
@@ -123,6 +138,7 @@ class InteractionBasis(Technique):
                 layer, following = chain[position], chain[position + 1]
                 activation_gram = jacobian_gram = None
                 for inputs in batches:
+                    started = time.perf_counter()
                     with torch.enable_grad():
                         seen, output = self._forward(ctx, layers, inputs.clone())
                         f = seen[layer].flatten(1)
@@ -134,26 +150,38 @@ class InteractionBasis(Technique):
                             activation_gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
                             jacobian_gram = torch.zeros_like(activation_gram)
                         ops.gram_accumulate(activation_gram, f.detach())
+                        seconds["gram"] += time.perf_counter() - started
+                        started = time.perf_counter()
                         rows = basis[following] if following in basis else torch.eye(target.shape[1], device=f.device)
                         for row in rows.to(target.dtype):
                             (grad,) = torch.autograd.grad(target, seen[layer], grad_outputs=row.expand_as(target),
                                                           retain_graph=True)
                             ops.gram_accumulate(jacobian_gram, grad.detach().flatten(1))
+                        seconds["jacobian"] += time.perf_counter() - started
                     bar.update()
+                started = time.perf_counter()
                 basis[layer], inverse[layer] = self._basis(activation_gram / count, jacobian_gram / count,
                                                            options.threshold)
+                seconds["eigh"] += time.perf_counter() - started
         edges = self._edges(ctx, layers, batches, basis, inverse, count)
         change = {layer: self._output_change(ctx, layers, batches, layer, inverse[layer] @ basis[layer])
                   for layer in layers}
-        figures = tuple(Figure(f"Interaction strengths {key} (basis directions)", image=(w / w.max()).sqrt().float())
-                        for key, w in edges.items() if float(w.max()) > 0)
+        sizes = Figure("Basis size vs layer width", x=list(range(len(layers))), xlabel="layer: " + ", ".join(layers),
+                       ylabel="directions", lines={"layer width": [float(basis[k].shape[1]) for k in layers],
+                                                   "basis size": [float(basis[k].shape[0]) for k in layers]})
+        figures = (sizes, *(Figure(f"Interaction strengths {key} (√ of the share of the largest edge)",
+                                   image=(w / w.max()).sqrt().float()) for key, w in edges.items() if float(w.max()) > 0))
+        top_edges = tuple(
+            f"strongest edges {key}: " + ", ".join(f"{layer_pair(key)[0]}#{i} → {layer_pair(key)[1]}#{j} "
+                                                  f"({float(w[j, i]):.3g})" for j, i in _largest(w, 5))
+            for key, w in edges.items())
         return InteractionBasisResult(
             basis={k: v.cpu() for k, v in basis.items()}, inverse={k: v.cpu() for k, v in inverse.items()},
             edges=edges, basis_size={k: int(v.shape[0]) for k, v in basis.items()},
             width={k: int(v.shape[1]) for k, v in basis.items()},
             top1_share={k: _top_share(w, 0.01) for k, w in edges.items()},
             top10_share={k: _top_share(w, 0.10) for k, w in edges.items()},
-            output_change=change, figures=figures)
+            output_change=change, seconds=seconds, top_edges=top_edges, figures=figures)
 
     @staticmethod
     def _basis(activation_gram: torch.Tensor, jacobian_gram: torch.Tensor,
