@@ -91,12 +91,6 @@ class InteractionBasis(Technique):
     needs_data = True
     uses_gradients = True
 
-    def _batches(self, ctx: Context, options: InteractionBasisOptions) -> list[torch.Tensor]:
-        if ctx.data is not None:
-            stop = min(len(ctx.data), options.max_rows or len(ctx.data))
-            return [b.inputs.to(ctx.device) for b in ctx.data.batches(options.batch_size, 0, stop)]
-        return list(ctx.require_inputs(self.name)[: options.max_rows or None].split(options.batch_size))
-
     def _forward(self, ctx: Context, layers: tuple[str, ...], inputs: torch.Tensor,
                  replace: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Outputs of the chain layers (in the graph) and of the model; ``replace`` maps a
@@ -124,7 +118,7 @@ class InteractionBasis(Technique):
         return tuple(name for name in relus if seen[name][0].numel() <= MAX_UNITS)
 
     def run(self, ctx: Context, options: InteractionBasisOptions) -> InteractionBasisResult:
-        batches = self._batches(ctx, options)
+        batches = list(ctx.input_batches(options.batch_size, max_rows=options.max_rows, technique=self.name))
         layers = options.layers or self._default_layers(ctx, batches[0])
         if not layers:
             raise PyengineError("interaction-basis: no layers with at most 4096 units; pass layers=[...]")

@@ -21,7 +21,7 @@ from pyengine.errors import PyengineError
 from pyengine.hookspecs import hookimpl
 from pyengine.technique import Figure, Options, Result, Technique, bad_option
 
-from pyengine.plugins.spectra import MAX_UNITS, as_rows, effective_ranks
+from pyengine.plugins.spectra import MAX_UNITS, as_rows, effective_ranks, rank_text
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,8 @@ class JacobianGramResult(Result):
     sources: str
 
     def lines(self) -> list[str]:
-        out = []
-        for layer, width in self.units.items():
-            ranks = ", ".join(f"rank {value} at {key.split(' rel<')[1]}"
-                              for key, value in self.rank.items() if key.startswith(f"{layer} rel<"))
-            out.append(f"layer {layer}: {width} units, Jacobian Gram {ranks} ({self.sources} sources)")
-        return out
+        return [f"layer {layer}: {width} units, Jacobian Gram {rank_text(self.rank, layer)} ({self.sources} sources)"
+                for layer, width in self.units.items()]
 
     def summary(self) -> str:
         return "; ".join(self.lines())
@@ -85,11 +81,7 @@ class JacobianGram(Technique):
             raise PyengineError("jacobian-gram: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
         modules = {layer: ctx.module(layer) for layer in layers}
         target_module = ctx.module(options.target) if options.target else None
-        if ctx.data is not None:
-            stop = min(len(ctx.data), options.max_rows or len(ctx.data))
-            batches = [b.inputs for b in ctx.data.batches(options.batch_size, 0, stop)]
-        else:
-            batches = list(ctx.require_inputs(self.name)[: options.max_rows or None].split(options.batch_size))
+        batches = list(ctx.input_batches(options.batch_size, max_rows=options.max_rows, technique=self.name))
         grams: dict[str, torch.Tensor] = {}
         count = 0
         chosen = options.sources
@@ -105,7 +97,7 @@ class JacobianGram(Technique):
                 with torch.enable_grad():
                     # A differentiable input keeps every layer's output in the graph, even
                     # for frozen models; J is taken w.r.t. those outputs.
-                    output = ctx.model(inputs.to(ctx.device).requires_grad_(True))
+                    output = ctx.model(inputs.clone().requires_grad_(True))
                     y = (captured["target"] if target_module is not None else output).flatten(1)
                     width = y.shape[1]
                     if chosen == "auto":

@@ -60,12 +60,13 @@ class GramSpectrumResult(Result):
 
     def lines(self) -> list[str]:
         """The redundancy report, e.g. ``layer X: 512 units, rank 37 at 1e-06``."""
-        out = []
-        for layer, width in self.units.items():
-            ranks = ", ".join(f"rank {value} at {key.split(' rel<')[1]}"
-                              for key, value in self.rank.items() if key.startswith(f"{layer} rel<"))
-            out.append(f"layer {layer}: {width} units, {ranks}")
-        return out
+        return [f"layer {layer}: {width} units, {rank_text(self.rank, layer)}" for layer, width in self.units.items()]
+
+
+def rank_text(rank: dict[str, int], layer: str) -> str:
+    """``rank 37 at 0.001, rank 40 at 1e-06`` for one layer's relative cut-offs."""
+    return ", ".join(f"rank {value} at {key.split(' rel<')[1]}" for key, value in rank.items()
+                     if key.startswith(f"{layer} rel<"))
 
 
 def as_rows(activation: torch.Tensor, conv_units: str) -> torch.Tensor:

@@ -103,6 +103,16 @@ class Context:
         with HookScope() as scope:
             yield scope
 
+    def input_batches(self, batch_size: int, *, max_rows: int = 0, technique: str = "") -> Iterator[torch.Tensor]:
+        """Input batches on the device: from the data, else from ``inputs``."""
+        limit = max_rows or None
+        if self.data is not None:
+            stop = min(len(self.data), limit or len(self.data))
+            return (batch.inputs.to(self.device) for batch in self.data.batches(batch_size, 0, stop))
+        if self.inputs is not None:
+            return iter(self.inputs[:limit].to(self.device).split(batch_size))
+        raise PyengineError(f"{technique or 'this technique'} needs data: pass data=<dataset> or inputs")
+
     def activations(self, layers: tuple[str, ...], *, batch_size: int, max_rows: int = 0,
                     technique: str = "") -> Iterator[dict[str, torch.Tensor]]:
         """Blocks ``{layer: activations}`` of at most ``batch_size`` rows: streamed from the
@@ -114,20 +124,13 @@ class Context:
                 yield dict(zip(layers, blocks))
             return
         modules = {layer: self.module(layer) for layer in layers}
-        if self.data is not None:
-            stop = min(len(self.data), limit or len(self.data))
-            batches: Iterator[torch.Tensor] = (batch.inputs for batch in self.data.batches(batch_size, 0, stop))
-        elif self.inputs is not None:
-            batches = iter(self.inputs[:limit].split(batch_size))
-        else:
-            raise PyengineError(f"{technique or 'this technique'}: no data: pass data=<dataset>, inputs, "
-                                f"or a store holding {list(layers)}")
+        batches = self.input_batches(batch_size, max_rows=max_rows, technique=technique)
         outputs: dict[str, torch.Tensor] = {}
         with self.hooks() as scope, torch.no_grad():
             for layer, module in modules.items():
                 scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
             for inputs in batches:
-                self.model(inputs.to(self.device))
+                self.model(inputs)
                 yield {layer: outputs[layer] for layer in layers}
 
     def progress(self, total: int | None, desc: str) -> Progress:

@@ -68,9 +68,7 @@ def demo(out: str | Path = "demo-out", *, config: TrainConfig = TrainConfig(), n
             continue
         seconds = time.perf_counter() - started
         _say(f"{name}: {result.summary()} ({seconds:.1f} s)")
-        lines = getattr(result, "lines", None)
-        sections.append(Section(name, lines=lines() if callable(lines) else [result.summary()],
-                                figures=list(result.figures)))
+        sections.append(Section(name, lines=result.lines(), figures=list(result.figures)))
     with StoreReader(results_path) as reader:
         stored = [f"{t}/{r}" for t, r in reader.results()]
     sections.append(Section("Files", lines=[f"{activations.name}: activations of {len(held_out)} held-out images",

@@ -133,6 +133,10 @@ class Result:
                 out.update({f"{f.name}/{key}": v for key, v in value.items()})
         return out
 
+    def lines(self) -> list[str]:
+        """The report's lines for this result (default: the summary)."""
+        return [self.summary()]
+
     def summary(self) -> str:
         """One human line; techniques override with what matters most."""
         parts = []
