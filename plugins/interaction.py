@@ -112,7 +112,7 @@ class InteractionBasis(Technique):
         return seen, output.flatten(1)
 
     def _default_layers(self, ctx: Context, probe: torch.Tensor) -> tuple[str, ...]:
-        relus = tuple(name for name, module in ctx.layers.items() if isinstance(module, nn.ReLU))
+        relus = ctx.relu_layers()
         with torch.no_grad():
             seen, _ = self._forward(ctx, relus, probe[:1].clone())
         return tuple(name for name in relus if seen[name][0].numel() <= MAX_UNITS)

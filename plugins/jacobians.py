@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from pyengine import ops
 from pyengine.context import Context
@@ -76,9 +75,7 @@ class JacobianGram(Technique):
     uses_gradients = True
 
     def run(self, ctx: Context, options: JacobianGramOptions) -> JacobianGramResult:
-        layers = options.layers or tuple(n for n, m in ctx.layers.items() if isinstance(m, nn.ReLU))
-        if not layers:
-            raise PyengineError("jacobian-gram: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        layers = options.layers or ctx.default_layers(self.name, from_store=False)
         modules = {layer: ctx.module(layer) for layer in layers}
         target_module = ctx.module(options.target) if options.target else None
         batches = list(ctx.input_batches(options.batch_size, max_rows=options.max_rows, technique=self.name))

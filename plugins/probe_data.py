@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from pyengine.errors import PyengineError
 from pyengine.technique import Options, bad_option
@@ -73,12 +72,6 @@ def reduce_units(activation: torch.Tensor, how: str) -> torch.Tensor:
         return activation.reshape(activation.shape[0], -1)
     flat = activation.flatten(2)
     return flat.amax(2) if how == "max" else flat.mean(2)
-
-
-def _default_layers(ctx: Context) -> tuple[str, ...]:
-    if ctx.store is not None and ctx.store.layers:
-        return tuple(ctx.store.layers)
-    return tuple(name for name, module in ctx.layers.items() if isinstance(module, nn.ReLU))
 
 
 def _from_store(store: StoreReader, device: torch.device, layers: tuple[str, ...], options: ProbeOptions,
@@ -147,9 +140,7 @@ def _binary_targets(concepts: Mapping[str, tuple[torch.Tensor, list[str]]],
 
 def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
     """Features, concepts, one seeded split stratified on all concepts jointly, controls."""
-    layers = options.layers or _default_layers(ctx)
-    if not layers:
-        raise PyengineError("probing: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+    layers = options.layers or ctx.default_layers("probing")
     stop = options.max_rows or None
     if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
         features, concepts, class_labels = _from_store(ctx.store, ctx.device, layers, options, stop)

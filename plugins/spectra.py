@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from pyengine import ops
 from pyengine.context import Context
@@ -94,15 +93,8 @@ class GramSpectrum(Technique):
     Options = GramSpectrumOptions
     needs_data = True
 
-    def _default_layers(self, ctx: Context) -> tuple[str, ...]:
-        if ctx.store is not None and ctx.store.layers:
-            return tuple(ctx.store.layers)
-        return tuple(name for name, module in ctx.layers.items() if isinstance(module, nn.ReLU))
-
     def run(self, ctx: Context, options: GramSpectrumOptions) -> GramSpectrumResult:
-        layers = options.layers or self._default_layers(ctx)
-        if not layers:
-            raise PyengineError("gram-spectrum: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        layers = options.layers or ctx.default_layers(self.name)
         grams: dict[str, torch.Tensor] = {}
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}

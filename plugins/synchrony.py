@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from pyengine import ops
 from pyengine.context import Context
@@ -129,12 +128,7 @@ class ReluSync(Technique):
     needs_data = True
 
     def run(self, ctx: Context, options: ReluSyncOptions) -> ReluSyncResult:
-        layers = options.layers
-        if not layers:
-            stored = ctx.store.layers if ctx.store is not None else []
-            layers = tuple(stored) or tuple(n for n, m in ctx.layers.items() if isinstance(m, nn.ReLU))
-        if not layers:
-            raise PyengineError("relu-sync: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        layers = options.layers or ctx.default_layers(self.name)
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
         for block in ctx.activations(layers, batch_size=options.batch_size, max_rows=options.max_rows,
                                      technique=self.name):

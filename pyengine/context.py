@@ -94,6 +94,18 @@ class Context:
         """Module path -> module, for every submodule of the model."""
         return {name: module for name, module in self.model.named_modules() if name}
 
+    def relu_layers(self) -> tuple[str, ...]:
+        """Module paths of every ``nn.ReLU`` in the model."""
+        return tuple(name for name, module in self.layers.items() if isinstance(module, nn.ReLU))
+
+    def default_layers(self, technique: str, *, from_store: bool = True) -> tuple[str, ...]:
+        """The stored layers (when ``from_store``), else every ReLU module; an error if none."""
+        stored = tuple(self.store.layers) if from_store and self.store is not None else ()
+        layers = stored or self.relu_layers()
+        if not layers:
+            raise PyengineError(f"{technique}: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+        return layers
+
     def module(self, name: str) -> nn.Module:
         return resolve_module(self.model, name)
 
