@@ -58,6 +58,38 @@ def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
     return torch.ops.pyengine.firing_disagreements(bits)
 
 
+def occlusion_batch(inputs: torch.Tensor, baseline: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...],
+                    first: int, count: int) -> torch.Tensor:
+    """Occluded copies of inputs (B, *S) for windows ``first .. first + count - 1``: (count * B, *S),
+    window-major. Inside a window the elements come from ``baseline`` ((*S) or (B, *S)).
+
+    Windows start at multiples of ``stride`` and are numbered row-major over the grid of
+    ``ceil((S - window) / stride) + 1`` positions per dimension (Captum's Occlusion grid).
+    """
+    return torch.ops.pyengine.occlusion_batch(inputs, baseline, list(window), list(stride), first, count)
+
+
+def occlusion_accumulate(sums: torch.Tensor, drops: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...],
+                         first: int) -> None:
+    """In place: ``sums[b, t] += drops[p, b, t]`` over the elements of window ``first + p``.
+
+    sums: contiguous float64 (B, T, *S); drops: (count, B, T) output drops of the windows.
+    """
+    torch.ops.pyengine.occlusion_accumulate(sums, drops, list(window), list(stride), first)
+
+
+@torch.library.register_fake("pyengine::occlusion_batch")
+def _occlusion_batch_fake(inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int],
+                          first: int, count: int) -> torch.Tensor:
+    return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
+
+
+@torch.library.register_fake("pyengine::occlusion_accumulate")
+def _occlusion_accumulate_fake(sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int],
+                               first: int) -> None:
+    return None
+
+
 @torch.library.register_fake("pyengine::pack_firing")
 def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)

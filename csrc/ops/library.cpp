@@ -7,4 +7,6 @@ TORCH_LIBRARY(pyengine, m) {
   m.def("pack_firing(Tensor h, float threshold=0.0) -> Tensor");
   m.def("firing_disagreements(Tensor bits) -> Tensor");
   m.def("binned_statistics(Tensor h, Tensor labels, Tensor low, Tensor high, int bins) -> (Tensor, Tensor)");
+  m.def("occlusion_batch(Tensor inputs, Tensor baseline, int[] window, int[] stride, int first, int count) -> Tensor");
+  m.def("occlusion_accumulate(Tensor(a!) sums, Tensor drops, int[] window, int[] stride, int first) -> ()");
 }

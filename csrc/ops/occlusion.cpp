@@ -1,0 +1,106 @@
+// occlusion_batch and occlusion_accumulate: shared checks and the CPU kernels.
+#include "occlusion.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "check.h"
+
+namespace pyengine::ops {
+namespace {
+
+std::string list_string(at::IntArrayRef values) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
+  out << (values.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// The grid of windows over `shape` (an input without its batch dimension), checked.
+core::OcclusionGrid checked_grid(const char* op, at::IntArrayRef shape, at::IntArrayRef window,
+                                 at::IntArrayRef stride, int64_t first, int64_t count) {
+  const auto dims = static_cast<int64_t>(shape.size());
+  TORCH_CHECK(dims >= 1 && dims <= core::kMaxOcclusionDims, op, ": inputs must have 1 to ",
+              core::kMaxOcclusionDims, " dimensions after the batch dimension, got ", dims);
+  TORCH_CHECK(static_cast<int64_t>(window.size()) == dims && static_cast<int64_t>(stride.size()) == dims, op,
+              ": window ", list_string(window), " and stride ", list_string(stride), " must have one entry per input dimension ",
+              list_string(shape));
+  for (int64_t d = 0; d < dims; ++d) {
+    TORCH_CHECK(window[d] >= 1 && window[d] <= shape[d], op, ": window ", list_string(window),
+                " must fit the input ", list_string(shape), " (1 <= window <= size in every dimension)");
+    TORCH_CHECK(stride[d] >= 1, op, ": stride ", list_string(stride), " must be positive in every dimension");
+    TORCH_CHECK(window[d] == shape[d] || stride[d] <= window[d], op, ": stride ", list_string(stride),
+                " is larger than window ", list_string(window),
+                " in a dimension the window does not cover, so some inputs would never be occluded");
+  }
+  const core::OcclusionGrid grid = core::make_occlusion_grid(dims, shape.data(), window.data(), stride.data());
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= grid.windows(), op, ": windows [", first, ", ",
+              first + count, ") are out of range; this sweep has ", grid.windows(), " windows");
+  return grid;
+}
+
+}  // namespace
+
+std::tuple<core::OcclusionGrid, at::Tensor, at::Tensor, bool, at::Tensor> prepare_occlusion_batch(
+    const at::Tensor& inputs, const at::Tensor& baseline, at::IntArrayRef window, at::IntArrayRef stride,
+    int64_t first, int64_t count) {
+  constexpr const char* op = "pyengine.occlusion_batch";
+  TORCH_CHECK(inputs.defined() && inputs.dim() >= 2, op, ": inputs must be (batch, ...) with at least 2 dimensions");
+  const at::IntArrayRef shape = inputs.sizes().slice(1);
+  const core::OcclusionGrid grid = checked_grid(op, shape, window, stride, first, count);
+  TORCH_CHECK(baseline.defined() && baseline.scalar_type() == inputs.scalar_type() &&
+                  baseline.device() == inputs.device(),
+              op, ": baseline must be a ", inputs.scalar_type(), " tensor on ", inputs.device(), ", like inputs");
+  const bool shared = baseline.sizes() == shape;
+  const bool per_input = baseline.dim() == inputs.dim() && baseline.sizes() == inputs.sizes();
+  TORCH_CHECK(shared || per_input, op, ": baseline has shape ", shape_string(baseline), "; expected ",
+              list_string(shape), " (one for all inputs) or ", shape_string(inputs), " (one per input)");
+  std::vector<int64_t> out_shape{count * inputs.size(0)};
+  out_shape.insert(out_shape.end(), shape.begin(), shape.end());
+  return {grid, inputs.contiguous(), baseline.contiguous(), per_input, at::empty(out_shape, inputs.options())};
+}
+
+std::tuple<core::OcclusionGrid, at::Tensor> prepare_occlusion_accumulate(const at::Tensor& sums,
+                                                                         const at::Tensor& drops,
+                                                                         at::IntArrayRef window,
+                                                                         at::IntArrayRef stride, int64_t first) {
+  constexpr const char* op = "pyengine.occlusion_accumulate";
+  TORCH_CHECK(sums.defined() && sums.dim() >= 3, op, ": sums must be (batch, targets, ...) with at least 3 dimensions");
+  check_tensor(op, sums, {"sums", sums.dim(), {at::kDouble}, true});
+  check_tensor(op, drops, {"drops", 3, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}}, &sums, "sums");
+  TORCH_CHECK(drops.size(1) == sums.size(0) && drops.size(2) == sums.size(1), op, ": drops has shape ",
+              shape_string(drops), " but sums has shape ", shape_string(sums), "; expected drops (windows, ",
+              sums.size(0), ", ", sums.size(1), ")");
+  const core::OcclusionGrid grid = checked_grid(op, sums.sizes().slice(2), window, stride, first, drops.size(0));
+  return {grid, drops.to(at::kDouble).contiguous()};
+}
+
+namespace {
+
+at::Tensor occlusion_batch_cpu(const at::Tensor& inputs, const at::Tensor& baseline, at::IntArrayRef window,
+                               at::IntArrayRef stride, int64_t first, int64_t count) {
+  auto [grid, source, fill, per_input, out] = prepare_occlusion_batch(inputs, baseline, window, stride, first, count);
+  core::occlusion_fill(grid, source.data_ptr(), fill.data_ptr(), per_input, source.size(0), source.element_size(),
+                       first, count, out.data_ptr(), at::get_num_threads());
+  return out;
+}
+
+void occlusion_accumulate_cpu(const at::Tensor& sums, const at::Tensor& drops, at::IntArrayRef window,
+                              at::IntArrayRef stride, int64_t first) {
+  auto [grid, drops64] = prepare_occlusion_accumulate(sums, drops, window, stride, first);
+  core::occlusion_accumulate(grid, drops64.data_ptr<double>(), sums.size(0), sums.size(1), first, drops64.size(0),
+                             sums.data_ptr<double>(), at::get_num_threads());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("occlusion_batch", &occlusion_batch_cpu);
+  m.impl("occlusion_accumulate", &occlusion_accumulate_cpu);
+}
+
+}  // namespace pyengine::ops
