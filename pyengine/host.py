@@ -24,6 +24,8 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.llc",
     "pyengine.plugins.jacobians",
     "pyengine.plugins.interaction",
+    "pyengine.plugins.occlusion",
+    "pyengine.plugins.gradients",
 )
 
 pm = pluggy.PluginManager("pyengine")
