@@ -90,7 +90,8 @@ def resolve_targets(spec: int | str | torch.Tensor, model: nn.Module, inputs: to
         return output.reshape(b, -1).argmax(1, keepdim=True).cpu()
     if spec == "label":
         if labels is None or int(labels.min()) < 0:
-            raise PyengineError("target='label' needs a dataset with class labels; pass data=<dataset> or class indices")
+            raise PyengineError("target='label' needs labelled dataset rows: pass data=<dataset> without inputs "
+                                "(start/stop select the rows), or class indices")
         return labels.long().reshape(b, 1).cpu()
     table = torch.as_tensor(spec)
     table = table.reshape(-1, 1) if table.dim() == 1 else table

@@ -277,7 +277,7 @@ class IntegratedGradients(GradientTechnique):
 
 @dataclass(frozen=True)
 class GradCamOptions(AttributionOptions):
-    layer: str = ""  # a conv layer; default: the last nn.Conv1d/2d in the model
+    layer: str = ""  # a conv layer; default: the last nn.Conv1d/2d (after its ReLU, if one follows)
     relu: bool = True  # keep positive evidence only (Selvaraju et al.); Captum's default is False
     interpolate: str = "bilinear"  # upsampling to the input size: bilinear, nearest, bicubic
 
@@ -294,10 +294,14 @@ class GradCamResult(AttributionResult):
 
 
 def default_conv_layer(model: nn.Module) -> str:
-    convs = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d))]
+    """The last nn.Conv1d/2d — taken after its ReLU when an nn.ReLU module directly follows it."""
+    modules = list(model.named_modules())
+    convs = [k for k, (_, module) in enumerate(modules) if isinstance(module, (nn.Conv1d, nn.Conv2d))]
     if not convs:
         raise PyengineError("grad-cam: the model has no nn.Conv1d/nn.Conv2d layer; pass layer=<module path>")
-    return convs[-1]
+    last = convs[-1]
+    follows = modules[last + 1] if last + 1 < len(modules) else None
+    return follows[0] if follows is not None and isinstance(follows[1], nn.ReLU) else modules[last][0]
 
 
 def grad_cam(ctx: Context, layer: nn.Module, layer_name: str, x: torch.Tensor, t: torch.Tensor,

@@ -43,7 +43,7 @@ def _int_tuple(value: Any, name: str) -> tuple[int, ...] | None:
 class OcclusionOptions(AttributionOptions):
     window: Any = None  # per non-batch dim, e.g. (3, 8, 8); (8, 8) covers all channels; default 1/8 of H, W
     stride: Any = None  # int or per dim; default half the window
-    baseline: Any = 0.0  # BASELINE_FORMS
+    baseline: Any = "mean"  # BASELINE_FORMS; 'mean': each input's per-channel mean (Captum's default is 0)
     output: str = "logit"  # score read from the model: "logit" (the raw output, as Captum) or "probability"
 
     def validate(self) -> None:
@@ -124,12 +124,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def baseline_tensor(baseline: Any, inputs: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     """The values that replace occluded elements: (*S) shared, or (B, *S) per input."""
     shape = inputs.shape[1:]
-    if isinstance(baseline, str):
+    if baseline == "mean":  # per channel over positions; per input over features for (N, F)
+        axes = tuple(range(2, inputs.dim())) if inputs.dim() > 2 else (1,)
+        return inputs.mean(dim=axes, keepdim=True).expand_as(inputs).contiguous()
+    if baseline == "blur":
         if inputs.dim() not in (3, 4):
-            raise PyengineError(f"occlusion: baseline={baseline!r} needs (N, C, H, W) or (N, C, L) inputs, "
+            raise PyengineError(f"occlusion: baseline='blur' needs (N, C, H, W) or (N, C, L) inputs, "
                                 f"got {tuple(inputs.shape)}")
-        if baseline == "mean":
-            return inputs.mean(dim=tuple(range(2, inputs.dim())), keepdim=True).expand_as(inputs).contiguous()
         return gaussian_blur(inputs, sigma=max(1.0, max(window[1:]) / 2))
     value = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     if value.dim() == inputs.dim() and value.shape[0] == inputs.shape[0] and value.shape[0] > 1:

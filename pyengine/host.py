@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.interaction",
     "pyengine.plugins.occlusion",
     "pyengine.plugins.gradients",
+    "pyengine.plugins.faithfulness",
 )
 
 pm = pluggy.PluginManager("pyengine")
