@@ -72,3 +72,25 @@ def cmake() -> str:
     if found is None:
         pytest.skip("cmake not found")
     return found
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoCNN:
+    """The demo CNN trained exactly as ``pyengine demo`` trains it (cached per session)."""
+    from pyengine.train import TrainConfig, train_cached
+
+    config = TrainConfig()
+    torch.manual_seed(config.seed)
+    model = DemoCNN()
+    cache = tmp_path_factory.mktemp("weights")
+    old = os.environ.get("PYENGINE_CACHE")
+    os.environ["PYENGINE_CACHE"] = str(cache)
+    try:
+        train_cached(model, Shapes(config.train_size, seed=0), Shapes(config.test_size, seed=1), config,
+                     progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("PYENGINE_CACHE")
+        else:
+            os.environ["PYENGINE_CACHE"] = old
+    return model.eval()
