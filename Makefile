@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setuptools
 RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
-TEST_DEPS := "pytest>=7" "scikit-learn>=1.3"
+TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7"
 CUDA_ARCH ?= 90
 
 .PHONY: all setup build test demo bench nvcc-check clean
@@ -45,6 +45,7 @@ bench: build
 	$(PY) -P benchmarks/gram.py
 	$(PY) -P benchmarks/probing.py
 	$(PY) -P benchmarks/degeneracy.py
+	$(PY) -P benchmarks/attribution.py
 
 clean:
 	rm -rf build demo-out .pytest_cache

@@ -45,6 +45,7 @@ class OcclusionOptions(AttributionOptions):
     stride: Any = None  # int or per dim; default half the window
     baseline: Any = "mean"  # BASELINE_FORMS; 'mean': each input's per-channel mean (Captum's default is 0)
     output: str = "logit"  # score read from the model: "logit" (the raw output, as Captum) or "probability"
+    layout: str = "auto"  # occluded batches: "auto" (channels last for images into Conv2d models), "channels-last", "as-given"
 
     def validate(self) -> None:
         super().validate()
@@ -60,6 +61,8 @@ class OcclusionOptions(AttributionOptions):
                 raise bad_option("baseline", self.baseline, BASELINE_FORMS) from None
         if self.output not in ("logit", "probability"):
             raise bad_option("output", self.output, "'logit' or 'probability'")
+        if self.layout not in ("auto", "channels-last", "as-given"):
+            raise bad_option("layout", self.layout, "'auto', 'channels-last' or 'as-given'")
 
 
 def sweep_geometry(shape: tuple[int, ...], window: tuple[int, ...] | None,
@@ -179,27 +182,47 @@ class Occlusion(Technique):
                            samples_per_pass=geometry["samples"])
 
 
+def memory_order(x: torch.Tensor, options: OcclusionOptions, model: torch.nn.Module) -> tuple[int, ...]:
+    """The order of the non-batch dims in which occluded batches are laid out: channels last
+    for images fed to a model with 2-D convolutions (oneDNN and cuDNN run those about twice
+    as fast as NCHW here, see benchmarks/attribution.py), else as given."""
+    wanted = options.layout == "channels-last" or (
+        options.layout == "auto" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+    return (1, 2, 0) if wanted and x.dim() == 4 else tuple(range(x.dim() - 1))
+
+
 def occlusion_sweep(ctx: Context, x: torch.Tensor, targets: torch.Tensor, options: OcclusionOptions,
                     geometry: dict[str, Any]) -> torch.Tensor:
-    """(B, T, *S) maps for inputs x (B, *S) and targets (B, T): one forward per batch of windows."""
-    window, stride, samples = geometry["window"], geometry["stride"], geometry["samples"]
-    n_windows = geometry["windows"]
-    baseline = baseline_tensor(options.baseline, x, window)
-    sums = torch.zeros(x.shape[0], targets.shape[1], *x.shape[1:], dtype=torch.float64, device=x.device)
+    """(B, T, *S) maps for inputs x (B, *S) and targets (B, T): one forward per batch of windows.
+
+    The native ops see the inputs with their dims in memory order (e.g. H, W, C), so a batch
+    comes out in that layout and is handed to the model as a strided view of shape (N, *S).
+    """
+    samples, n_windows = geometry["samples"], geometry["windows"]
+    order = memory_order(x, options, ctx.model)
+    to_memory = (0, *(d + 1 for d in order))
+    to_logical = tuple(to_memory.index(d) for d in range(x.dim()))
+    window = tuple(geometry["window"][d] for d in order)
+    stride = tuple(geometry["stride"][d] for d in order)
+    baseline = baseline_tensor(options.baseline, x, geometry["window"])
+    baseline = baseline.permute(to_memory) if baseline.dim() == x.dim() else baseline.permute(order)
+    laid_out = x.permute(to_memory).contiguous()
+    sums = torch.zeros(x.shape[0], targets.shape[1], *laid_out.shape[1:], dtype=torch.float64, device=x.device)
     with torch.inference_mode():
         for rows in range(0, x.shape[0], samples):  # more inputs than one pass holds: split them
-            xs, ts = x[rows:rows + samples], targets[rows:rows + samples]
+            xs, ts = laid_out[rows:rows + samples], targets[rows:rows + samples]
             bs = baseline[rows:rows + samples] if baseline.dim() == x.dim() else baseline
             per_pass = max(1, samples // xs.shape[0])
-            reference = score_of(ctx, xs, ts, options.output)
+            reference = score_of(ctx, xs.permute(to_logical), ts, options.output)
             part = sums[rows:rows + samples]
             for first in range(0, n_windows, per_pass):
                 count = min(per_pass, n_windows - first)
-                occluded = ops.occlusion_batch(xs, bs, window, stride, first, count)
+                occluded = ops.occlusion_batch(xs, bs, window, stride, first, count).permute(to_logical)
                 scores = score_of(ctx, occluded, ts.repeat(count, 1), options.output)
                 drops = reference.unsqueeze(0) - scores.reshape(count, *ts.shape)
                 ops.occlusion_accumulate(part, drops, window, stride, first)
-    return (sums / geometry["cover"]).to(x.dtype)
+    maps = sums.permute(0, 1, *(to_logical[d] + 1 for d in range(1, x.dim())))
+    return (maps / geometry["cover"]).to(x.dtype)
 
 
 def score_of(ctx: Context, x: torch.Tensor, targets: torch.Tensor, output: str) -> torch.Tensor:

@@ -242,3 +242,11 @@ def test_cuda_matches_cpu() -> None:
         gpu = pyengine.run(name, model, x, target=targets, device="cuda", progress=False, **options).attributions
         model.cpu()
         assert_equal_maps(gpu.cpu(), cpu, relative=1e-4)
+
+
+def test_occlusion_layouts_agree() -> None:
+    model, x = vgg(), images(3)
+    maps = {layout: run("occlusion", model, x, target=[[1, 3]], window=(1, 5, 3), stride=(1, 3, 2), layout=layout,
+                        baseline=torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))).attributions
+            for layout in ("as-given", "channels-last")}
+    assert_equal_maps(maps["channels-last"], maps["as-given"], relative=1e-5)
