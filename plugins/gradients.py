@@ -46,18 +46,13 @@ class _GuidedReLU(torch.autograd.Function):
         return grad.clamp(min=0) * (out > 0)
 
 
-class _GuidedReLUInPlace(torch.autograd.Function):
+class _GuidedReLUInPlace(_GuidedReLU):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.mark_dirty(x)
         x.clamp_(min=0)
         ctx.save_for_backward(x)
         return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0)
 
 
 class GuidedReLUs(TorchFunctionMode):
