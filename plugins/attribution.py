@@ -9,7 +9,7 @@ a progress bar, and the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,6 @@ from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.technique import Figure, Options, Result, bad_option
 
-TargetSpec = int | str | Sequence[Any] | torch.Tensor
 Attribute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TARGET_FORMS = ("a class index, 'predicted', 'label', a list/tensor of one index per input, "
                 "or a 2-D list/tensor (inputs or 1, targets)")
@@ -102,11 +101,10 @@ def resolve_targets(spec: int | str | torch.Tensor, model: nn.Module, inputs: to
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows of the run: inputs on the device, dataset labels/boxes/indices where known."""
+    """Rows of the run: inputs on the device, their dataset labels (if known) and indices."""
 
     inputs: torch.Tensor
     labels: torch.Tensor | None
-    boxes: torch.Tensor | None
     index: torch.Tensor
 
 
@@ -116,7 +114,7 @@ def input_chunks(ctx: Context, options: AttributionOptions, technique: str) -> t
         inputs = ctx.inputs.to(ctx.device)
         index = torch.arange(inputs.shape[0])
         rows = inputs.shape[0]
-        chunks = (Chunk(x, None, None, i) for x, i in zip(inputs.split(options.batch_size), index.split(options.batch_size)))
+        chunks = (Chunk(x, None, i) for x, i in zip(inputs.split(options.batch_size), index.split(options.batch_size)))
         return rows, chunks
     if ctx.data is None:
         raise PyengineError(f"{technique} needs inputs or data: pyengine.run({technique!r}, model, inputs) or data=...")
@@ -125,7 +123,7 @@ def input_chunks(ctx: Context, options: AttributionOptions, technique: str) -> t
         raise PyengineError(f"{technique}: rows [{options.start}, {stop}) are outside the dataset of {len(ctx.data)} rows")
     data = ctx.data
     batches = data.batches(options.batch_size, options.start, stop)
-    return stop - options.start, (Chunk(b.inputs.to(ctx.device), b.labels, b.boxes, b.index) for b in batches)
+    return stop - options.start, (Chunk(b.inputs.to(ctx.device), b.labels, b.index) for b in batches)
 
 
 def memory_budget_bytes(device: torch.device, memory_mb: float) -> float:
@@ -173,7 +171,6 @@ class AttributionResult(Result):
     attributions: torch.Tensor
     targets: torch.Tensor  # (B,) or (B, T) class indices explained
     index: torch.Tensor  # (B,) dataset rows (or positions in the given inputs)
-    inputs_shown: torch.Tensor  # the first few inputs, for the overlay figure
 
     def summary(self) -> str:
         shape = "x".join(str(s) for s in self.attributions.shape)
@@ -183,12 +180,12 @@ class AttributionResult(Result):
 
 
 def run_attribution(ctx: Context, options: AttributionOptions, technique: str, attribute: Attribute, *,
-                    multi_target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    multi_target: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explain every row: returns (attributions, targets, index, first inputs).
 
-    ``attribute(x, t)`` maps N inputs with one target each to N maps; with several targets
-    per input rows are repeated, unless ``multi_target(x, targets (N, T)) -> (N, T, *S)`` is given.
+    ``attribute(x, t)`` maps N inputs with one target each (t: (N,)) to N maps; with several
+    targets per input the rows are repeated. A ``multi_target`` attribute takes all targets
+    at once, t: (N, T), and returns (N, T, *S).
     """
     rows, chunks = input_chunks(ctx, options, technique)
     if isinstance(options.target, torch.Tensor) and options.target.shape[0] not in (1, rows):
@@ -202,8 +199,8 @@ def run_attribution(ctx: Context, options: AttributionOptions, technique: str, a
     with ctx.progress(rows, technique) as bar:
         for chunk in chunks:
             targets = resolve_targets(options.target, ctx.model, chunk.inputs, chunk.labels, offset)
-            if multi_target is not None:
-                out = multi_target(chunk.inputs, targets)
+            if multi_target:
+                out = attribute(chunk.inputs, targets)
             else:
                 n, t = targets.shape
                 repeated = chunk.inputs.repeat_interleave(t, 0) if t > 1 else chunk.inputs
@@ -261,5 +258,5 @@ def make_result(technique: str, attributions: torch.Tensor, targets: torch.Tenso
                 **extra: Any) -> AttributionResult:
     figures = overlay_figure(technique, shown, attributions[:shown.shape[0]], targets)
     return result_type(technique=technique, attributions=attributions, targets=targets, index=index,
-                       inputs_shown=shown, figures=figures, **extra)
+                       figures=figures, **extra)
 

@@ -176,7 +176,7 @@ class Occlusion(Technique):
                                                          extra_bytes=x[:1].numel() * x.element_size()))
             return occlusion_sweep(ctx, x, targets, options, geometry)
 
-        attributions, targets, index, shown = run_attribution(ctx, options, self.name, sweep, multi_target=sweep)
+        attributions, targets, index, shown = run_attribution(ctx, options, self.name, sweep, multi_target=True)
         return make_result(self.name, attributions, targets, index, shown, OcclusionResult,
                            window=geometry["window"], stride=geometry["stride"], windows=geometry["windows"],
                            samples_per_pass=geometry["samples"])
