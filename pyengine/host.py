@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.occlusion",
     "pyengine.plugins.gradients",
     "pyengine.plugins.faithfulness",
+    "pyengine.plugins.pathwise",
 )
 
 pm = pluggy.PluginManager("pyengine")

@@ -78,6 +78,28 @@ def occlusion_accumulate(sums: torch.Tensor, drops: torch.Tensor, window: tuple[
     torch.ops.pyengine.occlusion_accumulate(sums, drops, list(window), list(stride), first)
 
 
+def hierarchical_paths(activations: list[torch.Tensor], weights: list[torch.Tensor], max_indices: list[torch.Tensor],
+                       geometry: list[int], targets: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-down paths through a ReLU network's layers (Cheng et al., Algorithm 1, with a beam).
+
+    Per ReLU layer l (forward order): its outputs ``activations[l]`` (B, ...), the weight of the
+    Linear/Conv2d after it, the max-pool indices between them (or an empty tensor), and 26
+    geometry values (shapes, pooling, convolution; see ``pyengine/core/paths.h``). ``targets``:
+    (B, T) output indices. Returns paths (B, T, beam, layers) flat unit indices and scores
+    (B, T, beam), the summed importances w(t, j) * a_j of each path's steps. Float64 inside.
+    """
+    paths, scores = torch.ops.pyengine.hierarchical_paths(activations, weights, max_indices, geometry, targets, beam)
+    return paths, scores
+
+
+@torch.library.register_fake("pyengine::hierarchical_paths")
+def _hierarchical_paths_fake(activations: list[torch.Tensor], weights: list[torch.Tensor],
+                             max_indices: list[torch.Tensor], geometry: list[int], targets: torch.Tensor,
+                             beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (targets.shape[0], targets.shape[1], beam)
+    return targets.new_empty((*shape, len(activations))), targets.new_empty(shape, dtype=torch.float64)
+
+
 @torch.library.register_fake("pyengine::occlusion_batch")
 def _occlusion_batch_fake(inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int],
                           first: int, count: int) -> torch.Tensor:

@@ -1,0 +1,172 @@
+// Hierarchical path decomposition on the CPU: threads own disjoint (input, target) pairs;
+// each keeps a scratch row per layer to sum the effective weights of the candidates.
+#include "pyengine/core/paths.h"
+
+#include <algorithm>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace pyengine::core {
+namespace {
+
+struct Candidate {
+  double score;
+  std::int64_t parent;
+  std::int64_t unit;
+};
+
+bool better(const Candidate& a, const Candidate& b) {
+  if (a.score != b.score) return a.score > b.score;
+  if (a.parent != b.parent) return a.parent < b.parent;
+  return a.unit < b.unit;
+}
+
+// Sums the effective weight of every unit of `in` feeding pooled unit q with weight w.
+class Scratch {
+ public:
+  void reset(std::int64_t size) {
+    if (static_cast<std::int64_t>(weight_.size()) < size) {
+      weight_.assign(static_cast<std::size_t>(size), 0.0);
+      seen_.assign(static_cast<std::size_t>(size), 0);
+    }
+    for (std::int64_t j : touched_) {
+      weight_[static_cast<std::size_t>(j)] = 0.0;
+      seen_[static_cast<std::size_t>(j)] = 0;
+    }
+    touched_.clear();
+  }
+
+  void add(std::int64_t j, double w) {
+    if (!seen_[static_cast<std::size_t>(j)]) {
+      seen_[static_cast<std::size_t>(j)] = 1;
+      touched_.push_back(j);
+    }
+    weight_[static_cast<std::size_t>(j)] += w;
+  }
+
+  const std::vector<std::int64_t>& touched() const { return touched_; }
+  double weight(std::int64_t j) const { return weight_[static_cast<std::size_t>(j)]; }
+
+ private:
+  std::vector<double> weight_;
+  std::vector<unsigned char> seen_;
+  std::vector<std::int64_t> touched_;
+};
+
+// Adds pooled unit q = (c, y, x) of `mid` with weight w to the units of `in` it reads.
+void add_pooled(const PathStep& s, std::int64_t b, std::int64_t q, double w, Scratch& scratch) {
+  if (s.pool == PoolKind::None) {
+    scratch.add(q, w);
+    return;
+  }
+  const std::int64_t plane = s.mid.h * s.mid.w;
+  const std::int64_t c = q / plane;
+  if (s.pool == PoolKind::Max) {
+    scratch.add(c * s.in.h * s.in.w + s.max_index[b * s.mid.size() + q], w);
+    return;
+  }
+  const std::int64_t y = (q % plane) / s.mid.w;
+  const std::int64_t x = q % s.mid.w;
+  const std::int64_t y0 = y * s.pool_stride[0] - s.pool_padding[0];
+  const std::int64_t x0 = x * s.pool_stride[1] - s.pool_padding[1];
+  const std::int64_t y_begin = std::max<std::int64_t>(y0, 0), y_end = std::min(y0 + s.pool_kernel[0], s.in.h);
+  const std::int64_t x_begin = std::max<std::int64_t>(x0, 0), x_end = std::min(x0 + s.pool_kernel[1], s.in.w);
+  const double count = s.pool_count_padding
+                           ? static_cast<double>(std::min(y0 + s.pool_kernel[0], s.in.h + s.pool_padding[0]) -
+                                                 y0) *
+                                 static_cast<double>(std::min(x0 + s.pool_kernel[1], s.in.w + s.pool_padding[1]) - x0)
+                           : static_cast<double>((y_end - y_begin) * (x_end - x_begin));
+  for (std::int64_t iy = y_begin; iy < y_end; ++iy) {
+    for (std::int64_t ix = x_begin; ix < x_end; ++ix) scratch.add((c * s.in.h + iy) * s.in.w + ix, w / count);
+  }
+}
+
+// The effective weights from every connected unit of `in` to output unit t of step s.
+void connect(const PathStep& s, std::int64_t b, std::int64_t t, Scratch& scratch) {
+  scratch.reset(s.in.size());
+  if (s.map == MapKind::Dense) {
+    const double* row = s.weight + t * s.mid.size();
+    for (std::int64_t q = 0; q < s.mid.size(); ++q) add_pooled(s, b, q, row[q], scratch);
+    return;
+  }
+  const std::int64_t plane = s.out.h * s.out.w;
+  const std::int64_t co = t / plane, y = (t % plane) / s.out.w, x = t % s.out.w;
+  for (std::int64_t ci = 0; ci < s.mid.c; ++ci) {
+    for (std::int64_t ky = 0; ky < s.kernel[0]; ++ky) {
+      const std::int64_t py = y * s.stride[0] - s.padding[0] + ky * s.dilation[0];
+      if (py < 0 || py >= s.mid.h) continue;
+      for (std::int64_t kx = 0; kx < s.kernel[1]; ++kx) {
+        const std::int64_t px = x * s.stride[1] - s.padding[1] + kx * s.dilation[1];
+        if (px < 0 || px >= s.mid.w) continue;
+        const double w = s.weight[((co * s.mid.c + ci) * s.kernel[0] + ky) * s.kernel[1] + kx];
+        add_pooled(s, b, (ci * s.mid.h + py) * s.mid.w + px, w, scratch);
+      }
+    }
+  }
+}
+
+void walk(const PathStep* steps, std::int64_t layers, const double* const* activations, std::int64_t b,
+          std::int64_t target, std::int64_t beam, std::int64_t* paths, double* scores, Scratch& scratch) {
+  // Beam entries: score, the unit each path has reached, and its units so far (top layer first).
+  std::vector<double> score{0.0};
+  std::vector<std::int64_t> reached{target};
+  std::vector<std::vector<std::int64_t>> units{{}};
+  std::vector<Candidate> candidates;
+  for (std::int64_t l = layers - 1; l >= 0; --l) {
+    const PathStep& s = steps[l];
+    const double* a = activations[l] + b * s.in.size();
+    candidates.clear();
+    for (std::int64_t p = 0; p < static_cast<std::int64_t>(reached.size()); ++p) {
+      connect(s, b, reached[static_cast<std::size_t>(p)], scratch);
+      for (std::int64_t j : scratch.touched()) {
+        candidates.push_back({score[static_cast<std::size_t>(p)] + scratch.weight(j) * a[j], p, j});
+      }
+    }
+    const std::int64_t keep = std::min<std::int64_t>(beam, static_cast<std::int64_t>(candidates.size()));
+    std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(), better);
+    std::vector<double> next_score;
+    std::vector<std::int64_t> next_reached;
+    std::vector<std::vector<std::int64_t>> next_units;
+    for (std::int64_t k = 0; k < keep; ++k) {
+      const Candidate& c = candidates[static_cast<std::size_t>(k)];
+      next_score.push_back(c.score);
+      next_reached.push_back(c.unit);
+      next_units.push_back(units[static_cast<std::size_t>(c.parent)]);
+      next_units.back().push_back(c.unit);
+    }
+    score.swap(next_score);
+    reached.swap(next_reached);
+    units.swap(next_units);
+  }
+  for (std::int64_t k = 0; k < beam; ++k) {
+    const bool found = k < static_cast<std::int64_t>(units.size());
+    scores[k] = found ? score[static_cast<std::size_t>(k)] : -std::numeric_limits<double>::infinity();
+    for (std::int64_t l = 0; l < layers; ++l) {  // stored in forward order
+      paths[k * layers + l] = found ? units[static_cast<std::size_t>(k)][static_cast<std::size_t>(layers - 1 - l)] : -1;
+    }
+  }
+}
+
+}  // namespace
+
+void hierarchical_paths(const PathStep* steps, std::int64_t layers, const double* const* activations,
+                        std::int64_t batch, const std::int64_t* targets, std::int64_t per_input, std::int64_t beam,
+                        std::int64_t* paths, double* scores, int num_threads) {
+  const std::int64_t pairs = batch * per_input;
+  if (pairs == 0 || layers == 0 || beam <= 0) return;
+  const std::int64_t threads = std::clamp<std::int64_t>(num_threads, 1, pairs);
+  auto work = [&](std::int64_t begin, std::int64_t end) {
+    Scratch scratch;
+    for (std::int64_t pair = begin; pair < end; ++pair) {
+      walk(steps, layers, activations, pair / per_input, targets[pair], beam, paths + pair * beam * layers,
+           scores + pair * beam, scratch);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (std::int64_t t = 1; t < threads; ++t) pool.emplace_back(work, pairs * t / threads, pairs * (t + 1) / threads);
+  work(0, pairs / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+}  // namespace pyengine::core
