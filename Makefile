@@ -46,6 +46,7 @@ bench: build
 	$(PY) -P benchmarks/probing.py
 	$(PY) -P benchmarks/degeneracy.py
 	$(PY) -P benchmarks/attribution.py
+	$(PY) -P benchmarks/paths.py
 
 clean:
 	rm -rf build demo-out .pytest_cache

@@ -3,6 +3,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define PYENGINE_HOST_DEVICE __host__ __device__
+#else
+#define PYENGINE_HOST_DEVICE
+#endif
+
 namespace pyengine::core {
 
 enum class PoolKind : std::int64_t { None = 0, Max = 1, Avg = 2 };
@@ -10,7 +16,7 @@ enum class MapKind : std::int64_t { Dense = 0, Conv = 1 };
 
 struct Shape3 {
   std::int64_t c = 1, h = 1, w = 1;  // features are (c, 1, 1)
-  std::int64_t size() const { return c * h * w; }
+  PYENGINE_HOST_DEVICE std::int64_t size() const { return c * h * w; }
 };
 
 // The linear map from one ReLU layer's output a (shape `in`) to the next pre-activations

@@ -1,0 +1,61 @@
+// hierarchical_paths on CUDA: shared checks, the steps copied to the device, one workspace.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../cuda/paths.cuh"
+#include "paths.h"
+
+namespace pyengine::ops {
+namespace {
+
+// The most units one target unit of step s connects to (the candidate list's capacity).
+int64_t max_connected(const core::PathStep& s) {
+  const int64_t pooled = s.pool == core::PoolKind::Avg ? s.pool_kernel[0] * s.pool_kernel[1] : 1;
+  const int64_t reads = s.map == core::MapKind::Dense ? s.mid.size() : s.mid.c * s.kernel[0] * s.kernel[1];
+  return std::min(reads * pooled, s.in.size());
+}
+
+at::Tensor to_device(const void* data, size_t bytes, const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  const cudaError_t status = cudaMemcpyAsync(out.data_ptr(), data, bytes, cudaMemcpyHostToDevice, stream);
+  TORCH_CHECK(status == cudaSuccess, "pyengine.hierarchical_paths: copy to the GPU failed: ", cudaGetErrorString(status));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activations, at::TensorList weights,
+                                                           at::TensorList max_indices, at::IntArrayRef geometry,
+                                                           const at::Tensor& targets, int64_t beam) {
+  const c10::cuda::CUDAGuard guard(targets.device());
+  PathProblem p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(targets.device().index()).stream();
+  int64_t max_units = 1, max_candidates = 1;
+  for (const auto& s : p.steps) {
+    max_units = std::max(max_units, s.in.size());
+    max_candidates = std::max(max_candidates, max_connected(s));
+  }
+  const auto layers = static_cast<int64_t>(p.steps.size());
+  const at::Tensor steps = to_device(p.steps.data(), p.steps.size() * sizeof(core::PathStep), targets, stream);
+  const at::Tensor pointers =
+      to_device(p.activations.data(), p.activations.size() * sizeof(const double*), targets, stream);
+  const int64_t pairs = p.targets.size(0) * p.targets.size(1);
+  at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(cuda::path_workspace_bytes(pairs, layers, beam, max_units, max_candidates))},
+      targets.options().dtype(at::kByte));
+  const cudaError_t status = cuda::hierarchical_paths(
+      reinterpret_cast<const core::PathStep*>(steps.data_ptr()), layers,
+      reinterpret_cast<const double* const*>(pointers.data_ptr()), p.targets.size(0), p.targets.data_ptr<int64_t>(),
+      p.targets.size(1), beam, max_units, max_candidates, workspace.data_ptr(), p.paths.data_ptr<int64_t>(),
+      p.scores.data_ptr<double>(), stream);
+  TORCH_CHECK(status == cudaSuccess, "pyengine.hierarchical_paths: CUDA launch failed: ", cudaGetErrorString(status));
+  return {p.paths, p.scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) { m.impl("hierarchical_paths", &hierarchical_paths_cuda); }
+
+}  // namespace pyengine::ops
