@@ -2,6 +2,8 @@
 // each keeps a scratch row per layer to sum the effective weights of the candidates.
 #include "pyengine/core/paths.h"
 
+#include "pyengine/core/paths_connect.h"
+
 #include <algorithm>
 #include <limits>
 #include <thread>
@@ -54,58 +56,6 @@ class Scratch {
   std::vector<std::int64_t> touched_;
 };
 
-// Adds pooled unit q = (c, y, x) of `mid` with weight w to the units of `in` it reads.
-void add_pooled(const PathStep& s, std::int64_t b, std::int64_t q, double w, Scratch& scratch) {
-  if (s.pool == PoolKind::None) {
-    scratch.add(q, w);
-    return;
-  }
-  const std::int64_t plane = s.mid.h * s.mid.w;
-  const std::int64_t c = q / plane;
-  if (s.pool == PoolKind::Max) {
-    scratch.add(c * s.in.h * s.in.w + s.max_index[b * s.mid.size() + q], w);
-    return;
-  }
-  const std::int64_t y = (q % plane) / s.mid.w;
-  const std::int64_t x = q % s.mid.w;
-  const std::int64_t y0 = y * s.pool_stride[0] - s.pool_padding[0];
-  const std::int64_t x0 = x * s.pool_stride[1] - s.pool_padding[1];
-  const std::int64_t y_begin = std::max<std::int64_t>(y0, 0), y_end = std::min(y0 + s.pool_kernel[0], s.in.h);
-  const std::int64_t x_begin = std::max<std::int64_t>(x0, 0), x_end = std::min(x0 + s.pool_kernel[1], s.in.w);
-  const double count = s.pool_count_padding
-                           ? static_cast<double>(std::min(y0 + s.pool_kernel[0], s.in.h + s.pool_padding[0]) -
-                                                 y0) *
-                                 static_cast<double>(std::min(x0 + s.pool_kernel[1], s.in.w + s.pool_padding[1]) - x0)
-                           : static_cast<double>((y_end - y_begin) * (x_end - x_begin));
-  for (std::int64_t iy = y_begin; iy < y_end; ++iy) {
-    for (std::int64_t ix = x_begin; ix < x_end; ++ix) scratch.add((c * s.in.h + iy) * s.in.w + ix, w / count);
-  }
-}
-
-// The effective weights from every connected unit of `in` to output unit t of step s.
-void connect(const PathStep& s, std::int64_t b, std::int64_t t, Scratch& scratch) {
-  scratch.reset(s.in.size());
-  if (s.map == MapKind::Dense) {
-    const double* row = s.weight + t * s.mid.size();
-    for (std::int64_t q = 0; q < s.mid.size(); ++q) add_pooled(s, b, q, row[q], scratch);
-    return;
-  }
-  const std::int64_t plane = s.out.h * s.out.w;
-  const std::int64_t co = t / plane, y = (t % plane) / s.out.w, x = t % s.out.w;
-  for (std::int64_t ci = 0; ci < s.mid.c; ++ci) {
-    for (std::int64_t ky = 0; ky < s.kernel[0]; ++ky) {
-      const std::int64_t py = y * s.stride[0] - s.padding[0] + ky * s.dilation[0];
-      if (py < 0 || py >= s.mid.h) continue;
-      for (std::int64_t kx = 0; kx < s.kernel[1]; ++kx) {
-        const std::int64_t px = x * s.stride[1] - s.padding[1] + kx * s.dilation[1];
-        if (px < 0 || px >= s.mid.w) continue;
-        const double w = s.weight[((co * s.mid.c + ci) * s.kernel[0] + ky) * s.kernel[1] + kx];
-        add_pooled(s, b, (ci * s.mid.h + py) * s.mid.w + px, w, scratch);
-      }
-    }
-  }
-}
-
 void walk(const PathStep* steps, std::int64_t layers, const double* const* activations, std::int64_t b,
           std::int64_t target, std::int64_t beam, std::int64_t* paths, double* scores, Scratch& scratch) {
   // Beam entries: score, the unit each path has reached, and its units so far (top layer first).
@@ -118,6 +68,7 @@ void walk(const PathStep* steps, std::int64_t layers, const double* const* activ
     const double* a = activations[l] + b * s.in.size();
     candidates.clear();
     for (std::int64_t p = 0; p < static_cast<std::int64_t>(reached.size()); ++p) {
+      scratch.reset(s.in.size());
       connect(s, b, reached[static_cast<std::size_t>(p)], scratch);
       for (std::int64_t j : scratch.touched()) {
         candidates.push_back({score[static_cast<std::size_t>(p)] + scratch.weight(j) * a[j], p, j});

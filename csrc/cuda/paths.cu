@@ -3,13 +3,12 @@
 #include <cmath>
 
 #include "paths.cuh"
+#include "pyengine/core/paths_connect.h"
 
 namespace pyengine::cuda {
 namespace {
 
-using core::MapKind;
 using core::PathStep;
-using core::PoolKind;
 
 struct Workspace {
   double* weight;          // pairs x max_units
@@ -45,53 +44,6 @@ struct Scratch {
   }
 };
 
-__device__ void add_pooled(const PathStep& s, std::int64_t b, std::int64_t q, double w, Scratch& scratch) {
-  if (s.pool == PoolKind::None) {
-    scratch.add(q, w);
-    return;
-  }
-  const std::int64_t plane = s.mid.h * s.mid.w;
-  const std::int64_t c = q / plane;
-  if (s.pool == PoolKind::Max) {
-    scratch.add(c * s.in.h * s.in.w + s.max_index[b * s.mid.size() + q], w);
-    return;
-  }
-  const std::int64_t y0 = ((q % plane) / s.mid.w) * s.pool_stride[0] - s.pool_padding[0];
-  const std::int64_t x0 = (q % s.mid.w) * s.pool_stride[1] - s.pool_padding[1];
-  const std::int64_t y_begin = max(y0, std::int64_t{0}), y_end = min(y0 + s.pool_kernel[0], s.in.h);
-  const std::int64_t x_begin = max(x0, std::int64_t{0}), x_end = min(x0 + s.pool_kernel[1], s.in.w);
-  const double count = s.pool_count_padding
-                           ? static_cast<double>(min(y0 + s.pool_kernel[0], s.in.h + s.pool_padding[0]) - y0) *
-                                 static_cast<double>(min(x0 + s.pool_kernel[1], s.in.w + s.pool_padding[1]) - x0)
-                           : static_cast<double>((y_end - y_begin) * (x_end - x_begin));
-  for (std::int64_t iy = y_begin; iy < y_end; ++iy) {
-    for (std::int64_t ix = x_begin; ix < x_end; ++ix) scratch.add((c * s.in.h + iy) * s.in.w + ix, w / count);
-  }
-}
-
-__device__ void connect(const PathStep& s, std::int64_t b, std::int64_t t, Scratch& scratch) {
-  scratch.reset();
-  if (s.map == MapKind::Dense) {
-    const double* row = s.weight + t * s.mid.size();
-    for (std::int64_t q = 0; q < s.mid.size(); ++q) add_pooled(s, b, q, row[q], scratch);
-    return;
-  }
-  const std::int64_t plane = s.out.h * s.out.w;
-  const std::int64_t co = t / plane, y = (t % plane) / s.out.w, x = t % s.out.w;
-  for (std::int64_t ci = 0; ci < s.mid.c; ++ci) {
-    for (std::int64_t ky = 0; ky < s.kernel[0]; ++ky) {
-      const std::int64_t py = y * s.stride[0] - s.padding[0] + ky * s.dilation[0];
-      if (py < 0 || py >= s.mid.h) continue;
-      for (std::int64_t kx = 0; kx < s.kernel[1]; ++kx) {
-        const std::int64_t px = x * s.stride[1] - s.padding[1] + kx * s.dilation[1];
-        if (px < 0 || px >= s.mid.w) continue;
-        add_pooled(s, b, (ci * s.mid.h + py) * s.mid.w + px,
-                   s.weight[((co * s.mid.c + ci) * s.kernel[0] + ky) * s.kernel[1] + kx], scratch);
-      }
-    }
-  }
-}
-
 // a before b in the beam's order: higher score, then lower reference (parent, then unit).
 __device__ bool before(double sa, std::int64_t ra, double sb, std::int64_t rb) {
   return sa != sb ? sa > sb : ra < rb;
@@ -119,7 +71,8 @@ __global__ void paths_kernel(const PathStep* steps, std::int64_t layers, const d
     std::int64_t n = 0;
     for (std::int64_t p = 0; p < entries; ++p) {
       const std::int64_t reached = depth == 0 ? reached_top : units[current][p * layers + depth - 1];
-      connect(s, b, reached, scratch);
+      scratch.reset();
+      core::connect(s, b, reached, scratch);
       for (std::int64_t i = 0; i < scratch.count; ++i) {
         const std::int64_t j = scratch.touched[i];
         cand_score[n] = score[current][p] + scratch.weight[j] * a[j];
