@@ -272,6 +272,7 @@ class HierarchicalResult(Result):
     paths: torch.Tensor  # (B, T, beam, layers) flat unit index per ReLU layer
     scores: torch.Tensor  # (B, T, beam) summed importances
     path_weight: torch.Tensor  # (B, T, *S): W^path of the best path (one unit per layer)
+    top_weight: torch.Tensor  # (B, T, *S): W^path of the best path's units in the top half of the layers only
     beam_weight: torch.Tensor  # (B, T, *S): W^path of the union of the beam's paths
     path_bias: torch.Tensor  # (B, T): b^path of the best path
     path_output_share: float  # mean (W^path·x + b^path) / f over inputs and targets
@@ -290,7 +291,7 @@ class HierarchicalDecomposition(Technique):
     uses_gradients: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: HierarchicalOptions) -> HierarchicalResult:
-        collected: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "p", "s", "w", "bw", "b", "share")}
+        collected: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "p", "s", "w", "tw", "bw", "b", "share")}
         layers: tuple[str, ...] = ()
         shown, chain_shown = None, None
         _, chunks = input_chunks(ctx, options, self.name)
@@ -305,48 +306,56 @@ class HierarchicalDecomposition(Technique):
             activations, weights, indices, geometry = op_arguments(chain)
             paths, scores = ops.hierarchical_paths(activations, weights, indices, geometry,
                                                    targets.to(x.device), options.beam)
-            weight, beam_weight, bias, share = self._path_models(ctx, chain, x, targets, paths)
-            for key, value in (("t", targets), ("p", paths), ("s", scores), ("w", weight), ("bw", beam_weight),
-                               ("b", bias), ("share", share)):
+            weight, top_weight, beam_weight, bias, share = self._path_models(ctx, chain, x, targets, paths)
+            for key, value in (("t", targets), ("p", paths), ("s", scores), ("w", weight), ("tw", top_weight),
+                               ("bw", beam_weight), ("b", bias), ("share", share)):
                 collected[key].append(value.cpu())
             if shown is None:
                 shown, chain_shown = x[:MAX_FIGURE_INPUTS].cpu(), chain
         paths = torch.cat(collected["p"])
         targets, weight, beam_weight = torch.cat(collected["t"]), torch.cat(collected["w"]), torch.cat(collected["bw"])
-        figures = _hierarchy_figures(shown, chain_shown, layers, targets, paths, weight, beam_weight)
+        top_weight = torch.cat(collected["tw"])
+        figures = _hierarchy_figures(shown, chain_shown, layers, targets, paths,
+                                     {"the best path (one unit per layer)": weight,
+                                      f"the best path's units in the top {(len(layers) + 1) // 2} layers": top_weight,
+                                      f"the union of the beam's {paths.shape[2]} paths": beam_weight})
         return HierarchicalResult(layers=layers, targets=targets, paths=paths, scores=torch.cat(collected["s"]),
-                                  path_weight=weight, beam_weight=beam_weight, path_bias=torch.cat(collected["b"]),
+                                  path_weight=weight, top_weight=top_weight, beam_weight=beam_weight,
+                                  path_bias=torch.cat(collected["b"]),
                                   path_output_share=float(torch.cat(collected["share"]).mean()), figures=figures)
 
     def _path_models(self, ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor, paths: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights, beams, biases, shares = [], [], [], []
-        _, output = local_decomposition(ctx, chain, x, targets[:, 0])
+                     ) -> tuple[torch.Tensor, ...]:
+        """Per target: W^path of the best path, of its top half, of the beam's union; b^path; share of f."""
+        weights, tops, beams, biases, shares = [], [], [], [], []
+        n = len(chain.layers)
         for t in range(targets.shape[1]):
-            best = {layer: paths[:, t, 0, layer:layer + 1] for layer in range(len(chain.layers))}
-            union = {layer: paths[:, t, :, layer] for layer in range(len(chain.layers))}
+            best = {layer: paths[:, t, 0, layer:layer + 1] for layer in range(n)}
+            top = {layer: units for layer, units in best.items() if layer >= n // 2}
+            union = {layer: paths[:, t, :, layer] for layer in range(n)}
             model, output = path_model(ctx.model, chain, x, targets[:, t], best)
             weights.append(model.weight)
             biases.append(model.bias)
+            tops.append(path_model(ctx.model, chain, x, targets[:, t], top)[0].weight)
             beams.append(path_model(ctx.model, chain, x, targets[:, t], union)[0].weight)
             carried = (model.weight * x).flatten(1).sum(1) + model.bias
             shares.append(carried / torch.where(output == 0, 1e-12, output))
-        return torch.stack(weights, 1), torch.stack(beams, 1), torch.stack(biases, 1), torch.stack(shares, 1)
+        return tuple(torch.stack(v, 1) for v in (weights, tops, beams, biases, shares))
 
 
 def _hierarchy_figures(shown: torch.Tensor | None, chain: Chain | None, layers: tuple[str, ...], targets: torch.Tensor,
-                       paths: torch.Tensor, weight: torch.Tensor, beam_weight: torch.Tensor) -> tuple[Figure, ...]:
+                       paths: torch.Tensor, weights: dict[str, torch.Tensor]) -> tuple[Figure, ...]:
     if shown is None or chain is None or shown.dim() != 4:
         return ()
     n = shown.shape[0]
     figures = []
     for t, who in enumerate(("target", "runner-up")[:targets.shape[1]]):
         classes = ", ".join(str(int(c)) for c in targets[:n, t])
-        figures.append(_heatmaps(f"W^path of the best path (one unit per layer), {who} class", shown, weight[:n, t],
-                                 f"classes {classes}; red raises the class output, blue lowers it"))
-        if paths.shape[2] > 1:
-            figures.append(_heatmaps(f"W^path of the union of the beam's {paths.shape[2]} paths, {who} class", shown,
-                                     beam_weight[:n, t], f"classes {classes}"))
+        for what, weight in weights.items():
+            if "union" in what and paths.shape[2] == 1:
+                continue
+            figures.append(_heatmaps(f"W^path of {what}, {who} class", shown, weight[:n, t],
+                                     f"classes {classes}; red raises the class output, blue lowers it"))
     figures.append(_layer_stack(shown[0], chain, layers, paths[0, 0, 0]))
     return tuple(figures)
 

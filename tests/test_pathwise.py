@@ -144,7 +144,8 @@ def test_the_technique_on_the_demo_cnn_with_runner_up(small_cnn: nn.Module) -> N
     assert torch.equal(res.targets[:, 1], logits.topk(2, dim=1).indices[:, 1])
     assert res.paths.shape == (3, 2, 3, 4) and res.layers == ("features.relu1", "features.relu2",
                                                               "features.relu3", "classifier.relu4")
-    assert res.path_weight.shape == (3, 2, 3, 16, 16) and hooks_on(small_cnn) == []
+    assert res.path_weight.shape == res.top_weight.shape == res.beam_weight.shape == (3, 2, 3, 16, 16)
+    assert hooks_on(small_cnn) == []
     assert bool((res.scores[:, :, :-1] >= res.scores[:, :, 1:]).all())
     assert any("layer stack" in f.title for f in res.figures)
 
