@@ -47,6 +47,7 @@ bench: build
 	$(PY) -P benchmarks/degeneracy.py
 	$(PY) -P benchmarks/attribution.py
 	$(PY) -P benchmarks/paths.py
+	$(PY) -P benchmarks/topk.py
 
 clean:
 	rm -rf build demo-out .pytest_cache

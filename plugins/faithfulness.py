@@ -18,7 +18,8 @@ from pyengine.errors import PyengineError
 from pyengine.hookspecs import hookimpl
 from pyengine.technique import Figure, Options, Result, Technique, bad_option
 
-from pyengine.plugins.attribution import memory_budget_bytes, normalise_target, resolve_targets, target_scores
+from pyengine.plugins.attribution import (AttributionOptions, normalise_target, resolve_targets, samples_per_pass,
+                                          target_scores)
 from pyengine.plugins.occlusion import gaussian_blur
 
 ATTRIBUTION_TECHNIQUES = ("occlusion", "saliency", "guided-backprop", "integrated-gradients", "grad-cam", "smoothgrad")
@@ -155,8 +156,9 @@ class Faithfulness(Technique):
         insertion: dict[str, float] = {}
         deletion_curves: dict[str, torch.Tensor] = {}
         insertion_curves: dict[str, torch.Tensor] = {}
-        samples = max(1, int(memory_budget_bytes(ctx.device, options.memory_mb)
-                             // (inputs[:1].numel() * inputs.element_size() * 16)))
+        budget = AttributionOptions(memory_mb=options.memory_mb, target=0)
+        samples = samples_per_pass(ctx, inputs, budget, backward=False, extra_bytes=2 * inputs[:1].numel()
+                                   * inputs.element_size())  # each curve image and its mask
         with ctx.progress(len(options.techniques), self.name) as bar:
             for name in options.techniques:
                 maps = self._attributions(ctx, name, options, inputs, targets)

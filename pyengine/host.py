@@ -28,6 +28,8 @@ DEFAULT_PLUGINS = (
     "pyengine.plugins.gradients",
     "pyengine.plugins.faithfulness",
     "pyengine.plugins.pathwise",
+    "pyengine.plugins.features",
+    "pyengine.plugins.activation_max",
 )
 
 pm = pluggy.PluginManager("pyengine")

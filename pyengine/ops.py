@@ -92,6 +92,28 @@ def hierarchical_paths(activations: list[torch.Tensor], weights: list[torch.Tens
     return paths, scores
 
 
+def topk_update(values: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor | None, top_values: torch.Tensor,
+                top_ids: torch.Tensor, top_payload: torch.Tensor) -> None:
+    """In place, per column c of values (n, C): merge the rows (value, id ids[i], payload[i, c])
+    into the running top-k lists top_values / top_ids / top_payload (C, k), kept sorted by value
+    descending, then id ascending (ties go to the lower id, whatever the chunking). Empty
+    slots hold -inf and id -1; start from ``topk_empty``."""
+    torch.ops.pyengine.topk_update(values, ids, payload, top_values, top_ids, top_payload)
+
+
+def topk_empty(columns: int, k: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty running top-k lists for ``topk_update``: values -inf, ids -1, payload 0."""
+    return (torch.full((columns, k), float("-inf"), dtype=torch.float64, device=device),
+            torch.full((columns, k), -1, dtype=torch.long, device=device),
+            torch.zeros((columns, k), dtype=torch.long, device=device))
+
+
+@torch.library.register_fake("pyengine::topk_update")
+def _topk_update_fake(values: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor | None, top_values: torch.Tensor,
+                      top_ids: torch.Tensor, top_payload: torch.Tensor) -> None:
+    return None
+
+
 @torch.library.register_fake("pyengine::hierarchical_paths")
 def _hierarchical_paths_fake(activations: list[torch.Tensor], weights: list[torch.Tensor],
                              max_indices: list[torch.Tensor], geometry: list[int], targets: torch.Tensor,

@@ -8,6 +8,8 @@ TORCH_LIBRARY(pyengine, m) {
   m.def("firing_disagreements(Tensor bits) -> Tensor");
   m.def("binned_statistics(Tensor h, Tensor labels, Tensor low, Tensor high, int bins) -> (Tensor, Tensor)");
   m.def("occlusion_batch(Tensor inputs, Tensor baseline, int[] window, int[] stride, int first, int count) -> Tensor");
+  m.def("topk_update(Tensor values, Tensor ids, Tensor? payload, Tensor(a!) top_values, Tensor(b!) top_ids, "
+        "Tensor(c!) top_payload) -> ()");
   m.def("hierarchical_paths(Tensor[] activations, Tensor[] weights, Tensor[] max_indices, int[] geometry, "
         "Tensor targets, int beam) -> (Tensor, Tensor)");
   m.def("occlusion_accumulate(Tensor(a!) sums, Tensor drops, int[] window, int[] stride, int first) -> ()");

@@ -3,11 +3,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PYENGINE_HOST_DEVICE __host__ __device__
-#else
-#define PYENGINE_HOST_DEVICE
-#endif
+#include "pyengine/core/host_device.h"
 
 namespace pyengine::core {
 

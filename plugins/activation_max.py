@@ -1,0 +1,266 @@
+"""``activation-maximization``: gradient ascent on the input for many objectives at once.
+
+Each objective — a neuron, a channel (mean over positions), a class output, a direction in a
+layer, or a weighted sum of these — gets its own image in one batch. Images are pixels or a
+decorrelated Fourier spectrum (1/f scaled), squashed into the data's value range; the
+regularizers are L2, total variation, jitter, random scale and rotation, and a blur every n
+steps. Seeded, on any device, for any number of input channels; hooks are removed after.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Options, Result, Technique, bad_option
+
+from pyengine.plugins.features import last_conv_output, upscale
+from pyengine.plugins.occlusion import gaussian_blur
+
+OBJECTIVE_FORMS = ("{'layer': L, 'channel': c} (mean over positions), {'layer': L, 'channel': c, 'y': i, 'x': j}, "
+                   "{'layer': L, 'unit': u} (dense), {'class': k}, {'layer': L, 'direction': [...]}, "
+                   "or {'terms': [objectives with a 'weight']}")
+
+
+@dataclass(frozen=True)
+class ActivationMaxOptions(Options):
+    objectives: tuple[dict[str, Any], ...] = ()  # default: every channel of `layer`
+    layer: str = ""  # for the default objectives; default: the last conv layer (after its ReLU)
+    channels: tuple[int, ...] = ()  # for the default objectives; default: all
+    steps: int = 128
+    lr: float = 0.05
+    parameterization: str = "fourier"  # or "pixel"
+    l2: float = 0.0
+    tv: float = 0.0
+    jitter: int = 2  # pixels, random translation per step
+    scale: float = 0.05  # random zoom in [1 - scale, 1 + scale] per step
+    rotate: float = 5.0  # random rotation in [-rotate, rotate] degrees per step
+    blur_every: int = 0  # pixel parameterization: blur the image every n steps (0: never)
+    blur_sigma: float = 0.5
+    compare_rows: int = 1000  # dataset rows to find each objective's best dataset input (0: none)
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        values = [self.objectives] if isinstance(self.objectives, dict) else list(self.objectives)
+        if not all(isinstance(o, dict) and o for o in values):
+            raise bad_option("objectives", self.objectives, OBJECTIVE_FORMS)
+        self._set("objectives", tuple(values))
+        self._set("channels", (self.channels,) if isinstance(self.channels, int) else tuple(self.channels))
+        if self.parameterization not in ("fourier", "pixel"):
+            raise bad_option("parameterization", self.parameterization, "'fourier' or 'pixel'")
+        self.require_int("steps", "batch_size")
+        self.require_int("jitter", "blur_every", "compare_rows", minimum=0)
+        self.require_number("lr", positive=True)
+        self.require_number("l2", "tv", "scale", "rotate", "blur_sigma")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationMaxResult(Result):
+    names: tuple[str, ...]
+    images: torch.Tensor  # (objectives, C, H, W)
+    objective: torch.Tensor  # (objectives,) final objective of each image (no transforms)
+    dataset_best: torch.Tensor  # (objectives,) best objective over compare_rows dataset inputs (nan: none)
+    beats_dataset: float  # fraction of objectives whose image beats every compared dataset input
+    curve: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"{len(self.names)} objectives optimised; the image beats the best dataset input for "
+                f"{self.beats_dataset:.0%} of them")
+
+
+Objective = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def build_objective(spec: dict[str, Any], ctx: Context) -> tuple[str, Objective, set[str]]:
+    """(name, fn(activations by layer, outputs) -> (B,) values, layers it reads)."""
+    if "terms" in spec:
+        parts = [(float(t.get("weight", 1.0)), build_objective({k: v for k, v in t.items() if k != "weight"}, ctx))
+                 for t in spec["terms"]]
+        name = " + ".join(f"{w:g}*{p[0]}" for w, p in parts)
+        layers = set().union(*(p[2] for _, p in parts))
+        return name, lambda acts, out: sum(w * p[1](acts, out) for w, p in parts), layers
+    if "class" in spec:
+        k = int(spec["class"])
+        return f"class {k}", lambda acts, out: out.reshape(out.shape[0], -1)[:, k], set()
+    layer = spec.get("layer")
+    if not isinstance(layer, str):
+        raise bad_option("objectives", spec, OBJECTIVE_FORMS)
+    ctx.module(layer)
+    if "direction" in spec:
+        direction = torch.as_tensor(spec["direction"], dtype=torch.float32)
+
+        def along(acts: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+            a = acts[layer]
+            v = direction.to(a.device)
+            if a.dim() > 2 and v.numel() == a.shape[1]:  # a channel direction, averaged over positions
+                return (a.mean(dim=tuple(range(2, a.dim()))) * v).sum(1)
+            return (a.flatten(1) * v.flatten()).sum(1)
+        return f"{layer} direction", along, {layer}
+    if "unit" in spec:
+        u = int(spec["unit"])
+        return f"{layer}#{u}", lambda acts, out: acts[layer].flatten(1)[:, u], {layer}
+    if "channel" in spec:
+        c = int(spec["channel"])
+        if "y" in spec and "x" in spec:
+            y, x = int(spec["y"]), int(spec["x"])
+            return f"{layer} channel {c} at ({y}, {x})", lambda acts, out: acts[layer][:, c, y, x], {layer}
+        return f"{layer} channel {c}", lambda acts, out: acts[layer][:, c].flatten(1).mean(1), {layer}
+    raise bad_option("objectives", spec, OBJECTIVE_FORMS)
+
+
+class FourierImage(nn.Module):
+    """Images as scaled 2-D spectra (Olah et al.): low frequencies move first."""
+
+    def __init__(self, batch: int, channels: int, height: int, width: int, generator: torch.Generator,
+                 device: torch.device) -> None:
+        super().__init__()
+        fy = torch.fft.fftfreq(height)[:, None]
+        fx = torch.fft.rfftfreq(width)[None, :]
+        frequency = torch.sqrt(fx * fx + fy * fy)
+        self.register_buffer("scale", (1.0 / frequency.clamp(min=1.0 / max(height, width))).to(device))
+        shape = (batch, channels, height, width // 2 + 1, 2)
+        self.spectrum = nn.Parameter((0.01 * torch.randn(shape, generator=generator)).to(device))
+        self.size = (height, width)
+
+    def forward(self) -> torch.Tensor:
+        spectrum = torch.view_as_complex(self.spectrum) * self.scale
+        return torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
+
+
+class PixelImage(nn.Module):
+    def __init__(self, batch: int, channels: int, height: int, width: int, generator: torch.Generator,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.pixels = nn.Parameter((0.01 * torch.randn(batch, channels, height, width, generator=generator)).to(device))
+
+    def forward(self) -> torch.Tensor:
+        return self.pixels
+
+
+def random_transform(images: torch.Tensor, options: ActivationMaxOptions, generator: torch.Generator) -> torch.Tensor:
+    """Jitter, then a random zoom and rotation per image (bilinear, border padding)."""
+    n = images.shape[0]
+    if options.jitter:
+        dy, dx = (int(v) for v in torch.randint(-options.jitter, options.jitter + 1, (2,), generator=generator))
+        images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+    if options.scale or options.rotate:
+        zoom = 1 + options.scale * (2 * torch.rand(n, generator=generator) - 1)
+        angle = math.radians(options.rotate) * (2 * torch.rand(n, generator=generator) - 1)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    return images
+
+
+class ActivationMaximization(Technique):
+    name = "activation-maximization"
+    summary = "inputs optimised to maximise units, channels, classes or directions (regularised, many at once)"
+    Options = ActivationMaxOptions
+    needs_data: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True
+
+    def run(self, ctx: Context, options: ActivationMaxOptions) -> ActivationMaxResult:
+        example = self._example(ctx)
+        specs = options.objectives or self._channel_objectives(ctx, options, example)
+        built = [build_objective(spec, ctx) for spec in specs]
+        names = tuple(b[0] for b in built)
+        layers = sorted(set().union(*(b[2] for b in built)))
+        low, high = float(example.min()), float(example.max())
+        generator = torch.Generator().manual_seed(ctx.seed)
+        make = FourierImage if options.parameterization == "fourier" else PixelImage
+        image = make(len(built), *example.shape[1:], generator=generator, device=ctx.device)
+        optimiser = torch.optim.Adam(image.parameters(), lr=options.lr)
+        squash = lambda raw: low + (high - low) * torch.sigmoid(raw)  # noqa: E731
+        trace = []
+        for step in range(options.steps):
+            optimiser.zero_grad()
+            x = squash(image())
+            acts, out = self._forward(ctx, layers, random_transform(x, options, generator))
+            values = torch.stack([fn(acts, out)[k] for k, (_, fn, _) in enumerate(built)])
+            loss = -values.sum() + options.l2 * x.square().sum() + options.tv * total_variation(x)
+            loss.backward()
+            optimiser.step()
+            trace.append(float(values.detach().mean()))
+            if options.blur_every and options.parameterization == "pixel" and (step + 1) % options.blur_every == 0:
+                with torch.no_grad():
+                    image.pixels.copy_(gaussian_blur(image.pixels, options.blur_sigma))
+        with torch.no_grad():
+            final_images = squash(image()).detach()
+            acts, out = self._forward(ctx, layers, final_images, grad=False)
+            final = torch.stack([fn(acts, out)[k] for k, (_, fn, _) in enumerate(built)]).cpu()
+        best = self._dataset_best(ctx, options, built, layers)
+        beats = float((final > best).double().mean()) if not best.isnan().all() else float("nan")
+        figures = (Figure("Activation maximization: one image per objective", caption="; ".join(names[:16]),
+                          image=_grid(final_images.cpu())),
+                   Figure("Mean objective per step", lines={"objective": trace}, xlabel="step", ylabel="objective"))
+        return ActivationMaxResult(names=names, images=final_images.cpu(), objective=final, dataset_best=best,
+                                   beats_dataset=beats, curve={"mean_objective": torch.tensor(trace)}, figures=figures)
+
+    def _example(self, ctx: Context) -> torch.Tensor:
+        if ctx.data is not None:
+            return ctx.data.batch(range(min(len(ctx.data), 64))).inputs
+        if ctx.inputs is not None:
+            return ctx.inputs.cpu()
+        raise PyengineError(f"{self.name} needs data or inputs (for the input shape and value range)")
+
+    def _channel_objectives(self, ctx: Context, options: ActivationMaxOptions,
+                            example: torch.Tensor) -> list[dict[str, Any]]:
+        layer = options.layer or last_conv_output(ctx.model, self.name)
+        acts, _ = self._forward(ctx, [layer], example[:1].to(ctx.device), grad=False)
+        width = acts[layer].shape[1]
+        channels = options.channels or tuple(range(width))
+        if max(channels) >= width:
+            raise PyengineError(f"{self.name}: channel {max(channels)} is out of range: {layer!r} has {width} channels")
+        return [{"layer": layer, "channel": c} for c in channels]
+
+    def _forward(self, ctx: Context, layers: list[str], x: torch.Tensor, grad: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        acts: dict[str, torch.Tensor] = {}
+        with ctx.hooks() as scope, torch.set_grad_enabled(grad):
+            for layer in layers:
+                scope.forward(ctx.module(layer), lambda m, a, out, layer=layer: acts.__setitem__(layer, out))
+            out = ctx.model(x)
+        return acts, out
+
+    def _dataset_best(self, ctx: Context, options: ActivationMaxOptions, built: list[Any], layers: list[str]
+                      ) -> torch.Tensor:
+        best = torch.full((len(built),), float("nan"))
+        if ctx.data is None or not options.compare_rows:
+            return best
+        best.fill_(float("-inf"))
+        with torch.no_grad():
+            for batch in ctx.data.batches(options.batch_size, 0, min(options.compare_rows, len(ctx.data))):
+                acts, out = self._forward(ctx, layers, batch.inputs.to(ctx.device), grad=False)
+                values = torch.stack([fn(acts, out) for _, fn, _ in built]).amax(1).cpu()
+                best = torch.maximum(best, values)
+        return best
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().sum() + (x[..., :, 1:] - x[..., :, :-1]).abs().sum()
+
+
+def _grid(images: torch.Tensor) -> torch.Tensor:
+    from pyengine.report import image_grid
+
+    shown = images[:32]
+    shown = (shown - shown.amin((1, 2, 3), keepdim=True)) / (
+        shown.amax((1, 2, 3), keepdim=True) - shown.amin((1, 2, 3), keepdim=True)).clamp(min=1e-12)
+    if shown.shape[1] not in (1, 3):
+        shown = shown.mean(1, keepdim=True)
+    return image_grid(upscale(shown, 64), columns=8)
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(ActivationMaximization)

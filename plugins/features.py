@@ -1,0 +1,327 @@
+"""What does a unit respond to? ``filters`` (first-layer weights), ``activations`` (feature maps
+of given inputs) and ``max-patches`` (the dataset inputs and positions that drive each channel
+most, cropped to the unit's exact receptive field, streamed through the ``topk_update`` op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pyengine import ops
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.hookspecs import hookimpl
+from pyengine.technique import Figure, Options, Result, Technique, bad_option
+
+from pyengine.plugins.gradients import GuidedReLUs
+from pyengine.plugins.receptive import ReceptiveField, receptive_field
+
+TILE_PIXELS = 48  # figures upscale small tiles to about this size
+
+
+def first_conv(model: nn.Module, technique: str) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name
+    raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
+
+
+def last_conv_output(model: nn.Module, technique: str) -> str:
+    """The last nn.Conv2d, or the nn.ReLU right after it."""
+    modules = list(model.named_modules())
+    convs = [k for k, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
+    last = convs[-1]
+    after = modules[last + 1] if last + 1 < len(modules) else None
+    return after[0] if after is not None and isinstance(after[1], nn.ReLU) else modules[last][0]
+
+
+def upscale(images: torch.Tensor, pixels: int = TILE_PIXELS) -> torch.Tensor:
+    """Nearest-neighbour upscaling of (N, C, h, w) tiles to about ``pixels`` on the long side."""
+    factor = max(1, pixels // max(images.shape[-2:]))
+    return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+
+
+def normalise_each(images: torch.Tensor) -> torch.Tensor:
+    """Each image (over all its channels) to [0, 1]."""
+    flat = images.flatten(1)
+    low, high = flat.amin(1), flat.amax(1)
+    shape = (-1, *([1] * (images.dim() - 1)))
+    return (images - low.view(shape)) / (high - low).clamp(min=1e-12).view(shape)
+
+
+# --- filters ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FiltersOptions(Options):
+    layer: str = ""  # a Conv2d; default: the first one
+
+    def validate(self) -> None:
+        if not isinstance(self.layer, str):
+            raise bad_option("layer", self.layer, "a module path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FiltersResult(Result):
+    layer: str
+    weights: torch.Tensor  # (out, in, kh, kw) as in the model
+    images: torch.Tensor  # per filter normalised to [0, 1]: (out, 3, kh, kw) for RGB, else (out * in, 1, kh, kw)
+
+    def summary(self) -> str:
+        out, cin, kh, kw = self.weights.shape
+        return f"{self.layer}: {out} filters of {cin} x {kh} x {kw}"
+
+
+class Filters(Technique):
+    name = "filters"
+    summary = "the first conv layer's weights as images, each filter normalised (RGB in colour)"
+    Options = FiltersOptions
+
+    def run(self, ctx: Context, options: FiltersOptions) -> FiltersResult:
+        layer = options.layer or first_conv(ctx.model, self.name)
+        module = ctx.module(layer)
+        if not isinstance(module, nn.Conv2d):
+            raise PyengineError(f"{self.name}: layer {layer!r} is a {type(module).__name__}; expected an nn.Conv2d")
+        weights = module.weight.detach().float().cpu()
+        images = normalise_each(weights)
+        if weights.shape[1] != 3:  # one grey tile per (filter, input channel), a row per filter
+            images = normalise_each(weights.reshape(-1, 1, *weights.shape[2:]))
+        from pyengine.report import image_grid
+
+        columns = 8 if weights.shape[1] == 3 else weights.shape[1]
+        caption = ("each filter scaled to its own range; RGB filters in colour" if weights.shape[1] == 3
+                   else f"a row per filter, a tile per input channel ({weights.shape[1]}), each filter scaled to its range")
+        figure = Figure(f"{layer}: filters", image=image_grid(upscale(images, 24), columns=columns), caption=caption)
+        return FiltersResult(layer=layer, weights=weights, images=images, figures=(figure,))
+
+
+# --- activations ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActivationsOptions(Options):
+    layer: str = ""  # default: the first conv layer's output after its ReLU
+    n_inputs: int = 4  # how many inputs to show (from the given inputs or the data)
+    max_channels: int = 32
+
+    def validate(self) -> None:
+        self.require_int("n_inputs", "max_channels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationsResult(Result):
+    layer: str
+    maps: torch.Tensor  # (inputs, C, H, W) or (inputs, F)
+    zero_fraction: float  # share of exact zeros (dead after ReLU)
+    channel_zero_fraction: torch.Tensor  # (C,)
+    channel_max: torch.Tensor  # (C,)
+    scale: float  # the shared figure scale: white = this value
+
+    def summary(self) -> str:
+        return (f"{self.layer}: {self.maps.shape[1]} channels, {self.zero_fraction:.1%} zeros, "
+                f"max {float(self.channel_max.max()):.3g}")
+
+
+class Activations(Technique):
+    name = "activations"
+    summary = "a layer's feature maps for given inputs on one shared scale, with zero fractions and maxima"
+    Options = ActivationsOptions
+    needs_data: ClassVar[bool] = True
+
+    def run(self, ctx: Context, options: ActivationsOptions) -> ActivationsResult:
+        layer = options.layer or _after_relu(ctx.model, first_conv(ctx.model, self.name))
+        block = next(ctx.activations((layer,), batch_size=options.n_inputs, max_rows=options.n_inputs, technique=self.name))
+        maps = block[layer].float().cpu()
+        per_channel = maps.transpose(0, 1).reshape(maps.shape[1], -1)
+        scale = float(maps.abs().max().clamp(min=1e-12))
+        figures = []
+        if maps.dim() == 4:
+            from pyengine.report import image_grid
+
+            shown = maps[:, :options.max_channels]
+            low = 0.0 if float(maps.min()) >= 0 else -scale
+            for k in range(shown.shape[0]):
+                tiles = ((shown[k] - low) / (scale - low)).unsqueeze(1)
+                figures.append(Figure(f"{layer}: feature maps of input {k}",
+                                      image=image_grid(upscale(tiles, 32), columns=8),
+                                      caption=f"shared scale: black = {low:.3g}, white = {scale:.3g}"))
+        return ActivationsResult(layer=layer, maps=maps, zero_fraction=float((maps == 0).double().mean()),
+                                 channel_zero_fraction=(per_channel == 0).double().mean(1),
+                                 channel_max=per_channel.amax(1), scale=scale, figures=tuple(figures))
+
+
+def _after_relu(model: nn.Module, conv: str) -> str:
+    modules = list(model.named_modules())
+    names = [n for n, _ in modules]
+    k = names.index(conv)
+    return modules[k + 1][0] if k + 1 < len(modules) and isinstance(modules[k + 1][1], nn.ReLU) else conv
+
+
+# --- maximally activating patches -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaxPatchesOptions(Options):
+    layer: str = ""  # default: the last conv layer (after its ReLU)
+    channels: tuple[int, ...] = ()  # default: every channel (unit, for dense layers)
+    k: int = 9
+    guided: bool = False  # pair each patch with its guided-backprop map toward the unit
+    batch_size: int = 256
+    max_rows: int = 0  # 0: the whole dataset / store
+    figure_channels: int = 8
+
+    def validate(self) -> None:
+        self._set("channels", tuple(self.channels) if not isinstance(self.channels, int) else (self.channels,))
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
+            raise bad_option("channels", self.channels, "channel indices >= 0")
+        self.require_int("k", "batch_size", "figure_channels")
+        self.require_int("max_rows", minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaxPatchesResult(Result):
+    layer: str
+    channels: torch.Tensor  # (C',)
+    values: torch.Tensor  # (C', k) activation, descending
+    index: torch.Tensor  # (C', k) dataset indices (ties: lower index first)
+    position: torch.Tensor  # (C', k, 2) y, x of the unit in the layer (0, 0 for dense layers)
+    patches: torch.Tensor  # (C', k, in_channels, field_h, field_w), zero outside the image
+    guided: torch.Tensor  # same shape: guided-backprop maps toward each unit (empty without guided)
+    field_size: str
+    field_jump: str
+    rows: int  # dataset rows scanned
+
+    def summary(self) -> str:
+        return (f"{self.layer}: top {self.values.shape[1]} of {self.rows} inputs for {self.values.shape[0]} channels, "
+                f"receptive field {self.field_size} (jump {self.field_jump})")
+
+
+class MaxPatches(Technique):
+    name = "max-patches"
+    summary = "per channel, the top-k dataset inputs and positions, cropped to the unit's exact receptive field"
+    Options = MaxPatchesOptions
+    needs_data: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True
+
+    def run(self, ctx: Context, options: MaxPatchesOptions) -> MaxPatchesResult:
+        if ctx.data is None:
+            raise PyengineError(f"{self.name} needs the dataset (to crop patches): pass data=<dataset>")
+        layer = options.layer or last_conv_output(ctx.model, self.name)
+        ctx.module(layer)
+        rows = min(options.max_rows or len(ctx.data), len(ctx.data))
+        if ctx.store is not None and layer in ctx.store.layers:
+            rows = min(rows, len(ctx.store))
+        if options.k > rows:
+            raise PyengineError(f"{self.name}: k={options.k} is larger than the dataset ({rows} rows); "
+                                f"expected k <= {rows}")
+        top, channels, spatial = self._stream(ctx, layer, options, rows)
+        values, ids, where = top
+        if ctx.store is not None and layer in ctx.store.layers:
+            ids = ctx.store.array("inputs/index")[ids.clamp(min=0)]
+        example = ctx.data.batch([0]).inputs.to(ctx.device)
+        field = receptive_field(ctx, layer, example, self.name) if spatial else None
+        position = torch.stack([where // max(spatial[1], 1), where % max(spatial[1], 1)], -1) if spatial \
+            else torch.zeros(*where.shape, 2, dtype=torch.long)
+        patches, guided = self._crop(ctx, layer, channels, ids, position, field, options.guided)
+        figures = _patch_figures(layer, channels, patches, guided, values, options.figure_channels)
+        size = f"{field.size[0]}x{field.size[1]}" if field else "whole input"
+        return MaxPatchesResult(layer=layer, channels=channels, values=values.float(), index=ids, position=position,
+                                patches=patches, guided=guided, field_size=size,
+                                field_jump=f"{field.jump[0]}x{field.jump[1]}" if field else "-", rows=rows,
+                                figures=figures)
+
+    def _stream(self, ctx: Context, layer: str, options: MaxPatchesOptions, rows: int
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple[int, ...]]:
+        top: tuple[torch.Tensor, ...] = ()
+        channels = torch.tensor(options.channels, dtype=torch.long)
+        spatial: tuple[int, ...] = ()
+        first = 0
+        with ctx.progress(rows, self.name) as bar:
+            for block in ctx.activations((layer,), batch_size=options.batch_size, max_rows=rows, technique=self.name):
+                a = block[layer]
+                if not top:
+                    width = a.shape[1]
+                    if options.channels and max(options.channels) >= width:
+                        raise PyengineError(f"{self.name}: channel {max(options.channels)} is out of range: {layer!r} "
+                                            f"has {width} channels")
+                    channels = channels if options.channels else torch.arange(width)
+                    spatial = tuple(a.shape[2:])
+                    top = ops.topk_empty(len(channels), options.k, a.device)
+                a = a[:, channels.to(a.device)]
+                if a.dim() > 2:
+                    values, where = a.flatten(2).max(-1)
+                else:
+                    values, where = a, torch.zeros_like(a, dtype=torch.long)
+                ids = torch.arange(first, first + a.shape[0], device=a.device)
+                ops.topk_update(values, ids, where.contiguous(), *top)
+                first += a.shape[0]
+                bar.update(a.shape[0])
+        return tuple(t.cpu() for t in top), channels, spatial
+
+    def _crop(self, ctx: Context, layer: str, channels: torch.Tensor, ids: torch.Tensor, position: torch.Tensor,
+              field: ReceptiveField | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = ctx.data.batch(ids.flatten().tolist()).inputs  # type: ignore[union-attr]  # checked in run()
+        c, k = ids.shape
+        height, width = inputs.shape[-2:]
+        size = field.size if field else (height, width)
+        patches = torch.zeros(c * k, inputs.shape[1], *size)
+        maps = guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2)) if guided \
+            else None
+        guided_patches = torch.zeros_like(patches) if guided else torch.zeros(0)
+        for n in range(c * k):
+            y, x = (int(v) for v in position.reshape(-1, 2)[n])
+            y0, y1, x0, x1 = field.box(y, x, height, width) if field else (0, height, 0, width)
+            oy = (y0 - (field.start[0] + y * field.jump[0])) if field else 0
+            ox = (x0 - (field.start[1] + x * field.jump[1])) if field else 0
+            patches[n, :, oy:oy + y1 - y0, ox:ox + x1 - x0] = inputs[n, :, y0:y1, x0:x1]
+            if maps is not None:
+                guided_patches[n, :, oy:oy + y1 - y0, ox:ox + x1 - x0] = maps[n, :, y0:y1, x0:x1]
+        shape = (c, k, *patches.shape[1:])
+        return patches.reshape(shape), guided_patches.reshape(shape) if guided else guided_patches
+
+
+def guided_maps(ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.Tensor,
+                position: torch.Tensor) -> torch.Tensor:
+    """Guided backprop of unit (channel, y, x) of ``layer`` toward each input: (N, C, H, W)."""
+    captured: list[torch.Tensor] = []
+    x = inputs.to(ctx.device).detach().requires_grad_(True)
+    with ctx.hooks() as scope, torch.enable_grad():
+        scope.forward(ctx.module(layer), lambda m, a, out: captured.append(out))
+        with GuidedReLUs():
+            ctx.model(x)
+        out = captured[0]
+        rows = torch.arange(len(x), device=out.device)
+        if out.dim() == 4:
+            units = out[rows, channels.to(out.device), position[:, 0].to(out.device), position[:, 1].to(out.device)]
+        else:
+            units = out[rows, channels.to(out.device)]
+        grads = torch.autograd.grad(units.sum(), x)[0]
+    return grads.detach().cpu()
+
+
+def _patch_figures(layer: str, channels: torch.Tensor, patches: torch.Tensor, guided: torch.Tensor,
+                   values: torch.Tensor, shown: int) -> tuple[Figure, ...]:
+    if patches.dim() != 5 or patches.shape[2] not in (1, 3):
+        return ()
+    from pyengine.report import image_grid
+
+    figures = []
+    for row, channel in enumerate(channels[:shown].tolist()):
+        tiles = [patches[row]]
+        if guided.numel():
+            tiles.append(normalise_each(guided[row]))
+        grid = image_grid(upscale(torch.cat(tiles)), columns=patches.shape[1])
+        best = ", ".join(f"{v:.3g}" for v in values[row].tolist())
+        figures.append(Figure(f"{layer} channel {channel}: top {patches.shape[1]} patches"
+                              + (" (row 2: guided backprop)" if guided.numel() else ""), image=grid,
+                              caption=f"activations {best}"))
+    return tuple(figures)
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    for technique in (Filters, Activations, MaxPatches):
+        register(technique)
