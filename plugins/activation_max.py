@@ -23,7 +23,7 @@ from pyengine.errors import PyengineError
 from pyengine.hookspecs import hookimpl
 from pyengine.technique import Figure, Options, Result, Technique, bad_option
 
-from pyengine.plugins.features import last_conv_output, upscale
+from pyengine.plugins.features import last_conv, upscale
 from pyengine.plugins.occlusion import gaussian_blur
 
 OBJECTIVE_FORMS = ("{'layer': L, 'channel': c} (mean over positions), {'layer': L, 'channel': c, 'y': i, 'x': j}, "
@@ -34,7 +34,8 @@ OBJECTIVE_FORMS = ("{'layer': L, 'channel': c} (mean over positions), {'layer': 
 @dataclass(frozen=True)
 class ActivationMaxOptions(Options):
     objectives: tuple[dict[str, Any], ...] = ()  # default: every channel of `layer`
-    layer: str = ""  # for the default objectives; default: the last conv layer (after its ReLU)
+    layer: str = ""  # for the default objectives; default: the last Conv2d's output (before its ReLU, so that
+    #                  gradients flow where the unit is off)
     channels: tuple[int, ...] = ()  # for the default objectives; default: all
     steps: int = 128
     lr: float = 0.05
@@ -215,7 +216,7 @@ class ActivationMaximization(Technique):
 
     def _channel_objectives(self, ctx: Context, options: ActivationMaxOptions,
                             example: torch.Tensor) -> list[dict[str, Any]]:
-        layer = options.layer or last_conv_output(ctx.model, self.name)
+        layer = options.layer or last_conv(ctx.model, self.name)
         acts, _ = self._forward(ctx, [layer], example[:1].to(ctx.device), grad=False)
         width = acts[layer].shape[1]
         channels = options.channels or tuple(range(width))

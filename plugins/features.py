@@ -30,15 +30,16 @@ def first_conv(model: nn.Module, technique: str) -> str:
     raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
 
 
-def last_conv_output(model: nn.Module, technique: str) -> str:
-    """The last nn.Conv2d, or the nn.ReLU right after it."""
-    modules = list(model.named_modules())
-    convs = [k for k, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
+def last_conv(model: nn.Module, technique: str) -> str:
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not convs:
         raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
-    last = convs[-1]
-    after = modules[last + 1] if last + 1 < len(modules) else None
-    return after[0] if after is not None and isinstance(after[1], nn.ReLU) else modules[last][0]
+    return convs[-1]
+
+
+def last_conv_output(model: nn.Module, technique: str) -> str:
+    """The last nn.Conv2d, or the nn.ReLU right after it."""
+    return _after_relu(model, last_conv(model, technique))
 
 
 def upscale(images: torch.Tensor, pixels: int = TILE_PIXELS) -> torch.Tensor:
