@@ -69,6 +69,7 @@ def demo(out: str | Path = "demo-out", *, config: TrainConfig = TrainConfig(), n
         seconds = time.perf_counter() - started
         _say(f"{name}: {result.summary()} ({seconds:.1f} s)")
         sections.append(Section(name, lines=result.lines(), figures=list(result.figures)))
+    sections += feature_sections(model, held_out, activations, inputs, progress=progress)
     with StoreReader(results_path) as reader:
         stored = [f"{t}/{r}" for t, r in reader.results()]
     sections.append(Section("Files", lines=[f"{activations.name}: activations of {len(held_out)} held-out images",
@@ -76,6 +77,38 @@ def demo(out: str | Path = "demo-out", *, config: TrainConfig = TrainConfig(), n
     page = Report("pyengine demo: demo-cnn on shapes", sections).write(out / "report")
     print(f"wrote {results_path} and {page}", flush=True)
     return failures
+
+
+def feature_sections(model: nn.Module, data: Shapes, store: Path, inputs: torch.Tensor, *, channels: int = 4,
+                     progress: bool = True) -> list[Section]:
+    """Per conv layer: its filters (first layer), feature maps of one input, the top-9 dataset
+    patches with their guided-backprop maps, and activation-maximization images, for the first
+    ``channels`` channels side by side."""
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    modules = dict(model.named_modules())
+    names = list(modules)
+    sections = []
+    for k, conv in enumerate(convs):
+        after = names[names.index(conv) + 1]
+        layer = after if isinstance(modules[after], nn.ReLU) else conv
+        figures: list[Figure] = []
+        try:
+            if k == 0:
+                figures += run("filters", model, layer=conv, progress=False).figures
+            figures += run("activations", model, inputs[:1], layer=layer, n_inputs=1, progress=False).figures
+            patches = run("max-patches", model, data=data, store=store, layer=layer, channels=list(range(channels)),
+                          guided=True, figure_channels=channels, progress=progress)
+            optimised = run("activation-maximization", model, data=data, layer=conv, channels=list(range(channels)),
+                            steps=64, progress=False)
+        except PyengineError as error:
+            sections.append(Section(f"Feature visualization of {layer}", error=str(error)))
+            continue
+        figures += list(patches.figures) + [optimised.figures[0]]
+        sections.append(Section(f"Feature visualization of {layer}", lines=[
+            f"{patches.summary()}.",
+            f"Activation maximization of {conv} channels 0-{channels - 1}: {optimised.summary()}.",
+        ], figures=figures))
+    return sections
 
 
 def _overview_section(accuracy: float, how: str, losses: tuple[float, ...], data: Shapes,
