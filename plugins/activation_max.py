@@ -23,7 +23,8 @@ from pyengine.errors import PyengineError
 from pyengine.hookspecs import hookimpl
 from pyengine.technique import Figure, Options, Result, Technique, bad_option
 
-from pyengine.plugins.features import last_conv, upscale
+from pyengine.plugins.features import upscale
+from pyengine.plugins.layers import conv_layers
 from pyengine.plugins.occlusion import gaussian_blur
 
 OBJECTIVE_FORMS = ("{'layer': L, 'channel': c} (mean over positions), {'layer': L, 'channel': c, 'y': i, 'x': j}, "
@@ -216,7 +217,7 @@ class ActivationMaximization(Technique):
 
     def _channel_objectives(self, ctx: Context, options: ActivationMaxOptions,
                             example: torch.Tensor) -> list[dict[str, Any]]:
-        layer = options.layer or last_conv(ctx.model, self.name)
+        layer = options.layer or conv_layers(ctx.model, self.name)[-1]
         acts, _ = self._forward(ctx, [layer], example[:1].to(ctx.device), grad=False)
         width = acts[layer].shape[1]
         channels = options.channels or tuple(range(width))

@@ -18,28 +18,15 @@ from pyengine.hookspecs import hookimpl
 from pyengine.technique import Figure, Options, Result, Technique, bad_option
 
 from pyengine.plugins.gradients import GuidedReLUs
+from pyengine.plugins.layers import after_relu, conv_layers
 from pyengine.plugins.receptive import ReceptiveField, receptive_field
 
 TILE_PIXELS = 48  # figures upscale small tiles to about this size
 
 
-def first_conv(model: nn.Module, technique: str) -> str:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            return name
-    raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
-
-
-def last_conv(model: nn.Module, technique: str) -> str:
-    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    if not convs:
-        raise PyengineError(f"{technique}: the model has no nn.Conv2d; pass layer=<module path>")
-    return convs[-1]
-
-
 def last_conv_output(model: nn.Module, technique: str) -> str:
     """The last nn.Conv2d, or the nn.ReLU right after it."""
-    return _after_relu(model, last_conv(model, technique))
+    return after_relu(model, conv_layers(model, technique)[-1])
 
 
 def upscale(images: torch.Tensor, pixels: int = TILE_PIXELS) -> torch.Tensor:
@@ -84,7 +71,7 @@ class Filters(Technique):
     Options = FiltersOptions
 
     def run(self, ctx: Context, options: FiltersOptions) -> FiltersResult:
-        layer = options.layer or first_conv(ctx.model, self.name)
+        layer = options.layer or conv_layers(ctx.model, self.name)[0]
         module = ctx.module(layer)
         if not isinstance(module, nn.Conv2d):
             raise PyengineError(f"{self.name}: layer {layer!r} is a {type(module).__name__}; expected an nn.Conv2d")
@@ -134,7 +121,7 @@ class Activations(Technique):
     needs_data: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: ActivationsOptions) -> ActivationsResult:
-        layer = options.layer or _after_relu(ctx.model, first_conv(ctx.model, self.name))
+        layer = options.layer or after_relu(ctx.model, conv_layers(ctx.model, self.name)[0])
         block = next(ctx.activations((layer,), batch_size=options.n_inputs, max_rows=options.n_inputs, technique=self.name))
         maps = block[layer].float().cpu()
         per_channel = maps.transpose(0, 1).reshape(maps.shape[1], -1)
@@ -153,13 +140,6 @@ class Activations(Technique):
         return ActivationsResult(layer=layer, maps=maps, zero_fraction=float((maps == 0).double().mean()),
                                  channel_zero_fraction=(per_channel == 0).double().mean(1),
                                  channel_max=per_channel.amax(1), scale=scale, figures=tuple(figures))
-
-
-def _after_relu(model: nn.Module, conv: str) -> str:
-    modules = list(model.named_modules())
-    names = [n for n, _ in modules]
-    k = names.index(conv)
-    return modules[k + 1][0] if k + 1 < len(modules) and isinstance(modules[k + 1][1], nn.ReLU) else conv
 
 
 # --- maximally activating patches -------------------------------------------------------------

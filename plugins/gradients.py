@@ -23,6 +23,7 @@ from pyengine.errors import PyengineError
 from pyengine.hookspecs import hookimpl
 from pyengine.technique import Technique, bad_option
 
+from pyengine.plugins.layers import after_relu, conv_layers
 from pyengine.plugins.attribution import (Attribute, AttributionOptions, AttributionResult, make_result,
                                           run_attribution, samples_per_pass, target_scores)
 
@@ -290,13 +291,7 @@ class GradCamResult(AttributionResult):
 
 def default_conv_layer(model: nn.Module) -> str:
     """The last nn.Conv1d/2d — taken after its ReLU when an nn.ReLU module directly follows it."""
-    modules = list(model.named_modules())
-    convs = [k for k, (_, module) in enumerate(modules) if isinstance(module, (nn.Conv1d, nn.Conv2d))]
-    if not convs:
-        raise PyengineError("grad-cam: the model has no nn.Conv1d/nn.Conv2d layer; pass layer=<module path>")
-    last = convs[-1]
-    follows = modules[last + 1] if last + 1 < len(modules) else None
-    return follows[0] if follows is not None and isinstance(follows[1], nn.ReLU) else modules[last][0]
+    return after_relu(model, conv_layers(model, "grad-cam", (nn.Conv1d, nn.Conv2d))[-1])
 
 
 def grad_cam(ctx: Context, layer: nn.Module, layer_name: str, x: torch.Tensor, t: torch.Tensor,

@@ -15,6 +15,7 @@ from pyengine.capture import capture
 from pyengine.data.shapes import Shapes
 from pyengine.errors import PyengineError
 from pyengine.models.demo import DemoCNN
+from pyengine.plugins.layers import after_relu, conv_layers
 from pyengine.report import Report, Section, image_grid
 from pyengine.store import StoreReader
 from pyengine.technique import Figure
@@ -84,13 +85,9 @@ def feature_sections(model: nn.Module, data: Shapes, store: Path, inputs: torch.
     """Per conv layer: its filters (first layer), feature maps of one input, the top-9 dataset
     patches with their guided-backprop maps, and activation-maximization images, for the first
     ``channels`` channels side by side."""
-    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    modules = dict(model.named_modules())
-    names = list(modules)
     sections = []
-    for k, conv in enumerate(convs):
-        after = names[names.index(conv) + 1]
-        layer = after if isinstance(modules[after], nn.ReLU) else conv
+    for k, conv in enumerate(conv_layers(model, "demo")):
+        layer = after_relu(model, conv)
         figures: list[Figure] = []
         try:
             if k == 0:
