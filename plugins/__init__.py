@@ -1,1 +1,1 @@
-"""Built-in techniques."""
+"""Built-in techniques, one package per family; see README.md for the rules."""

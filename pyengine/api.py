@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -15,7 +16,7 @@ from pyengine.context import Context, resolve_device
 from pyengine.data.base import as_dataset
 from pyengine.errors import PluginError, PyengineError
 from pyengine.store import PendingResult, StoreReader, reserve_run_name, write_results
-from pyengine.technique import Options, Result
+from pyengine.technique import Options, Result, Technique
 
 
 def resolve_model(model: nn.Module | str) -> nn.Module:
@@ -27,10 +28,20 @@ def resolve_model(model: nn.Module | str) -> nn.Module:
     raise PyengineError(f"model={type(model).__name__} is invalid: expected an nn.Module or a registered model name")
 
 
-def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *, data: Any = None,
-        store: StoreReader | str | os.PathLike[str] | None = None, save: str | os.PathLike[str] | None = None,
-        run_name: str = "", device: str | torch.device | None = None, seed: int = 0,
-        progress: bool = True, **options: Any) -> Result:
+def run(
+    name: str,
+    model: nn.Module | str,
+    inputs: torch.Tensor | None = None,
+    *,
+    data: Any = None,
+    store: StoreReader | str | os.PathLike[str] | None = None,
+    save: str | os.PathLike[str] | None = None,
+    run_name: str = "",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> Result:
     """Run technique ``name`` on ``model``; ``options`` are the technique's options.
 
     ``data`` is a dataset to analyse, ``store`` an activation store to read from, ``save``
@@ -51,25 +62,46 @@ def run(name: str, model: nn.Module | str, inputs: torch.Tensor | None = None, *
     if save is not None:
         run_name = reserve_run_name(save, name, run_name)
     reader = StoreReader(store) if isinstance(store, (str, os.PathLike)) else store
-    ctx = Context(model=model, device=target, inputs=inputs, data=as_dataset(data) if data is not None else None,
-                  store=reader, seed=seed, show_progress=progress)
+    ctx = Context(
+        model=model,
+        device=target,
+        inputs=inputs,
+        data=as_dataset(data) if data is not None else None,
+        store=reader,
+        seed=seed,
+        show_progress=progress,
+    )
     was_training = model.training
     model.eval()
     try:
-        result = technique_class().run(ctx, parsed)
+        result = execute(technique_class, ctx, parsed)
     finally:
         model.train(was_training)
         if reader is not None and reader is not store:
             reader.close()
-    if not isinstance(result, Result):
-        raise PluginError(f"technique {name!r} returned {type(result).__name__}; expected a pyengine.Result")
     if save is not None:
         write_results(save, [stored_result(name, run_name, parsed, result)], meta=model_meta(model))
     return result
 
 
+def execute(technique_class: type[Technique], ctx: Context, options: Options) -> Result:
+    """Run one technique on a context: the single entry behind ``pyengine.run`` and ``ctx.run``.
+    The result says which rows were analysed."""
+    result = technique_class().run(ctx, options)
+    if not isinstance(result, Result):
+        raise PluginError(
+            f"technique {technique_class.name!r} returned {type(result).__name__}; expected a pyengine.Result"
+        )
+    if ctx.rows_read and not result.rows:
+        result = dataclasses.replace(result, rows=ctx.rows_read)
+    return result
+
+
 def model_meta(model: nn.Module) -> dict[str, str]:
-    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_param_hash": param_hash(model)}
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_param_hash": param_hash(model),
+    }
 
 
 def stored_result(name: str, run_name: str, options: Options, result: Result) -> PendingResult:

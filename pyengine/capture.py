@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyengine.context import HookScope, resolve_device, resolve_module
+from pyengine.context import resolve_device
 from pyengine.data.base import Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
+from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
 from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
 
@@ -25,7 +26,7 @@ def param_hash(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -41,12 +42,17 @@ FLOAT16_MAX = 65504.0
 def _warn_on_float16_overflow(activations: dict[str, torch.Tensor]) -> None:
     for name, values in activations.items():
         if values.numel() and float(values.detach().abs().max()) > FLOAT16_MAX:
-            warnings.warn(f"layer {name!r} has values beyond the float16 range (|x| > 65504), stored as inf; "
-                          "capture with dtype='float32'", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"layer {name!r} has values beyond the float16 range (|x| > 65504), stored as inf; "
+                "capture with dtype='float32'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
-def _check_options(layers: Sequence[str], batch_size: int, dtype: str, compression: str, start: int,
-                   stop: int | None, size: int) -> None:
+def _check_options(
+    layers: Sequence[str], batch_size: int, dtype: str, compression: str, start: int, stop: int | None, size: int
+) -> None:
     if isinstance(layers, str) or not layers:
         raise PyengineError(f"layers={layers!r} is invalid: expected a non-empty list of module paths")
     if len(set(layers)) != len(layers):
@@ -62,11 +68,22 @@ def _check_options(layers: Sequence[str], batch_size: int, dtype: str, compressi
         raise PyengineError(f"range start={start}, stop={stop} is invalid: expected 0 <= start < stop <= {size}")
 
 
-def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | os.PathLike[str], *,
-            batch_size: int = 64, dtype: str = "float16", compression: str = "lzf",
-            device: str | torch.device | None = None, start: int = 0, stop: int | None = None,
-            overwrite: bool = False, progress: bool = True,
-            on_batch: Callable[[int], None] | None = None) -> Path:
+def capture(
+    model: nn.Module,
+    dataset: Any,
+    layers: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    compression: str = "lzf",
+    device: str | torch.device | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
     """Run ``dataset`` through ``model`` and store the outputs of ``layers`` at ``path``.
 
     Returns the path of the complete store. An interrupted capture with the same
@@ -75,7 +92,8 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
     data: Dataset = as_dataset(dataset)
     path = Path(path)
     _check_options(layers, batch_size, dtype, compression, start, stop, len(data))
-    modules = {name: resolve_module(model, name) for name in layers}
+    for name in layers:
+        resolve_module(model, LayerRef.parse(name).path)
     stop = len(data) if stop is None else stop
     device = resolve_device(device) if device is not None else model_device(model)
     config = {
@@ -96,40 +114,39 @@ def capture(model: nn.Module, dataset: Any, layers: Sequence[str], path: str | o
     if finished is not None:
         if finished == config:
             return path
-        raise StoreError(f"{path} exists with a different capture configuration; choose another path or pass overwrite=True")
+        raise StoreError(
+            f"{path} exists with a different capture configuration; choose another path or pass overwrite=True"
+        )
 
     writer = ActivationWriter.resume(path, config)
     was_training = model.training
     model = model.to(device).eval()
-    outputs: dict[str, torch.Tensor] = {}
-
-    def keep(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise PyengineError(f"layer {name!r} returned {type(output).__name__}; expected a tensor to capture")
-            outputs[name] = output.detach()
-
-        return hook
-
     done = writer.rows_done if writer else 0
     try:
-        with HookScope() as scope, torch.no_grad(), Progress(stop - start, f"capture {path.name}", enabled=progress) as bar:
-            for name, module in modules.items():
-                scope.forward(module, keep(name))
+        with (
+            record(model, layers) as seen,
+            torch.no_grad(),
+            Progress(stop - start, f"capture {path.name}", enabled=progress) as bar,
+        ):
             bar.update(done)
             for batch in data.batches(batch_size, start + done, stop):
-                outputs.clear()
                 model(batch.inputs.to(device))
-                acts = {name: outputs[name] for name in layers}
+                acts = {name: seen[name] for name in layers}
                 if dtype == "float16":
                     _warn_on_float16_overflow(acts)
                 if writer is None:
                     writer = ActivationWriter.create(
                         path,
-                        meta={"model_class": config["model_class"], "model_param_hash": config["model_param_hash"],
-                              "dataset_name": data.name, "dataset_size": len(data)},
-                        config=config, layers={name: tuple(a.shape[1:]) for name, a in acts.items()},
-                        dtype=dtype, compression=compression,
+                        meta={
+                            "model_class": config["model_class"],
+                            "model_param_hash": config["model_param_hash"],
+                            "dataset_name": data.name,
+                            "dataset_size": len(data),
+                        },
+                        config=config,
+                        layers={name: tuple(a.shape[1:]) for name, a in acts.items()},
+                        dtype=dtype,
+                        compression=compression,
                         concepts={name: tuple(data.concept_names.get(name, ())) for name in batch.concepts},
                     )
                 writer.append(batch.index, batch.labels, batch.concepts, acts)

@@ -58,12 +58,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     for spec, _ in parsed:
         taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}
         run_names.append(reserve_run_name(config.out, spec.name, spec.run, taken))
-    inputs = data.batch(range(min(config.data.inputs, len(data)))).inputs if data and config.data.inputs else None
+    given = config.data.inputs if config.data else 0
+    inputs = data.batch(range(min(given, len(data)))).inputs if data is not None and given else None
 
     pending = []
     for (spec, options), run_name in zip(parsed, run_names):
-        result = run(spec.name, model, inputs, data=data, store=config.data.store if config.data else None,
-                     device=config.device, seed=config.seed, progress=not args.quiet, **spec.options)
+        result = run(
+            spec.name,
+            model,
+            inputs,
+            data=data,
+            store=config.data.store if config.data else None,
+            device=config.device,
+            seed=config.seed,
+            progress=not args.quiet,
+            **spec.options,
+        )
         pending.append(stored_result(spec.name, run_name, options, result))
         print(f"{spec.name}/{run_name}: {result.summary()}")
     write_results(config.out, pending, meta=model_meta(model))
@@ -76,14 +86,26 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from pyengine.config import ModelSpec, build_dataset, build_model
 
     source = {"factory": args.model} if ":" in args.model else {"name": args.model}
-    spec = ModelSpec(**source, args=_key_values(args.model_arg, "--model-arg"),
-                     weights=Path(args.weights) if args.weights else None)
+    spec = ModelSpec(
+        **source, args=_key_values(args.model_arg, "--model-arg"), weights=Path(args.weights) if args.weights else None
+    )
     model = build_model(spec)
     data = build_dataset(args.data, _key_values(args.data_arg, "--data-arg"))
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
-    path = capture(model, data, layers, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                   compression=args.compression, device=args.device, start=args.start, stop=args.stop,
-                   overwrite=args.overwrite, progress=not args.quiet)
+    path = capture(
+        model,
+        data,
+        layers,
+        args.out,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        compression=args.compression,
+        device=args.device,
+        start=args.start,
+        stop=args.stop,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -101,18 +123,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
-    from dataclasses import MISSING, fields
-
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, technique in host.techniques().items():
-        options = {f.name: (None if f.default is MISSING else f.default) for f in fields(technique.Options)}
-        rows.append({"name": name, "summary": technique.summary,
-                     "options": json.loads(json.dumps(options, default=str))})
+        options = [
+            {"name": o.name, "default": json.loads(json.dumps(o.default, default=str)), "doc": o.doc}
+            for o in technique.Options.describe()
+        ]
+        flags = [flag for flag in ("attribution", "explains_inputs") if getattr(technique, flag)]
+        rows.append({"name": name, "summary": technique.summary, "flags": flags, "options": options})
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['name']}: {row['summary']}")
+        return 0
+    for row in rows:
+        print(f"{row['name']}: {row['summary']}")
+        for item in row["options"]:
+            print(f"    {item['name']} = {item['default']!r}: {item['doc']}")
     return 0
 
 
@@ -125,7 +150,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     meta = info["meta"]
-    print(f"{info['path']}: pyengine store schema {meta.get('schema_version')} (pyengine {meta.get('pyengine_version')})")
+    print(
+        f"{info['path']}: pyengine store schema {meta.get('schema_version')} (pyengine {meta.get('pyengine_version')})"
+    )
     print(f"  model {meta.get('model_class', '?')}  params {str(meta.get('model_param_hash', '?'))[:12]}")
     if "dataset_name" in meta:
         print(f"  dataset {meta['dataset_name']} ({meta.get('dataset_size')} rows), {info['rows']} captured")

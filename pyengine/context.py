@@ -1,32 +1,33 @@
-"""What a technique gets: model, device, layers, data, store, hooks, progress, rng."""
+"""What a technique gets: model, device, rows, layers, store, progress, rng.
+
+Two policies live here, the same for every technique:
+
+- **Rows** (``ctx.rows``): the given ``inputs`` when there are any, else the dataset
+  ``data``; for stored activations (``ctx.activations``) a store that holds every
+  requested layer comes before the dataset. ``start``/``stop`` pick rows of that source
+  (``stop=0`` or past the end: to the end). What was read is kept in ``ctx.rows_read`` and reported with
+  the result.
+- **Layers** (``ctx.record``): one forward-recording mechanism, see ``pyengine.layers``.
+"""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from pyengine.errors import NotFoundError, PyengineError
+from pyengine import layers as layer_api
+from pyengine.errors import PyengineError
 from pyengine.progress import Progress
 
 if TYPE_CHECKING:
     from pyengine.data.base import Dataset
     from pyengine.store import StoreReader
-
-
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at a module path like ``features.conv1``; errors list the closest names."""
-    modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
-    names = [n for n in modules if n]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4) or names[:5]
-    raise NotFoundError(f"no layer {name!r} in {type(model).__name__}; closest: {', '.join(close)}")
+    from pyengine.technique import Result
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -43,34 +44,97 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-class HookScope:
-    """Collects hook handles; removes every one on exit, however the block ends."""
+@dataclass(frozen=True)
+class Rows:
+    """A block of analysed rows and what is known about them."""
 
-    def __init__(self) -> None:
-        self._handles: list[Any] = []
+    index: torch.Tensor  # (B,) dataset rows, or positions in the given inputs
+    inputs: torch.Tensor | None = None  # (B, ...) on the device; None for rows read from a store
+    labels: torch.Tensor | None = None  # (B,) class labels (-1: unknown); None when there are none
+    concepts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) codes
+    boxes: torch.Tensor | None = None  # (B, 4) x0, y0, x1, y1 of the labelled object, if known
 
-    def add(self, handle: Any) -> Any:
-        self._handles.append(handle)
-        return handle
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
 
-    def forward(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
-        return self.add(module.register_forward_hook(hook, **kwargs))
+    def require_inputs(self) -> torch.Tensor:
+        if self.inputs is None:
+            raise PyengineError("these rows come from a store and carry no inputs")
+        return self.inputs
 
-    def forward_pre(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
-        return self.add(module.register_forward_pre_hook(hook, **kwargs))
 
-    def backward(self, module: nn.Module, hook: Callable[..., Any], **kwargs: Any) -> Any:
-        return self.add(module.register_full_backward_hook(hook, **kwargs))
+@dataclass(frozen=True)
+class RowSource:
+    """Rows ``start .. stop`` of one source, in blocks of ``batch_size``."""
 
-    def close(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    description: str  # e.g. "rows 0-7 of the 8 given inputs"
+    count: int
+    blocks: Callable[[], Iterator[Rows]]
+    concept_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # concept -> category names
 
-    def __enter__(self) -> HookScope:
-        return self
+    def __iter__(self) -> Iterator[Rows]:
+        return self.blocks()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def all(self) -> Rows:
+        """Every row in one block."""
+        parts = list(self)
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            present = [v for v in values if v is not None]
+            return torch.cat(present) if len(present) == len(values) else None
+
+        concepts = {k: torch.cat([p.concepts[k] for p in parts]) for k in parts[0].concepts}
+        return Rows(
+            torch.cat([p.index for p in parts]),
+            cat([p.inputs for p in parts]),
+            cat([p.labels for p in parts]),
+            concepts,
+            cat([p.boxes for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class ActivationSource:
+    """Layer activations of rows ``start .. stop``, in blocks of (rows, {layer: values})."""
+
+    description: str
+    count: int
+    blocks: Callable[[], Iterator[tuple[Rows, dict[str, torch.Tensor]]]]
+    concept_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
+        return self.blocks()
+
+
+def _stored_blocks(
+    store: StoreReader, layers: tuple[str, ...], batch_size: int, start: int, end: int, device: torch.device
+) -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
+    names = tuple(store.concepts)
+    streams = [store.iter_layer(layer, rows=batch_size, device=device, start=start, stop=end) for layer in layers]
+    first = start
+    for blocks in zip(*streams):
+        last = first + blocks[0].shape[0]
+        rows = Rows(
+            store.index(first, last),
+            None,
+            store.labels(first, last),
+            {name: store.concept(name, first, last) for name in names},
+        )
+        yield rows, dict(zip(layers, blocks))
+        first = last
+
+
+def _row_range(start: int, stop: int, size: int, what: str, technique: str) -> int:
+    """The end of rows ``start .. stop`` of a source of ``size`` rows (``stop`` 0 or past the end: the end)."""
+    end = min(stop or size, size)
+    if not 0 <= start < end:
+        raise PyengineError(
+            f"{technique}: rows start={start}, stop={stop} select nothing of the {size} rows of "
+            f"{what}; expected 0 <= start < {size}"
+        )
+    return end
 
 
 @dataclass
@@ -85,70 +149,131 @@ class Context:
     seed: int = 0
     show_progress: bool = True
     rng: torch.Generator = field(init=False)
+    rows_read: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.rng = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    # --- layers ------------------------------------------------------------------------------
 
     @property
     def layers(self) -> dict[str, nn.Module]:
         """Module path -> module, for every submodule of the model."""
         return {name: module for name, module in self.model.named_modules() if name}
 
+    def module(self, name: str) -> nn.Module:
+        return layer_api.resolve_module(self.model, layer_api.LayerRef.parse(name).path)
+
     def relu_layers(self) -> tuple[str, ...]:
         """Module paths of every ``nn.ReLU`` in the model."""
-        return tuple(name for name, module in self.layers.items() if isinstance(module, nn.ReLU))
+        return layer_api.relu_layers(self.model)
 
     def default_layers(self, technique: str, *, from_store: bool = True) -> tuple[str, ...]:
         """The stored layers (when ``from_store``), else every ReLU module; an error if none."""
         stored = tuple(self.store.layers) if from_store and self.store is not None else ()
-        layers = stored or self.relu_layers()
-        if not layers:
+        found = stored or self.relu_layers()
+        if not found:
             raise PyengineError(f"{technique}: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
-        return layers
+        return found
 
-    def module(self, name: str) -> nn.Module:
-        return resolve_module(self.model, name)
+    def record(
+        self, layers: Sequence[str], *, grad: bool = False, edit: Mapping[str, layer_api.Edit] | None = None
+    ) -> AbstractContextManager[layer_api.Recording]:
+        """``with ctx.record(["features.relu2"]) as seen: ctx.model(x)`` then ``seen["features.relu2"]``."""
+        return layer_api.record(self.model, layers, grad=grad, edit=edit)
 
-    @contextmanager
-    def hooks(self) -> Iterator[HookScope]:
-        """``with ctx.hooks() as scope: scope.forward(module, fn)`` — removed on exit."""
-        with HookScope() as scope:
-            yield scope
+    def hooks(self) -> layer_api.HookScope:
+        """``with ctx.hooks() as scope: scope.forward(module, fn)`` — removed on exit. For what
+        ``record`` and ``trace`` do not cover; prefer them."""
+        return layer_api.HookScope()
 
-    def input_batches(self, batch_size: int, *, max_rows: int = 0, technique: str = "") -> Iterator[torch.Tensor]:
-        """Input batches on the device: from the data, else from ``inputs``."""
-        limit = max_rows or None
-        if self.data is not None:
-            stop = min(len(self.data), limit or len(self.data))
-            return (batch.inputs.to(self.device) for batch in self.data.batches(batch_size, 0, stop))
+    def trace(
+        self, *, until: nn.Module | None = None, also: Sequence[nn.Module] = ()
+    ) -> AbstractContextManager[layer_api.Trace]:
+        """Every leaf module call of the passes run inside, in order (see ``pyengine.layers.trace``)."""
+        return layer_api.trace(self.model, until=until, also=also)
+
+    # --- rows --------------------------------------------------------------------------------
+
+    def rows(self, batch_size: int, *, start: int = 0, stop: int = 0, technique: str = "") -> RowSource:
+        """Rows to analyse: the given inputs, else the dataset (see the module doc)."""
+        technique = technique or "this technique"
         if self.inputs is not None:
-            return iter(self.inputs[:limit].to(self.device).split(batch_size))
-        raise PyengineError(f"{technique or 'this technique'} needs data: pass data=<dataset> or inputs")
+            inputs = self.inputs
+            end = _row_range(start, stop, inputs.shape[0], "the given inputs", technique)
+            source = RowSource(
+                f"rows {start}-{end - 1} of the {inputs.shape[0]} given inputs",
+                end - start,
+                lambda: (
+                    Rows(index, x.to(self.device))
+                    for x, index in zip(inputs[start:end].split(batch_size), torch.arange(start, end).split(batch_size))
+                ),
+            )
+        elif self.data is not None:
+            data = self.data
+            end = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique)
+            source = RowSource(
+                f"rows {start}-{end - 1} of dataset {data.name!r} ({len(data)} rows)",
+                end - start,
+                lambda: (
+                    Rows(b.index, b.inputs.to(self.device), b.labels, b.concepts, b.boxes)
+                    for b in data.batches(batch_size, start, end)
+                ),
+                dict(data.concept_names),
+            )
+        else:
+            raise PyengineError(
+                f"{technique} needs rows: pass inputs (pyengine.run(name, model, inputs)) or data=<dataset>"
+            )
+        self.rows_read = f"{source.count} {source.description}"
+        return source
 
-    def activations(self, layers: tuple[str, ...], *, batch_size: int, max_rows: int = 0,
-                    technique: str = "") -> Iterator[dict[str, torch.Tensor]]:
-        """Blocks ``{layer: activations}`` of at most ``batch_size`` rows: streamed from the
-        store when it holds every layer, else from a fresh pass over the data (or inputs)."""
-        limit = max_rows or None
-        if self.store is not None and all(layer in self.store.layers for layer in layers):
-            streams = [self.store.iter_layer(layer, rows=batch_size, device=self.device, stop=limit) for layer in layers]
-            for blocks in zip(*streams):
-                yield dict(zip(layers, blocks))
-            return
-        modules = {layer: self.module(layer) for layer in layers}
-        batches = self.input_batches(batch_size, max_rows=max_rows, technique=technique)
-        outputs: dict[str, torch.Tensor] = {}
-        with self.hooks() as scope, torch.no_grad():
-            for layer, module in modules.items():
-                scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
-            for inputs in batches:
-                self.model(inputs)
-                yield {layer: outputs[layer] for layer in layers}
+    def require_inputs(self, technique: str) -> torch.Tensor:
+        """The given inputs on the device (for ``needs_inputs`` techniques)."""
+        if self.inputs is None:
+            raise PyengineError(f"{technique} needs inputs: pass a tensor as pyengine.run(..., inputs)")
+        self.rows_read = f"{self.inputs.shape[0]} given inputs"
+        return self.inputs.to(self.device)
+
+    def activations(
+        self, layers: Sequence[str], *, batch_size: int, start: int = 0, stop: int = 0, technique: str = ""
+    ) -> ActivationSource:
+        """Blocks of (rows, {layer: activations}): streamed from the store when it holds every
+        layer (and no inputs are given), else from a recorded pass over ``ctx.rows``."""
+        layers = tuple(layers)
+        store = self.store
+        if self.inputs is None and store is not None and all(layer in store.layers for layer in layers):
+            end = _row_range(start, stop, len(store), f"store {store.path.name}", technique or "this technique")
+            description = f"rows {start}-{end - 1} of store {store.path.name} ({len(store)} rows)"
+            self.rows_read = f"{end - start} {description}"
+            return ActivationSource(
+                description,
+                end - start,
+                lambda: _stored_blocks(store, layers, batch_size, start, end, self.device),
+                {k: tuple(v) for k, v in store.concepts.items()},
+            )
+        source = self.rows(batch_size, start=start, stop=stop, technique=technique)
+
+        def recorded() -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
+            with self.record(layers) as seen, torch.no_grad():
+                for rows in source:
+                    self.model(rows.inputs)
+                    yield rows, {layer: seen[layer] for layer in layers}
+
+        return ActivationSource(source.description, source.count, recorded, source.concept_names)
+
+    # --- running -----------------------------------------------------------------------------
 
     def progress(self, total: int | None, desc: str) -> Progress:
         return Progress(total, desc, enabled=self.show_progress)
 
-    def require_inputs(self, technique: str) -> torch.Tensor:
-        if self.inputs is None:
-            raise PyengineError(f"{technique} needs inputs: pass a tensor as pyengine.run(..., inputs)")
-        return self.inputs.to(self.device)
+    def run(self, name: str, inputs: torch.Tensor, **options: Any) -> Result:
+        """Run another registered technique on ``inputs`` with this model, device and seed,
+        through the same entry as ``pyengine.run`` (no progress bars, nothing saved)."""
+        from pyengine import host
+        from pyengine.api import execute
+
+        technique = host.get_technique(name)
+        child = Context(model=self.model, device=self.device, inputs=inputs, seed=self.seed, show_progress=False)
+        child.rng = self.rng
+        return execute(technique, child, technique.options(**options))

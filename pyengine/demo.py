@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,9 +15,10 @@ from pyengine.api import run
 from pyengine.capture import capture
 from pyengine.data.shapes import Shapes
 from pyengine.errors import PyengineError
+from pyengine.figures import image_grid
+from pyengine.layers import after_relu, conv_layers, relu_layers
 from pyengine.models.demo import DemoCNN
-from pyengine.plugins.layers import after_relu, conv_layers
-from pyengine.report import Report, Section, image_grid
+from pyengine.report import Report, Section
 from pyengine.store import StoreReader
 from pyengine.technique import Figure
 from pyengine.train import TrainConfig, train_cached
@@ -31,12 +33,14 @@ def _say(message: str) -> None:
 
 def capture_layers(model: nn.Module) -> list[str]:
     """The layers the demo stores: every ReLU output."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.ReLU)]
+    return list(relu_layers(model))
 
 
-def demo(out: str | Path = "demo-out", *, config: TrainConfig = TrainConfig(), n_inputs: int = 8,
-         progress: bool = True) -> int:
+def demo(
+    out: str | Path = "demo-out", *, config: TrainConfig | None = None, n_inputs: int = 8, progress: bool = True
+) -> int:
     """Run the whole demo into ``out``; returns the number of techniques that failed."""
+    config = config or TrainConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -57,65 +61,121 @@ def demo(out: str | Path = "demo-out", *, config: TrainConfig = TrainConfig(), n
     results_path.unlink(missing_ok=True)
     sections = [_overview_section(report.accuracy, how, report.losses, held_out, inputs)]
     failures = 0
-    for name in host.techniques():
+    for name, technique in host.techniques().items():
+        # Techniques that explain single inputs get the first few held-out images; the others
+        # analyse the whole held-out set (from the store where they read activations).
+        rows: dict[str, Any] = {"stop": n_inputs} if technique.explains_inputs else {}
         started = time.perf_counter()
         try:
-            result = run(name, model, inputs, data=held_out, store=activations, save=results_path,
-                         run_name="demo", progress=progress)
+            given = inputs if technique.needs_inputs else None
+            result = run(
+                name,
+                model,
+                given,
+                data=held_out,
+                store=activations,
+                save=results_path,
+                run_name="demo",
+                progress=progress,
+                **rows,
+            )
         except PyengineError as error:
             failures += 1
             _say(f"{name}: FAILED: {error}")
             sections.append(Section(name, error=str(error)))
             continue
         seconds = time.perf_counter() - started
-        _say(f"{name}: {result.summary()} ({seconds:.1f} s)")
-        sections.append(Section(name, lines=result.lines(), figures=list(result.figures)))
+        _say(f"{name}: {result.summary()} ({seconds:.1f} s; {result.rows})")
+        sections.append(
+            Section(name, lines=[*result.lines(), f"Rows analysed: {result.rows}."], figures=list(result.figures))
+        )
     sections += feature_sections(model, held_out, activations, inputs, progress=progress)
     with StoreReader(results_path) as reader:
         stored = [f"{t}/{r}" for t, r in reader.results()]
-    sections.append(Section("Files", lines=[f"{activations.name}: activations of {len(held_out)} held-out images",
-                                            f"{results_path.name}: {', '.join(stored) or 'no results'}"]))
+    sections.append(
+        Section(
+            "Files",
+            lines=[
+                f"{activations.name}: activations of {len(held_out)} held-out images",
+                f"{results_path.name}: {', '.join(stored) or 'no results'}",
+            ],
+        )
+    )
     page = Report("pyengine demo: demo-cnn on shapes", sections).write(out / "report")
     print(f"wrote {results_path} and {page}", flush=True)
     return failures
 
 
-def feature_sections(model: nn.Module, data: Shapes, store: Path, inputs: torch.Tensor, *, channels: int = 4,
-                     progress: bool = True) -> list[Section]:
+def feature_sections(
+    model: nn.Module, data: Shapes, store: Path, inputs: torch.Tensor, *, channels: int = 4, progress: bool = True
+) -> list[Section]:
     """Per conv layer: its filters (first layer), feature maps of one input, the top-9 dataset
     patches with their guided-backprop maps, and activation-maximization images, for the first
     ``channels`` channels side by side."""
-    sections = []
+    sections: list[Section] = []
+    available = host.techniques()
+    wanted = ("filters", "activations", "max-patches", "activation-maximization")
+    if any(name not in available for name in wanted):
+        return sections  # a plugin set without the feature-visualization family
     for k, conv in enumerate(conv_layers(model, "demo")):
         layer = after_relu(model, conv)
         figures: list[Figure] = []
         try:
             if k == 0:
-                figures += run("filters", model, layer=conv, progress=False).figures
-            figures += run("activations", model, inputs[:1], layer=layer, n_inputs=1, progress=False).figures
-            patches = run("max-patches", model, data=data, store=store, layer=layer, channels=list(range(channels)),
-                          guided=True, figure_channels=channels, progress=progress)
-            optimised = run("activation-maximization", model, data=data, layer=conv, channels=list(range(channels)),
-                            steps=64, progress=False)
+                figures += run("filters", model, layers=conv, progress=False).figures
+            figures += run("activations", model, inputs[:1], layers=layer, progress=False).figures
+            patches = run(
+                "max-patches",
+                model,
+                data=data,
+                store=store,
+                layers=layer,
+                channels=list(range(channels)),
+                guided=True,
+                figure_channels=channels,
+                progress=progress,
+            )
+            optimised = run(
+                "activation-maximization",
+                model,
+                data=data,
+                layers=conv,
+                channels=list(range(channels)),
+                steps=64,
+                progress=False,
+            )
         except PyengineError as error:
             sections.append(Section(f"Feature visualization of {layer}", error=str(error)))
             continue
         figures += list(patches.figures) + [optimised.figures[0]]
-        sections.append(Section(f"Feature visualization of {layer}", lines=[
-            f"{patches.summary()}.",
-            f"Activation maximization of {conv} channels 0-{channels - 1}: {optimised.summary()}.",
-        ], figures=figures))
+        sections.append(
+            Section(
+                f"Feature visualization of {layer}",
+                lines=[
+                    f"{patches.summary()}.",
+                    f"Activation maximization of {conv} channels 0-{channels - 1}: {optimised.summary()}.",
+                ],
+                figures=figures,
+            )
+        )
     return sections
 
 
-def _overview_section(accuracy: float, how: str, losses: tuple[float, ...], data: Shapes,
-                      inputs: torch.Tensor) -> Section:
+def _overview_section(
+    accuracy: float, how: str, losses: tuple[float, ...], data: Shapes, inputs: torch.Tensor
+) -> Section:
     figures = [Figure("Held-out inputs given to the techniques", image=image_grid(inputs, columns=8))]
     if losses:
-        figures.append(Figure("Training loss per epoch", lines={"loss": list(losses)}, xlabel="epoch",
-                              ylabel="cross-entropy"))
-    return Section("Model and data", lines=[
-        f"demo-cnn on shapes: held-out accuracy {accuracy:.2%} ({how}).",
-        f"Classes: {', '.join(data.class_names)}; concepts: "
-        + "; ".join(f"{k} ({', '.join(v)})" for k, v in data.concept_names.items()) + ".",
-    ], figures=figures)
+        figures.append(
+            Figure("Training loss per epoch", lines={"loss": list(losses)}, xlabel="epoch", ylabel="cross-entropy")
+        )
+    return Section(
+        "Model and data",
+        lines=[
+            f"demo-cnn on shapes: held-out accuracy {accuracy:.2%} ({how}).",
+            f"Classes: {', '.join(data.class_names)}; concepts: "
+            + "; ".join(f"{k} ({', '.join(v)})" for k, v in data.concept_names.items())
+            + ".",
+        ],
+        figures=figures,
+    )

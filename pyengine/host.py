@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -18,18 +19,11 @@ ENTRY_POINT_GROUP = "pyengine"
 DEFAULT_PLUGINS = (
     "pyengine.models",
     "pyengine.data",
-    "pyengine.plugins.spectra",
-    "pyengine.plugins.probing",
-    "pyengine.plugins.synchrony",
-    "pyengine.plugins.llc",
-    "pyengine.plugins.jacobians",
-    "pyengine.plugins.interaction",
-    "pyengine.plugins.occlusion",
-    "pyengine.plugins.gradients",
-    "pyengine.plugins.faithfulness",
-    "pyengine.plugins.pathwise",
+    "pyengine.plugins.attribution",
     "pyengine.plugins.features",
-    "pyengine.plugins.activation_max",
+    "pyengine.plugins.probing",
+    "pyengine.plugins.pathwise",
+    "pyengine.plugins.degeneracy",
 )
 
 pm = pluggy.PluginManager("pyengine")
@@ -94,9 +88,7 @@ def _claim(kind: str, name: str, plugin: str, owners: dict[str, str]) -> None:
     if not isinstance(name, str) or not name:
         raise PluginError(f"plugin {plugin!r} registered a {kind} with an invalid name {name!r}")
     if name in owners:
-        raise PluginError(
-            f"{kind} name {name!r} is registered by two plugins: {owners[name]!r} and {plugin!r}"
-        )
+        raise PluginError(f"{kind} name {name!r} is registered by two plugins: {owners[name]!r} and {plugin!r}")
     owners[name] = plugin
 
 
@@ -104,9 +96,7 @@ def _technique_registry() -> tuple[dict[str, type[Technique]], dict[str, str]]:
     def make_register(plugin: str, found: dict[str, Any], owners: dict[str, str]) -> Callable[..., None]:
         def register(technique: type[Technique]) -> None:
             if not (isinstance(technique, type) and issubclass(technique, Technique)):
-                raise PluginError(
-                    f"plugin {plugin!r} registered {technique!r}; expected a pyengine.Technique subclass"
-                )
+                raise PluginError(f"plugin {plugin!r} registered {technique!r}; expected a pyengine.Technique subclass")
             technique.check_definition()
             _claim("technique", technique.name, plugin, owners)
             found[technique.name] = technique

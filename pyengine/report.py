@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
+from pyengine.figures import image_grid
 from pyengine.technique import Figure
+
+__all__ = ["Report", "Section", "image_grid", "png_bytes", "svg_lines"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -42,17 +45,6 @@ def png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def image_grid(images: torch.Tensor, columns: int = 8, pad: int = 2) -> torch.Tensor:
-    """Tile (N, C, H, W) images into one (C, H', W') image with white padding."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
-    for k in range(n):
-        y, x = pad + (k // columns) * (h + pad), pad + (k % columns) * (w + pad)
-        grid[:, y:y + h, x:x + w] = images[k]
-    return grid
-
-
 def svg_lines(figure: Figure, width: int = 560, height: int = 300) -> str:
     """A line plot as inline SVG; every label is escaped."""
     series = {str(k): [float(v) for v in vs] for k, vs in (figure.lines or {}).items()}
@@ -75,8 +67,10 @@ def svg_lines(figure: Figure, width: int = 560, height: int = 300) -> str:
     def py(v: float) -> float:
         return top + plot_h * (1 - (transform(v) - lo) / (hi - lo))
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="plot">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="plot">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
+    ]
     for k in range(5):
         value = lo + (hi - lo) * k / 4
         label = f"1e{value:.1f}" if figure.log_y else f"{value:.3g}"
@@ -84,15 +78,22 @@ def svg_lines(figure: Figure, width: int = 560, height: int = 300) -> str:
         parts.append(f'<text x="{left - 4}" y="{y:.1f}" text-anchor="end" font-size="10">{html.escape(label)}</text>')
     for index, (name, values) in enumerate(series.items()):
         colour = _PALETTE[index % len(_PALETTE)]
-        coords = " ".join(f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(values)
-                          if math.isfinite(v) and (v > 0 or not figure.log_y))
+        coords = " ".join(
+            f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not figure.log_y)
+        )
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
-        parts.append(f'<text x="{left + plot_w + 8}" y="{top + 14 * (index + 1)}" font-size="11" fill="{colour}">'
-                     f'{html.escape(name)}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" font-size="11">'
-                 f'{html.escape(figure.xlabel)}</text>')
-    parts.append(f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" '
-                 f'text-anchor="middle">{html.escape(figure.ylabel)}</text></svg>')
+        parts.append(
+            f'<text x="{left + plot_w + 8}" y="{top + 14 * (index + 1)}" font-size="11" fill="{colour}">'
+            f"{html.escape(name)}</text>"
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" font-size="11">'
+        f"{html.escape(figure.xlabel)}</text>"
+    )
+    parts.append(
+        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(figure.ylabel)}</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -140,11 +141,15 @@ class Report:
                     body.append(f"<p>{html.escape(figure.caption)}</p>")
                 body.append("</figure>")
             body.append("</section>")
-        style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-                 "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
-                 "img{image-rendering:pixelated;max-width:100%}.error{color:#b00}figure{margin:1em 0}")
-        page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
-                f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+        style = (
+            "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
+            "img{image-rendering:pixelated;max-width:100%}.error{color:#b00}figure{margin:1em 0}"
+        )
+        page = (
+            f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+        )
         path = out / "index.html"
         path.write_text(page, encoding="utf-8")
         return path

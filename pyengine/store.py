@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ def _check_meta(file: h5py.File, path: Path) -> dict[str, Any]:
     version = int(meta.attrs.get("schema_version", -1))
     if version > SCHEMA_VERSION:
         raise StoreError(
-            f"{path}: written with store schema {version}, newer than this pyengine's {SCHEMA_VERSION}; upgrade pyengine"
+            f"{path}: written with store schema {version}, newer than this pyengine's {SCHEMA_VERSION}; "
+            "upgrade pyengine"
         )
     if version < 1:
         raise StoreError(f"{path}: invalid schema_version {version}; expected 1..{SCHEMA_VERSION}")
@@ -80,7 +81,7 @@ def _write_meta(file: h5py.File, meta: Mapping[str, Any], config: Mapping[str, A
     group.attrs["format"] = FORMAT
     group.attrs["schema_version"] = SCHEMA_VERSION
     group.attrs["pyengine_version"] = _version()
-    group.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    group.attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     for key, value in meta.items():
         group.attrs[key] = value
     group.attrs["config"] = json.dumps(config, sort_keys=True)
@@ -134,9 +135,17 @@ class ActivationWriter:
             raise
 
     @classmethod
-    def create(cls, path: Path, *, meta: Mapping[str, Any], config: Mapping[str, Any],
-               layers: Mapping[str, tuple[int, ...]], dtype: str, compression: str,
-               concepts: Mapping[str, tuple[str, ...]]) -> ActivationWriter:
+    def create(
+        cls,
+        path: Path,
+        *,
+        meta: Mapping[str, Any],
+        config: Mapping[str, Any],
+        layers: Mapping[str, tuple[int, ...]],
+        dtype: str,
+        compression: str,
+        concepts: Mapping[str, tuple[str, ...]],
+    ) -> ActivationWriter:
         """Create ``X.h5.partial`` (atomically) with empty resizable datasets."""
         partial = partial_path(path)
         staging = path.with_name(path.name + ".partial.tmp")
@@ -151,22 +160,34 @@ class ActivationWriter:
             file.create_group("activations", track_order=True)
             for name, row_shape in layers.items():
                 rows = chunk_rows(row_shape, np.dtype(stored).itemsize)
-                file.create_dataset(f"activations/{name}", shape=(0, *row_shape), maxshape=(None, *row_shape),
-                                    chunks=(rows, *row_shape), dtype=stored, **filters)
+                file.create_dataset(
+                    f"activations/{name}",
+                    shape=(0, *row_shape),
+                    maxshape=(None, *row_shape),
+                    chunks=(rows, *row_shape),
+                    dtype=stored,
+                    **filters,
+                )
             for name in ("index", "labels"):
                 file.create_dataset(f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64)
             file.require_group("concepts")
             for name, categories in concepts.items():
-                dataset = file.create_dataset(f"concepts/{name}", shape=(0,), maxshape=(None,), chunks=(65536,),
-                                              dtype=np.int64)
+                dataset = file.create_dataset(
+                    f"concepts/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64
+                )
                 dataset.attrs["categories"] = json.dumps(list(categories))
         os.replace(staging, partial)
         file = _open_h5(partial, "r+", libver="latest")
         file.swmr_mode = True
         return cls(path, file)
 
-    def append(self, index: torch.Tensor, labels: torch.Tensor, concepts: Mapping[str, torch.Tensor],
-               activations: Mapping[str, torch.Tensor]) -> None:
+    def append(
+        self,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        concepts: Mapping[str, torch.Tensor],
+        activations: Mapping[str, torch.Tensor],
+    ) -> None:
         """Write one batch; /inputs/index grows last, so its length is the rows done."""
         n = self.rows_done
         rows = int(index.shape[0])
@@ -174,7 +195,7 @@ class ActivationWriter:
         def put(dataset: h5py.Dataset, values: torch.Tensor) -> None:
             dataset.resize(n + rows, axis=0)
             stored = torch.from_numpy(np.empty(0, dtype=dataset.dtype)).dtype  # cast in torch: no numpy warnings
-            dataset[n:n + rows] = values.detach().to("cpu", stored).numpy()
+            dataset[n : n + rows] = values.detach().to("cpu", stored).numpy()
 
         for name, values in activations.items():
             put(self.file[f"activations/{name}"], values)
@@ -230,30 +251,54 @@ class StoreReader:
 
     def _layer(self, layer: str) -> h5py.Dataset:
         if layer not in self.layers:
-            raise StoreError(f"{self.path}: no activations for layer {layer!r}; stored layers: {', '.join(self.layers) or 'none'}")
+            raise StoreError(
+                f"{self.path}: no activations for layer {layer!r}; stored layers: {', '.join(self.layers) or 'none'}"
+            )
         return self.file[f"activations/{layer}"]
 
     def shape(self, layer: str) -> tuple[int, ...]:
         return tuple(self._layer(layer).shape)
 
-    def iter_layer(self, layer: str, *, rows: int | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    def iter_layer(
+        self,
+        layer: str,
+        *,
+        rows: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Yield ``layer`` in consecutive row blocks (default: the HDF5 chunk rows)."""
         dataset = self._layer(layer)
         stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
         step = rows or (dataset.chunks[0] if dataset.chunks else 1024)
         for first in range(start, stop, step):
-            block = dataset[first:min(first + step, stop)]
+            block = dataset[first : min(first + step, stop)]
             yield torch.from_numpy(block).to(device=device, dtype=dtype)
 
-    def array(self, name: str) -> torch.Tensor:
-        """A small (N,) array: ``inputs/index``, ``inputs/labels`` or ``concepts/<name>``."""
+    def _vector(self, name: str, start: int, stop: int | None) -> torch.Tensor:
         if name not in self.file or not isinstance(self.file[name], h5py.Dataset) or self.file[name].ndim != 1:
             raise StoreError(f"{self.path}: no 1-D array {name!r}")
-        return torch.from_numpy(self.file[name][:])
+        return torch.from_numpy(self.file[name][start:stop])
+
+    def index(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(N,) the dataset row of each stored row."""
+        return self._vector("inputs/index", start, stop)
+
+    def labels(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(N,) class labels of the stored rows (-1: unknown)."""
+        return self._vector("inputs/labels", start, stop)
+
+    def concept(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(N,) codes of one concept for the stored rows (categories: ``concepts[name]``)."""
+        if name not in self.concepts:
+            raise StoreError(f"{self.path}: no concept {name!r}; stored: {', '.join(self.concepts) or 'none'}")
+        return self._vector(f"concepts/{name}", start, stop)
 
     @property
     def concepts(self) -> dict[str, list[str]]:
+        """Concept name -> category names (empty for 0/1 or numeric concepts)."""
         group = self.file.get("concepts")
         return {name: json.loads(ds.attrs.get("categories", "[]")) for name, ds in (group or {}).items()}
 
@@ -270,7 +315,11 @@ class StoreReader:
             raise StoreError(f"{self.path}: no result {technique}/{run}")
         arrays: dict[str, torch.Tensor] = {}
         self.file[key].visititems(
-            lambda name, obj: arrays.__setitem__(name, torch.from_numpy(np.asarray(obj[()]))) if isinstance(obj, h5py.Dataset) else None
+            lambda name, obj: (
+                arrays.__setitem__(name, torch.from_numpy(np.asarray(obj[()])))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
         )
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.file[key].attrs.items()}
         return arrays, attrs
@@ -280,11 +329,21 @@ class StoreReader:
         layers = {}
         for name in self.layers:
             dataset = self.file[f"activations/{name}"]
-            layers[name] = {"shape": list(dataset.shape), "dtype": str(dataset.dtype),
-                            "chunks": list(dataset.chunks or ()), "compression": dataset.compression}
+            layers[name] = {
+                "shape": list(dataset.shape),
+                "dtype": str(dataset.dtype),
+                "chunks": list(dataset.chunks or ()),
+                "compression": dataset.compression,
+            }
         meta = {k: v for k, v in self.meta.items()}
-        return {"path": str(self.path), "rows": len(self), "meta": meta, "layers": layers,
-                "concepts": self.concepts, "results": [f"{t}/{r}" for t, r in self.results()]}
+        return {
+            "path": str(self.path),
+            "rows": len(self),
+            "meta": meta,
+            "layers": layers,
+            "concepts": self.concepts,
+            "results": [f"{t}/{r}" for t, r in self.results()],
+        }
 
 
 @dataclass(frozen=True)
@@ -315,7 +374,9 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
             for pending in results:
                 group_name = f"results/{pending.technique}/{pending.run}"
                 if group_name in file:
-                    raise StoreError(f"{target}: result {pending.technique}/{pending.run} exists; choose another run name")
+                    raise StoreError(
+                        f"{target}: result {pending.technique}/{pending.run} exists; choose another run name"
+                    )
                 group = file.create_group(group_name)
                 for name, value in pending.arrays.items():
                     data = value.detach().cpu()
@@ -328,8 +389,7 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
         raise
 
 
-def reserve_run_name(path: str | os.PathLike[str], technique: str, run: str = "",
-                     taken: Set[str] = frozenset()) -> str:
+def reserve_run_name(path: str | os.PathLike[str], technique: str, run: str = "", taken: Set[str] = frozenset()) -> str:
     """Check a results target before any work: ``run`` if free, else the next ``run-NNN``.
 
     Raises StoreError if ``path`` is not a pyengine store or ``run`` is already used there

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
@@ -23,6 +24,25 @@ _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 def bad_option(option: str, value: Any, expected: str) -> OptionsError:
     """The one-line error for an option: names it, shows the value, says what is expected."""
     return OptionsError(f"option {option}={value!r} is invalid: expected {expected}")
+
+
+def option(default: Any, doc: str) -> Any:
+    """An option field with its one-line doc (shown by ``pyengine techniques``).
+
+    Mutable defaults (lists, dicts) are copied for every instance.
+    """
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: copy.copy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option as ``pyengine techniques`` shows it."""
+
+    name: str
+    default: Any
+    doc: str
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,19 @@ class Options:
         except TypeError as error:  # a required option is missing
             raise OptionsError(f"{prefix}{error}") from None
 
+    @classmethod
+    def describe(cls) -> list[OptionDoc]:
+        """Every option with its default and one-line doc."""
+        out = []
+        for f in fields(cls):
+            default = (
+                f.default
+                if f.default is not MISSING
+                else (f.default_factory() if f.default_factory is not MISSING else None)
+            )
+            out.append(OptionDoc(f.name, default, str(f.metadata.get("doc", ""))))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible view (tensors become lists), stored with every result."""
 
@@ -84,6 +117,35 @@ class Options:
             return value
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def layer_tuple(value: Any, *, single: bool = False, option_name: str = "layers") -> tuple[str, ...]:
+    """A ``layers`` option as a tuple of layer references (a string is one layer);
+    ``single``: at most one layer (empty: the technique's default)."""
+    values = (value,) if isinstance(value, str) else value
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, str) and v for v in values):
+        raise bad_option(option_name, value, "a layer reference or a list of them, e.g. 'features.relu2'")
+    if single and len(values) > 1:
+        raise bad_option(option_name, value, "one layer reference: this technique reads a single layer")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class RowOptions(Options):
+    """The row range every technique that reads rows takes (see ``Context.rows``)."""
+
+    start: int = option(0, "first row analysed")
+    stop: int = option(0, "end of the rows analysed (exclusive); 0: to the end")
+    batch_size: int = option(64, "rows per step")
+
+    def validate(self) -> None:
+        self.require_int("batch_size")
+        self.require_int("start", "stop", minimum=0)
+        if self.stop and self.stop <= self.start:
+            raise bad_option("stop", self.stop, f"0 (the end) or an index > start={self.start}")
+
+
+_BaseOptions = Options
 
 
 @dataclass(frozen=True)
@@ -109,9 +171,11 @@ class Result:
 
     Fields holding tensors (or str -> tensor mappings) are stored as HDF5 datasets,
     scalar fields (or str -> scalar mappings) as attributes. Only the host writes them.
+    ``rows`` is filled by the host: which rows were analysed, how many, from where.
     """
 
     figures: tuple[Figure, ...] = ()
+    rows: str = ""
 
     def arrays(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -129,7 +193,11 @@ class Result:
             value = getattr(self, f.name)
             if isinstance(value, (int, float, str, bool)):
                 out[f.name] = value
-            elif isinstance(value, Mapping) and value and all(isinstance(v, (int, float, str, bool)) for v in value.values()):
+            elif (
+                isinstance(value, Mapping)
+                and value
+                and all(isinstance(v, (int, float, str, bool)) for v in value.values())
+            ):
                 out.update({f"{f.name}/{key}": v for key, v in value.items()})
         return out
 
@@ -152,9 +220,11 @@ class Technique(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
-    needs_inputs: ClassVar[bool] = False  # run() reads ctx.inputs
-    needs_data: ClassVar[bool] = False  # run() reads ctx.data or ctx.store
-    uses_gradients: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False  # run() needs the inputs tensor (ctx.inputs)
+    needs_data: ClassVar[bool] = False  # run() reads rows: inputs, ctx.data or ctx.store
+    explains_inputs: ClassVar[bool] = False  # one result per input row: the demo gives it a few inputs
+    attribution: ClassVar[bool] = False  # an AttributionResult of maps shaped like the inputs, for a
+    #   `target` (int, "predicted", "label" or one index per row): smoothgrad and faithfulness use it
 
     @classmethod
     def check_definition(cls) -> None:
@@ -165,16 +235,19 @@ class Technique(ABC):
             raise PluginError(f"{where}.name must be a lowercase-dashed string like 'my-technique', got {name!r}")
         if not isinstance(getattr(cls, "summary", None), str):
             raise PluginError(f"{where}.summary must be a one-line string")
-        if not (isinstance(cls.Options, type) and issubclass(cls.Options, Options) and dataclasses.is_dataclass(cls.Options)):
+        if not (
+            isinstance(cls.Options, type) and issubclass(cls.Options, Options) and dataclasses.is_dataclass(cls.Options)
+        ):
             raise PluginError(f"{where}.Options must be a dataclass subclassing pyengine.Options")
         if getattr(cls, "__abstractmethods__", None):
             raise PluginError(f"{where} does not implement run(ctx, options)")
 
     @classmethod
-    def options(cls, **values: Any) -> Options:
+    def options(cls, **values: Any) -> _BaseOptions:
         """Build and validate this technique's options."""
         return cls.Options.from_dict(values, cls.name)
 
     @abstractmethod
     def run(self, ctx: Context, options: Any) -> Result:
-        """Compute the result. Hooks must go through ``ctx.hooks()`` so none are left behind."""
+        """Compute the result. Read layers with ``ctx.record`` and rows with ``ctx.rows`` (or
+        ``ctx.activations``); any other hook goes through ``ctx.hooks()`` so none is left behind."""

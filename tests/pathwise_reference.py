@@ -19,8 +19,9 @@ def step_forward(pool: nn.Module | None, linear: nn.Module, a: torch.Tensor, wei
     return F.conv2d(mid, weight, None, linear.stride, linear.padding, linear.dilation)
 
 
-def reference_paths(steps: list[tuple[nn.Module | None, nn.Module]], activations: list[torch.Tensor],
-                    targets: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_paths(
+    steps: list[tuple[nn.Module | None, nn.Module]], activations: list[torch.Tensor], targets: torch.Tensor, beam: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """steps[l] = (pool, linear) after ReLU layer l; activations[l]: (B, *S_l). Returns like the op."""
     layers = len(activations)
     batch, per_input = targets.shape
@@ -31,11 +32,11 @@ def reference_paths(steps: list[tuple[nn.Module | None, nn.Module]], activations
             entries = [(0.0, [], int(targets[b, k]))]
             for layer in reversed(range(layers)):
                 pool, linear = steps[layer]
-                a = activations[layer][b:b + 1].detach().double().requires_grad_(True)
+                a = activations[layer][b : b + 1].detach().double().requires_grad_(True)
                 h = step_forward(pool, linear, a, linear.weight.detach().double()).flatten()
                 reach = step_forward(pool, linear, a, torch.ones_like(linear.weight, dtype=torch.float64)).flatten()
                 candidates = []
-                for parent, (score, units, unit) in enumerate(entries):
+                for parent, (score, _units, unit) in enumerate(entries):
                     weight = torch.autograd.grad(h[unit], a, retain_graph=True)[0].flatten()
                     connected = torch.autograd.grad(reach[unit], a, retain_graph=True)[0].flatten() > 0
                     importance = weight * a.detach().flatten()

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyengine
+from conftest import assert_user_error, hooks_on, requires_cuda, run_cli
 from pyengine.errors import PyengineError
 from pyengine.models import DemoCNN, DemoMLP
-
-from conftest import assert_user_error, hooks_on, requires_cuda, run_cli
 
 captum_attr = pytest.importorskip("captum.attr")
 warnings.filterwarnings("ignore", module="captum")
@@ -58,11 +57,21 @@ def test_occlusion_equals_captum_for_every_batching(make_model, window, stride, 
     targets = torch.tensor([0, 1, 2, 3, 0, 1, 2])
     if baseline == "tensor":
         baseline = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
-    expected = captum_attr.Occlusion(model).attribute(x, sliding_window_shapes=window, strides=stride,
-                                                      baselines=baseline, target=targets)
+    expected = captum_attr.Occlusion(model).attribute(
+        x, sliding_window_shapes=window, strides=stride, baselines=baseline, target=targets
+    )
     for batch_size, max_batch in [(1, 1), (2, 3), (3, 7), (7, 0)]:
-        res = run("occlusion", model, x, target=targets, window=window, stride=stride, baseline=baseline,
-                  batch_size=batch_size, max_batch=max_batch)
+        res = run(
+            "occlusion",
+            model,
+            x,
+            target=targets,
+            window=window,
+            stride=stride,
+            baseline=baseline,
+            batch_size=batch_size,
+            max_batch=max_batch,
+        )
         assert res.attributions.shape == x.shape
         assert_equal_maps(res.attributions, expected)
     assert hooks_on(model) == []
@@ -73,16 +82,23 @@ def test_gradient_techniques_equal_captum() -> None:
         x, targets = images(), torch.tensor([3, 1, 2, 0, 0, 1, 2])
         for batch_size in (1, 2, 3, 7):
             common = {"target": targets, "batch_size": batch_size, "max_batch": batch_size}
-            assert_equal_maps(run("saliency", model, x, **common).attributions,
-                              captum_attr.Saliency(model).attribute(x, target=targets))
-            assert_equal_maps(run("saliency", model, x, abs=False, **common).attributions,
-                              captum_attr.Saliency(model).attribute(x, target=targets, abs=False))
-            assert_equal_maps(run("guided-backprop", model, x, **common).attributions,
-                              captum_attr.GuidedBackprop(model).attribute(x, target=targets))
+            assert_equal_maps(
+                run("saliency", model, x, **common).attributions,
+                captum_attr.Saliency(model).attribute(x, target=targets),
+            )
+            assert_equal_maps(
+                run("saliency", model, x, abs=False, **common).attributions,
+                captum_attr.Saliency(model).attribute(x, target=targets, abs=False),
+            )
+            assert_equal_maps(
+                run("guided-backprop", model, x, **common).attributions,
+                captum_attr.GuidedBackprop(model).attribute(x, target=targets),
+            )
             for method in ("gausslegendre", "riemann_trapezoid", "riemann_middle"):
                 ours = run("integrated-gradients", model, x, n_steps=16, method=method, baseline=0.1, **common)
                 theirs, delta = captum_attr.IntegratedGradients(model).attribute(
-                    x, baselines=0.1, target=targets, n_steps=16, method=method, return_convergence_delta=True)
+                    x, baselines=0.1, target=targets, n_steps=16, method=method, return_convergence_delta=True
+                )
                 assert_equal_maps(ours.attributions, theirs, relative=1e-4)
                 torch.testing.assert_close(ours.delta, delta.double(), rtol=1e-3, atol=1e-6)
 
@@ -93,7 +109,7 @@ def test_grad_cam_equals_captum_before_upsampling() -> None:
     for relu in (False, True):
         theirs = captum_attr.LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=relu)
         for batch_size in (1, 3, 7):
-            res = run("grad-cam", model, x, target=targets, layer="features.conv3", relu=relu, batch_size=batch_size)
+            res = run("grad-cam", model, x, target=targets, layers="features.conv3", relu=relu, batch_size=batch_size)
             assert_equal_maps(res.layer_attributions, theirs)
             upsampled = captum_attr.LayerAttribution.interpolate(theirs, (16, 16), interpolate_mode="bilinear")
             assert_equal_maps(res.attributions, upsampled.expand_as(x))
@@ -170,13 +186,27 @@ def test_one_sweep_serves_many_targets() -> None:
 
 def test_predicted_and_label_targets_over_a_dataset_range(small_shapes, tmp_path: Path) -> None:
     model = vgg()
-    res = pyengine.run("occlusion", model, data=small_shapes, start=10, stop=30, batch_size=8, target="label",
-                       window=(4, 4), progress=False, save=tmp_path / "maps.h5")
+    res = pyengine.run(
+        "occlusion",
+        model,
+        data=small_shapes,
+        start=10,
+        stop=30,
+        batch_size=8,
+        target="label",
+        window=(4, 4),
+        progress=False,
+        save=tmp_path / "maps.h5",
+    )
     batch = small_shapes.batch(range(10, 30))
     assert torch.equal(res.index, batch.index) and torch.equal(res.targets, batch.labels)
-    expected = captum_attr.Occlusion(model).attribute(batch.inputs, sliding_window_shapes=(3, 4, 4),
-                                                      strides=(3, 2, 2), target=batch.labels,
-                                                      baselines=batch.inputs.mean((2, 3), keepdim=True))
+    expected = captum_attr.Occlusion(model).attribute(
+        batch.inputs,
+        sliding_window_shapes=(3, 4, 4),
+        strides=(3, 2, 2),
+        target=batch.labels,
+        baselines=batch.inputs.mean((2, 3), keepdim=True),
+    )
     assert_equal_maps(res.attributions, expected)
     with pyengine.StoreReader(tmp_path / "maps.h5") as reader:
         arrays, attrs = reader.result("occlusion", "run-001")
@@ -193,23 +223,26 @@ def test_memory_budget_bounds_the_pass() -> None:
     assert_equal_maps(small.attributions, large.attributions, relative=1e-6)
 
 
-@pytest.mark.parametrize("name, options, fragment", [
-    ("occlusion", {"window": (20, 20)}, "option window=(20, 20) is invalid: expected sizes that fit the input"),
-    ("occlusion", {"window": (4, 4), "stride": (5, 5)}, "never occluded"),
-    ("occlusion", {"window": "big"}, "option window='big' is invalid"),
-    ("occlusion", {"baseline": "zero"}, "option baseline='zero' is invalid"),
-    ("occlusion", {"baseline": torch.zeros(5)}, "baseline has shape (5,)"),
-    ("saliency", {"target": "best"}, "option target='best' is invalid"),
-    ("saliency", {"target": [0.5]}, "option target=[0.5] is invalid"),
-    ("saliency", {"target": 9}, "target 9 is out of range: the model has 4 outputs"),
-    ("saliency", {"target": [0, 1]}, "target has 2 rows but there are 3 inputs"),
-    ("saliency", {"reduce": "median"}, "option reduce='median' is invalid"),
-    ("integrated-gradients", {"method": "simpson"}, "option method='simpson' is invalid"),
-    ("grad-cam", {"layer": "features.conv9"}, "no layer 'features.conv9'"),
-    ("grad-cam", {"layer": "classifier.fc1"}, "expected a conv feature map"),
-    ("smoothgrad", {"base": "occlusion"}, "option base='occlusion' is invalid"),
-    ("smoothgrad", {"base_options": {"target": 1}}, "set it on smoothgrad itself"),
-])
+@pytest.mark.parametrize(
+    "name, options, fragment",
+    [
+        ("occlusion", {"window": (20, 20)}, "option window=(20, 20) is invalid: expected sizes that fit the input"),
+        ("occlusion", {"window": (4, 4), "stride": (5, 5)}, "never occluded"),
+        ("occlusion", {"window": "big"}, "option window='big' is invalid"),
+        ("occlusion", {"baseline": "zero"}, "option baseline='zero' is invalid"),
+        ("occlusion", {"baseline": torch.zeros(5)}, "baseline has shape (5,)"),
+        ("saliency", {"target": "best"}, "option target='best' is invalid"),
+        ("saliency", {"target": [0.5]}, "option target=[0.5] is invalid"),
+        ("saliency", {"target": 9}, "target 9 is out of range: the model has 4 outputs"),
+        ("saliency", {"target": [0, 1]}, "target has 2 rows but there are 3 inputs"),
+        ("saliency", {"reduce": "median"}, "option reduce='median' is invalid"),
+        ("integrated-gradients", {"method": "simpson"}, "option method='simpson' is invalid"),
+        ("grad-cam", {"layers": "features.conv9"}, "no layer 'features.conv9'"),
+        ("grad-cam", {"layers": "classifier.fc1"}, "expected a conv feature map"),
+        ("smoothgrad", {"base": "gram-spectrum"}, "option base='gram-spectrum' is invalid"),
+        ("smoothgrad", {"base_options": {"target": 1}}, "set it on smoothgrad itself"),
+    ],
+)
 def test_bad_options_are_named(name: str, options: dict, fragment: str) -> None:
     model = vgg()
     with pytest.raises(PyengineError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -219,11 +252,13 @@ def test_bad_options_are_named(name: str, options: dict, fragment: str) -> None:
 
 def test_cli_runs_attributions_from_a_config(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('out = "maps.h5"\n[model]\nname = "demo-cnn"\nargs = { width = 4, image_size = 16 }\n'
-                      '[data]\nname = "shapes"\nargs = { n = 20, size = 16 }\ninputs = 0\n'
-                      '[[technique]]\nname = "occlusion"\noptions = { window = [4, 4], target = [[0, 1]], stop = 3 }\n'
-                      '[[technique]]\nname = "integrated-gradients"\noptions = { n_steps = 8, target = "label", '
-                      'start = 5, stop = 8 }\n')
+    config.write_text(
+        'out = "maps.h5"\n[model]\nname = "demo-cnn"\nargs = { width = 4, image_size = 16 }\n'
+        '[data]\nname = "shapes"\nargs = { n = 20, size = 16 }\ninputs = 0\n'
+        '[[technique]]\nname = "occlusion"\noptions = { window = [4, 4], target = [[0, 1]], stop = 3 }\n'
+        '[[technique]]\nname = "integrated-gradients"\noptions = { n_steps = 8, target = "label", '
+        "start = 5, stop = 8 }\n"
+    )
     result = run_cli("run", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with pyengine.StoreReader(tmp_path / "maps.h5") as reader:
@@ -236,8 +271,13 @@ def test_cli_runs_attributions_from_a_config(tmp_path: Path) -> None:
 @requires_cuda
 def test_cuda_matches_cpu() -> None:
     model, x, targets = vgg(), images(3), torch.tensor([0, 1, 2])
-    for name, options in [("occlusion", {"window": (4, 4)}), ("saliency", {}), ("guided-backprop", {}),
-                          ("integrated-gradients", {"n_steps": 8}), ("grad-cam", {})]:
+    for name, options in [
+        ("occlusion", {"window": (4, 4)}),
+        ("saliency", {}),
+        ("guided-backprop", {}),
+        ("integrated-gradients", {"n_steps": 8}),
+        ("grad-cam", {}),
+    ]:
         cpu = run(name, model, x, target=targets, **options).attributions
         gpu = pyengine.run(name, model, x, target=targets, device="cuda", progress=False, **options).attributions
         model.cpu()
@@ -246,7 +286,17 @@ def test_cuda_matches_cpu() -> None:
 
 def test_occlusion_layouts_agree() -> None:
     model, x = vgg(), images(3)
-    maps = {layout: run("occlusion", model, x, target=[[1, 3]], window=(1, 5, 3), stride=(1, 3, 2), layout=layout,
-                        baseline=torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))).attributions
-            for layout in ("as-given", "channels-last")}
+    maps = {
+        layout: run(
+            "occlusion",
+            model,
+            x,
+            target=[[1, 3]],
+            window=(1, 5, 3),
+            stride=(1, 3, 2),
+            layout=layout,
+            baseline=torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4)),
+        ).attributions
+        for layout in ("as-given", "channels-last")
+    }
     assert_equal_maps(maps["channels-last"], maps["as-given"], relative=1e-5)

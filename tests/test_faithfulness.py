@@ -7,8 +7,8 @@ from torch import nn
 
 import pyengine
 from pyengine.data import Shapes
-from pyengine.plugins.faithfulness import area_under, deletion_insertion, pointing_game
-from pyengine.plugins.occlusion import gaussian_blur
+from pyengine.figures import gaussian_blur
+from pyengine.plugins.attribution.faithfulness import area_under, deletion_insertion, pointing_game
 
 
 def test_pointing_game_by_hand() -> None:
@@ -27,8 +27,9 @@ def test_deletion_and_insertion_curves_by_hand() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1, bias=False))
     nn.init.ones_(model[1].weight)
     x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
-    deletion, insertion = deletion_insertion(model, x, x.clone(), torch.zeros(1, dtype=torch.long), steps=4,
-                                             probability=False)
+    deletion, insertion = deletion_insertion(
+        model, x, x.clone(), torch.zeros(1, dtype=torch.long), steps=4, probability=False
+    )
     values = x.flatten().sort(descending=True).values
     expected = [float(values.sum() - values[:k].sum()) for k in (0, 4, 8, 12, 16)]
     torch.testing.assert_close(deletion[0], torch.tensor(expected, dtype=torch.float64))
@@ -43,8 +44,15 @@ def test_deletion_and_insertion_curves_by_hand() -> None:
 
 def test_occlusion_and_grad_cam_point_at_the_object(trained_demo: nn.Module) -> None:
     held_out = Shapes(1000, seed=1)
-    res = pyengine.run("faithfulness", trained_demo, data=held_out, n=100, curves=False,
-                       techniques=["occlusion", "grad-cam", "saliency"], progress=False)
+    res = pyengine.run(
+        "faithfulness",
+        trained_demo,
+        data=held_out,
+        stop=100,
+        curves=False,
+        techniques=["occlusion", "grad-cam", "saliency"],
+        progress=False,
+    )
     assert res.pointing["occlusion"] >= 0.8, res.pointing
     assert res.pointing["grad-cam"] >= 0.8, res.pointing
     assert 0.0 < res.pointing["saliency"] <= 1.0
@@ -52,8 +60,16 @@ def test_occlusion_and_grad_cam_point_at_the_object(trained_demo: nn.Module) -> 
 
 def test_faithfulness_curves_rank_techniques(trained_demo: nn.Module) -> None:
     held_out = Shapes(1000, seed=1)
-    res = pyengine.run("faithfulness", trained_demo, data=held_out, n=40, steps=8, techniques=["occlusion"],
-                       technique_options={"occlusion": {"window": (8, 8)}}, progress=False)
+    res = pyengine.run(
+        "faithfulness",
+        trained_demo,
+        data=held_out,
+        stop=40,
+        steps=8,
+        techniques=["occlusion"],
+        technique_options={"occlusion": {"window": (8, 8)}},
+        progress=False,
+    )
     assert res.deletion_auc["occlusion"] < res.insertion_auc["occlusion"]
     assert res.deletion_curves["occlusion"].shape == (9,)
     assert "occlusion: pointing" in "\n".join(res.lines())

@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 import pyengine
+from conftest import hooks_on
 from pyengine import host
 from pyengine.errors import NotFoundError, OptionsError, PluginError, PyengineError
-
-from conftest import hooks_on
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def test_builtins_are_registered_like_plugins() -> None:
     found = pyengine.techniques()
     assert "gram-spectrum" in found
     assert issubclass(found["gram-spectrum"], pyengine.Technique)
-    assert host.technique_plugins()["gram-spectrum"] == "pyengine.plugins.spectra"
+    assert host.technique_plugins()["gram-spectrum"] == "pyengine.plugins.degeneracy"
     assert {"demo-cnn", "demo-mlp"} <= set(host.models())
     assert "shapes" in host.datasets()
 
@@ -95,7 +94,7 @@ def test_a_plugin_cannot_shadow_a_builtin(registered: Any) -> None:
         name = "gram-spectrum"
 
     registered("impostor", Impostor)
-    with pytest.raises(PluginError, match="pyengine.plugins.spectra"):
+    with pytest.raises(PluginError, match="pyengine.plugins.degeneracy"):
         pyengine.techniques()
 
 
@@ -147,7 +146,10 @@ def test_run_api(registered: Any, small_cnn: nn.Module) -> None:
         pyengine.run("nope", small_cnn)
     with pytest.raises(PyengineError, match="test-count needs inputs"):
         pyengine.run("test-count", small_cnn)
-    with pytest.raises(NotFoundError, match=r"no layer 'features.conv9' in DemoCNN; closest: features.conv3, features.conv2, features.conv1"):
+    with pytest.raises(
+        NotFoundError,
+        match=r"no layer 'features.conv9' in DemoCNN; closest: features.conv3, features.conv2, features.conv1",
+    ):
         pyengine.run("test-count", small_cnn, inputs, layers=("features.conv9",))
     assert hooks_on(small_cnn) == []
 
@@ -167,13 +169,19 @@ def test_run_restores_training_mode(registered: Any, small_cnn: nn.Module) -> No
     assert small_cnn.training
 
 
-def test_every_registered_technique_leaves_no_hooks(small_cnn: nn.Module, small_shapes: Any, tmp_path: Any) -> None:
-    store = pyengine.capture(small_cnn, small_shapes, ["features.relu1", "classifier.relu4"], tmp_path / "a.h5",
-                             progress=False)
-    inputs = small_shapes.batch(range(4)).inputs
-    for name in pyengine.techniques():
-        pyengine.run(name, small_cnn, inputs, data=small_shapes, store=store, progress=False)
-        assert hooks_on(small_cnn) == [], name
+@pytest.mark.parametrize("name", sorted(pyengine.techniques()))
+def test_every_registered_technique_leaves_no_hooks(
+    name: str, small_cnn: nn.Module, small_shapes: Any, tmp_path: Any
+) -> None:
+    store = pyengine.capture(
+        small_cnn, small_shapes, ["features.relu1", "classifier.relu4"], tmp_path / "a.h5", progress=False
+    )
+    technique = pyengine.techniques()[name]
+    inputs = small_shapes.batch(range(4)).inputs if technique.needs_inputs else None
+    rows = {"stop": 4} if technique.explains_inputs else {}
+    result = pyengine.run(name, small_cnn, inputs, data=small_shapes, store=store, progress=False, **rows)
+    assert hooks_on(small_cnn) == []
+    assert result.rows, "the result says which rows were analysed"
 
 
 def test_saved_results_carry_options_and_scalars(registered: Any, small_cnn: nn.Module, tmp_path: Any) -> None:
@@ -214,3 +222,62 @@ def test_option_helpers_name_the_option() -> None:
 def test_an_absent_gpu_is_a_clear_error(small_cnn: nn.Module) -> None:
     with pytest.raises(PyengineError, match="device='cuda' is not available: this torch sees no CUDA GPU"):
         pyengine.run("gram-spectrum", small_cnn, torch.rand(2, 3, 16, 16), device="cuda")
+
+
+@dataclass(frozen=True)
+class ConstantOptions(pyengine.RowOptions):
+    target: Any = pyengine.option(0, "the explained class")
+
+
+class ConstantMaps(pyengine.Technique):
+    """A third-party attribution technique: every element gets target + 1, the last pixel 10x."""
+
+    name = "test-constant-maps"
+    summary = "constant maps (test technique)"
+    Options = ConstantOptions
+    attribution = True
+
+    def run(self, ctx: pyengine.Context, options: Any) -> Any:
+        from pyengine.attribution import AttributionResult, resolve_targets
+
+        maps, targets, index = [], [], []
+        offset = 0
+        for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name):
+            t = resolve_targets(options.target, ctx.model, rows.inputs, rows.labels, offset)[:, 0]
+            offset += len(rows)
+            m = torch.ones_like(rows.inputs) * (t.to(rows.inputs) + 1).view(-1, 1, 1, 1)
+            m[..., -1, -1] *= 10
+            maps.append(m.cpu())
+            targets.append(t)
+            index.append(rows.index)
+        return AttributionResult(
+            technique=self.name, attributions=torch.cat(maps), targets=torch.cat(targets), index=torch.cat(index)
+        )
+
+
+def test_a_third_party_attribution_technique_is_smoothed_and_scored(
+    registered: Any, small_cnn: nn.Module, small_shapes: Any
+) -> None:
+    registered("constant", ConstantMaps)
+    x = small_shapes.batch(range(3)).inputs
+    smoothed = pyengine.run(
+        "smoothgrad", small_cnn, x, base="test-constant-maps", target=[0, 1, 2], samples=3, square=True, progress=False
+    )
+    expected = torch.ones_like(x) * torch.tensor([1.0, 4.0, 9.0]).view(-1, 1, 1, 1)
+    expected[..., -1, -1] *= 100
+    assert torch.allclose(smoothed.attributions, expected)
+    scored = pyengine.run(
+        "faithfulness",
+        small_cnn,
+        data=small_shapes,
+        techniques=["test-constant-maps"],
+        stop=6,
+        curves=False,
+        progress=False,
+    )
+    batch = small_shapes.batch(range(6))
+    x, y = batch.inputs.shape[-1] - 0.5, batch.inputs.shape[-2] - 0.5  # the centre of the peak, the last pixel
+    boxes = batch.boxes
+    hit = (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
+    assert scored.pointing["test-constant-maps"] == pytest.approx(float(hit.double().mean()))
+    assert "6 rows 0-5 of dataset" in scored.rows

@@ -53,5 +53,5 @@ def test_edges_and_their_sparsity() -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(pyengine.OptionsError, match="option threshold=2 is invalid"):
-        pyengine.run("interaction-basis", network(False), data=TensorDataset(torch.zeros(4, 4)), threshold=2)
+    with pytest.raises(pyengine.OptionsError, match="option cutoff=2 is invalid"):
+        pyengine.run("interaction-basis", network(False), data=TensorDataset(torch.zeros(4, 4)), cutoff=2)

@@ -31,8 +31,9 @@ class Planted(nn.Module):
 def test_planted_rank_is_recovered_exactly(tmp_path: Path) -> None:
     model = Planted()
     x = torch.randn(500, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
-    result = pyengine.run("gram-spectrum", model, data=TensorDataset(x), layers=["layer"], center=False,
-                          thresholds=[1e-6], progress=False)
+    result = pyengine.run(
+        "gram-spectrum", model, data=TensorDataset(x), layers=["layer"], center=False, cutoffs=[1e-6], progress=False
+    )
     assert result.rank["layer rel<1e-06"] == 3
     assert result.units == {"layer": 6} and result.samples == {"layer": 500}
     assert "layer layer: 6 units, rank 3 at 1e-06" in result.summary()
@@ -41,7 +42,7 @@ def test_planted_rank_is_recovered_exactly(tmp_path: Path) -> None:
     np.testing.assert_allclose(result.eigenvalues["layer"].numpy()[:3], expected[:3], rtol=1e-9)
 
     store = pyengine.capture(model, TensorDataset(x), ["layer"], tmp_path / "a.h5", dtype="float32", progress=False)
-    from_store = pyengine.run("gram-spectrum", model, store=store, center=False, thresholds=[1e-6], progress=False)
+    from_store = pyengine.run("gram-spectrum", model, store=store, center=False, cutoffs=[1e-6], progress=False)
     torch.testing.assert_close(from_store.eigenvalues["layer"], result.eigenvalues["layer"], rtol=1e-9, atol=1e-12)
 
 
@@ -61,8 +62,9 @@ def test_conv_layers_use_channels_as_units(small_cnn: nn.Module, small_shapes: o
     result = pyengine.run("gram-spectrum", small_cnn, data=small_shapes, layers=["features.relu2"], progress=False)
     assert result.units == {"features.relu2": 8}
     assert result.samples == {"features.relu2": 96 * 8 * 8}
-    flat = pyengine.run("gram-spectrum", small_cnn, data=small_shapes, layers=["features.relu3"],
-                        conv_units="flatten", progress=False)
+    flat = pyengine.run(
+        "gram-spectrum", small_cnn, data=small_shapes, layers=["features.relu3"], conv_units="flatten", progress=False
+    )
     assert flat.units == {"features.relu3": 16 * 4 * 4}  # relu3 precedes pool3
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -19,12 +17,11 @@ from torch import nn
 
 import pyengine
 import pyengine.models
+from conftest import hooks_on
 from pyengine.capture import param_hash
 from pyengine.data import Shapes, TensorDataset
 from pyengine.errors import NotFoundError, PyengineError, StoreError
 from pyengine.store import CHUNK_BYTES, SCHEMA_VERSION
-
-from conftest import hooks_on
 
 LAYERS = ["features.relu1", "features.pool2", "classifier.relu4"]
 
@@ -41,8 +38,9 @@ def direct_outputs(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Te
 
 
 def test_capture_layout_and_values(small_cnn: nn.Module, small_shapes: Shapes, tmp_path: Path) -> None:
-    path = pyengine.capture(small_cnn, small_shapes, LAYERS, tmp_path / "acts.h5", batch_size=10, dtype="float32",
-                            progress=False)
+    path = pyengine.capture(
+        small_cnn, small_shapes, LAYERS, tmp_path / "acts.h5", batch_size=10, dtype="float32", progress=False
+    )
     assert path == tmp_path / "acts.h5" and not (tmp_path / "acts.h5.partial").exists()
     assert hooks_on(small_cnn) == []
     everything = small_shapes.batch(range(len(small_shapes)))
@@ -71,15 +69,23 @@ def test_capture_layout_and_values(small_cnn: nn.Module, small_shapes: Shapes, t
 
 
 def test_float16_and_gzip(small_cnn: nn.Module, small_shapes: Shapes, tmp_path: Path) -> None:
-    path = pyengine.capture(small_cnn, small_shapes, ["classifier.relu4"], tmp_path / "a.h5", compression="gzip",
-                            start=10, stop=50, progress=False)
+    path = pyengine.capture(
+        small_cnn,
+        small_shapes,
+        ["classifier.relu4"],
+        tmp_path / "a.h5",
+        compression="gzip",
+        start=10,
+        stop=50,
+        progress=False,
+    )
     expected = direct_outputs(small_cnn, small_shapes.batch(range(10, 50)).inputs)["classifier.relu4"]
     with pyengine.StoreReader(path) as reader:
         assert len(reader) == 40 and reader.shape("classifier.relu4") == (40, 64)
         blocks = list(reader.iter_layer("classifier.relu4", rows=7, dtype=torch.float64))
         assert [b.shape[0] for b in blocks] == [7] * 5 + [5]
         torch.testing.assert_close(torch.cat(blocks), expected.half().double(), rtol=2e-3, atol=1e-3)
-        assert torch.equal(reader.array("inputs/index"), torch.arange(10, 50))
+        assert torch.equal(reader.index(), torch.arange(10, 50))
         assert reader.describe()["layers"]["classifier.relu4"]["compression"] == "gzip"
 
 
@@ -93,7 +99,10 @@ def test_streaming_reads_one_block_at_a_time(tmp_path: Path) -> None:
 
 
 def test_capture_input_errors(small_cnn: nn.Module, small_shapes: Shapes, tmp_path: Path) -> None:
-    with pytest.raises(NotFoundError, match="no layer 'features.relu9' in DemoCNN; closest: features.relu3, features.relu2, features.relu1"):
+    with pytest.raises(
+        NotFoundError,
+        match="no layer 'features.relu9' in DemoCNN; closest: features.relu3, features.relu2, features.relu1",
+    ):
         pyengine.capture(small_cnn, small_shapes, ["features.relu9"], tmp_path / "a.h5")
     with pytest.raises(PyengineError, match="dtype='int8' is invalid: expected one of float16, float32"):
         pyengine.capture(small_cnn, small_shapes, ["features.relu1"], tmp_path / "a.h5", dtype="int8")
@@ -104,8 +113,9 @@ def test_capture_input_errors(small_cnn: nn.Module, small_shapes: Shapes, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_capture_is_idempotent_and_refuses_other_configs(small_cnn: nn.Module, small_shapes: Shapes,
-                                                        tmp_path: Path) -> None:
+def test_capture_is_idempotent_and_refuses_other_configs(
+    small_cnn: nn.Module, small_shapes: Shapes, tmp_path: Path
+) -> None:
     path = pyengine.capture(small_cnn, small_shapes, ["classifier.relu4"], tmp_path / "a.h5", progress=False)
     stamp = path.stat().st_mtime_ns
     assert pyengine.capture(small_cnn, small_shapes, ["classifier.relu4"], path, progress=False) == path
@@ -122,12 +132,13 @@ def test_tensor_datasets_and_user_concepts(tmp_path: Path) -> None:
     data = TensorDataset(torch.randn(30, 5), torch.arange(30) % 2, {"parity": torch.arange(30) % 2})
     path = pyengine.capture(model, data, ["1"], tmp_path / "t.h5", batch_size=8, dtype="float32", progress=False)
     with pyengine.StoreReader(path) as reader:
-        assert torch.equal(reader.array("concepts/parity"), torch.arange(30) % 2)
+        assert torch.equal(reader.concept("parity"), torch.arange(30) % 2)
         assert torch.allclose(next(reader.iter_layer("1", rows=30)), model(data.inputs).detach())
 
 
-def test_foreign_truncated_and_newer_files_are_clear_errors(small_cnn: nn.Module, small_shapes: Shapes,
-                                                            tmp_path: Path) -> None:
+def test_foreign_truncated_and_newer_files_are_clear_errors(
+    small_cnn: nn.Module, small_shapes: Shapes, tmp_path: Path
+) -> None:
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["data"] = np.zeros(3)
@@ -216,14 +227,15 @@ def test_resume_refuses_a_different_configuration(small_cnn: nn.Module, small_sh
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pyengine.capture(small_cnn, small_shapes, ["features.relu1"], path, batch_size=8, on_batch=stop_early,
-                         progress=False)
+        pyengine.capture(
+            small_cnn, small_shapes, ["features.relu1"], path, batch_size=8, on_batch=stop_early, progress=False
+        )
     assert (tmp_path / "a.h5.partial").exists()
     with pytest.raises(StoreError, match="interrupted capture with a different configuration"):
         pyengine.capture(small_cnn, small_shapes, ["features.relu2"], path, progress=False)
     done = pyengine.capture(small_cnn, small_shapes, ["features.relu1"], path, batch_size=8, progress=False)
     with pyengine.StoreReader(done) as reader:
-        assert torch.equal(reader.array("inputs/index"), torch.arange(len(small_shapes)))
+        assert torch.equal(reader.index(), torch.arange(len(small_shapes)))
 
 
 def test_capture_restores_training_mode_and_warns_on_float16_overflow(tmp_path: Path) -> None:

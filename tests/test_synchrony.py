@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 import pyengine
+from conftest import requires_cuda
 from pyengine import ops
 from pyengine.data import TensorDataset
-
-from conftest import requires_cuda
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
@@ -100,7 +99,7 @@ def test_threshold_links_nearly_synchronized_units() -> None:
     data = TensorDataset(h)
     identity = nn.Sequential(nn.Identity())
     exact = pyengine.run("relu-sync", identity, data=data, layers=["0"], progress=False)
-    loose = pyengine.run("relu-sync", identity, data=data, layers=["0"], threshold=0.99, progress=False)
+    loose = pyengine.run("relu-sync", identity, data=data, layers=["0"], agreement=0.99, progress=False)
     assert exact.groups["0"] == 0 and loose.groups["0"] == 1
     assert sorted(torch.nonzero(loose.group["0"] == 0).flatten().tolist()) == [0, 1]
 

@@ -15,11 +15,14 @@ import pyengine
 
 
 @dataclass(frozen=True)
-class MarginOptions(pyengine.Options):
-    batch_size: int = 64
+class MarginOptions(pyengine.RowOptions):
+    """Rows (``start``, ``stop``, ``batch_size``) as every built-in technique spells them."""
+
+    top: int = pyengine.option(2, "the margin is top-1 minus top-`top` logit")
 
     def validate(self) -> None:
-        self.require_int("batch_size")
+        super().validate()
+        self.require_int("top", minimum=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,13 +42,12 @@ class LogitMargin(pyengine.Technique):
     needs_inputs = True
 
     def run(self, ctx: pyengine.Context, options: MarginOptions) -> MarginResult:
-        inputs = ctx.require_inputs(self.name)
         predictions, margins = [], []
         with torch.no_grad():
-            for chunk in inputs.split(options.batch_size):
-                top2 = ctx.model(chunk).topk(2, dim=1)
-                predictions.append(top2.indices[:, 0].cpu())
-                margins.append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+            for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name):
+                best = ctx.model(rows.inputs).topk(options.top, dim=1)
+                predictions.append(best.indices[:, 0].cpu())
+                margins.append((best.values[:, 0] - best.values[:, -1]).cpu())
         margin = torch.cat(margins)
         return MarginResult(predictions=torch.cat(predictions), margins=margin, mean_margin=float(margin.mean()))
 

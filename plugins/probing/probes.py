@@ -18,12 +18,16 @@ from typing import Any
 import torch
 
 from pyengine.context import Context
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Result, Technique, bad_option
-
-from pyengine.plugins.probe_data import ProbeData, ProbeOptions, collect, iter_pairs, standardise
-from pyengine.plugins.probe_fit import (accuracy_per_column, auc_per_column, control_labels, fit_linear, fit_mlp,
-                                        fit_single_neuron)
+from pyengine.plugins.probing._data import ProbeData, ProbeOptions, collect, iter_pairs, standardise
+from pyengine.plugins.probing._fit import (
+    accuracy_per_column,
+    auc_per_column,
+    control_labels,
+    fit_linear,
+    fit_mlp,
+    fit_single_neuron,
+)
+from pyengine.technique import Figure, Result, Technique, bad_option, option
 
 HISTOGRAM_BINS = 30
 
@@ -32,11 +36,11 @@ def _key(layer: str, concept: str) -> str:
     return f"{layer}|{concept}"
 
 
-def _per_layer_figure(title: str, values: dict[str, float], layers: list[str], concepts: list[str],
-                      ylabel: str) -> Figure:
+def _per_layer_figure(
+    title: str, values: dict[str, float], layers: list[str], concepts: list[str], ylabel: str
+) -> Figure:
     lines = {concept: [values[_key(layer, concept)] for layer in layers] for concept in concepts}
-    return Figure(title, lines=lines, x=list(range(len(layers))), xlabel="layer: " + ", ".join(layers),
-                  ylabel=ylabel)
+    return Figure(title, lines=lines, x=list(range(len(layers))), xlabel="layer: " + ", ".join(layers), ylabel=ylabel)
 
 
 def _best_layer_per_concept(test_accuracy: dict[str, float]) -> str:
@@ -55,8 +59,14 @@ def _histogram_figure(title: str, h: torch.Tensor, y: torch.Tensor, threshold: f
     present = torch.histc(h[y == 1].float().cpu(), HISTOGRAM_BINS, low, high)
     absent = torch.histc(h[y == 0].float().cpu(), HISTOGRAM_BINS, low, high)
     centres = ((edges[:-1] + edges[1:]) / 2).tolist()
-    return Figure(title, lines={"concept present": present.tolist(), "concept absent": absent.tolist()}, x=centres,
-                  xlabel="activation", ylabel="inputs", caption=f"probe threshold −b/w = {threshold:.3g}")
+    return Figure(
+        title,
+        lines={"concept present": present.tolist(), "concept absent": absent.tolist()},
+        x=centres,
+        xlabel="activation",
+        ylabel="inputs",
+        caption=f"probe threshold −b/w = {threshold:.3g}",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +78,7 @@ class ProbeResult(Result):
     test_rows: torch.Tensor
 
 
-def _split_fields(data: ProbeData) -> dict[str, torch.Tensor]:
+def _split_fields(data: ProbeData) -> dict[str, Any]:
     return {"train_rows": data.split.train.cpu(), "val_rows": data.split.val.cpu(), "test_rows": data.split.test.cpu()}
 
 
@@ -77,8 +87,8 @@ def _split_fields(data: ProbeData) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ProbeNeuronsOptions(ProbeOptions):
-    c: float = 1.0  # inverse L2 strength on w, as scikit-learn's C
-    top: int = 5  # neurons listed per concept
+    c: float = option(1.0, "inverse L2 strength on w, as scikit-learn's C")
+    top: int = option(5, "neurons listed per concept")
 
     def validate(self) -> None:
         super().validate()
@@ -107,8 +117,9 @@ class ProbeNeuronsResult(ProbeResult):
         return list(self.top_neurons)
 
     def summary(self) -> str:
-        return "; ".join(f"{concept}: {self.best_neuron[concept]} {accuracy:.3f}"
-                         for concept, accuracy in self.best_accuracy.items())
+        return "; ".join(
+            f"{concept}: {self.best_neuron[concept]} {accuracy:.3f}" for concept, accuracy in self.best_accuracy.items()
+        )
 
 
 class ProbeNeurons(Technique):
@@ -119,16 +130,28 @@ class ProbeNeurons(Technique):
 
     def run(self, ctx: Context, options: ProbeNeuronsOptions) -> ProbeNeuronsResult:
         data = collect(ctx, options)
-        fields: dict[str, dict[str, torch.Tensor]] = {name: {} for name in (
-            "train_accuracy", "test_accuracy", "control_accuracy", "selectivity", "auc", "weight", "bias",
-            "threshold", "ranking")}
+        fields: dict[str, Any] = {
+            name: {}
+            for name in (
+                "train_accuracy",
+                "test_accuracy",
+                "control_accuracy",
+                "selectivity",
+                "auc",
+                "weight",
+                "bias",
+                "threshold",
+                "ranking",
+            )
+        }
         for layer, concept, x, y in iter_pairs(data):
             key = _key(layer, concept)
             x_train, _, x_test = data.train_val_test(x)
             y_train, _, y_test = data.train_val_test(y)
             control_train, _, control_test = data.train_val_test(data.controls[concept])
-            weights, biases = fit_single_neuron(x_train, torch.stack([y_train, control_train]), c=options.c,
-                                                seed=ctx.seed)
+            weights, biases = fit_single_neuron(
+                x_train, torch.stack([y_train, control_train]), c=options.c, seed=ctx.seed
+            )
             (w, wc), (b, bc) = weights, biases
             test = accuracy_per_column(x_test * w.float() + b.float(), y_test)
             control = accuracy_per_column(x_test * wc.float() + bc.float(), control_test)
@@ -145,8 +168,11 @@ class ProbeNeurons(Technique):
         layers, concepts = list(data.features), list(data.targets)
         best_accuracy, best_neuron, lines, histograms = {}, {}, [], []
         for concept in concepts:
-            candidates = [(float(fields["test_accuracy"][_key(layer, concept)][unit]), layer, int(unit))
-                          for layer in layers for unit in fields["ranking"][_key(layer, concept)][:options.top]]
+            candidates = [
+                (float(fields["test_accuracy"][_key(layer, concept)][unit]), layer, int(unit))
+                for layer in layers
+                for unit in fields["ranking"][_key(layer, concept)][: options.top]
+            ]
             candidates.sort(key=lambda item: -item[0])
             accuracy, layer, unit = candidates[0]
             best_accuracy[concept], best_neuron[concept] = accuracy, f"{layer}#{unit}"
@@ -154,22 +180,41 @@ class ProbeNeurons(Technique):
                 f"{lay}#{u} acc {acc:.3f} sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
                 f"{'above' if float(fields['weight'][_key(lay, concept)][u]) >= 0 else 'below'} "
                 f"{float(fields['threshold'][_key(lay, concept)][u]):.3g}"
-                for acc, lay, u in candidates[:options.top])
+                for acc, lay, u in candidates[: options.top]
+            )
             lines.append(f"{concept} (neuron, test accuracy, selectivity, activation that signals it): {listed}")
             key = _key(layer, concept)
-            histograms.append(_histogram_figure(f"{concept}: {layer}#{unit} activations by concept",
-                                                data.features[layer][:, unit], data.targets[concept],
-                                                float(fields["threshold"][key][unit])))
+            histograms.append(
+                _histogram_figure(
+                    f"{concept}: {layer}#{unit} activations by concept",
+                    data.features[layer][:, unit],
+                    data.targets[concept],
+                    float(fields["threshold"][key][unit]),
+                )
+            )
         best_per_layer = {k: float(v.max()) for k, v in fields["test_accuracy"].items()}
         selectivity_per_layer = {k: float(fields["selectivity"][k][fields["ranking"][k][0]]) for k in best_per_layer}
         figures = (
-            _per_layer_figure("Best single-neuron test accuracy per layer", best_per_layer, layers, concepts, "accuracy"),
-            _per_layer_figure("Selectivity of that neuron (accuracy − control)", selectivity_per_layer, layers,
-                              concepts, "selectivity"),
+            _per_layer_figure(
+                "Best single-neuron test accuracy per layer", best_per_layer, layers, concepts, "accuracy"
+            ),
+            _per_layer_figure(
+                "Selectivity of that neuron (accuracy − control)",
+                selectivity_per_layer,
+                layers,
+                concepts,
+                "selectivity",
+            ),
             *histograms,
         )
-        return ProbeNeuronsResult(**fields, **_split_fields(data), best_accuracy=best_accuracy, best_neuron=best_neuron,
-                                  top_neurons=tuple(lines), figures=figures)
+        return ProbeNeuronsResult(
+            **fields,
+            **_split_fields(data),
+            best_accuracy=best_accuracy,
+            best_neuron=best_neuron,
+            top_neurons=tuple(lines),
+            figures=figures,
+        )
 
 
 # --- probe-linear ------------------------------------------------------------------
@@ -177,11 +222,11 @@ class ProbeNeurons(Technique):
 
 @dataclass(frozen=True)
 class ProbeLinearOptions(ProbeOptions):
-    l1: float = 0.0
-    l2: float = 1e-3
-    multiclass: tuple[str, ...] = ()  # categorical concepts to probe with one softmax each
-    iterations: int = 1000
-    top: int = 5
+    l1: float = option(0.0, "L1 penalty on the weights")
+    l2: float = option(1e-3, "L2 penalty on the weights")
+    multiclass: tuple[str, ...] = option((), "categorical concepts to probe with one softmax each")
+    iterations: int = option(1000, "FISTA iterations at most")
+    top: int = option(5, "units listed per concept")
 
     def validate(self) -> None:
         super().validate()
@@ -200,8 +245,11 @@ class ProbeLinearResult(ProbeResult):
     top_units: dict[str, str]  # "layer|concept" -> "u1 (w1), u2 (w2), ..."
 
     def lines(self) -> list[str]:
-        return [f"{key}: test {self.test_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}; "
-                f"top units {self.top_units[key]}" for key in self.test_accuracy]
+        return [
+            f"{key}: test {self.test_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}; "
+            f"top units {self.top_units[key]}"
+            for key in self.test_accuracy
+        ]
 
     def summary(self) -> str:
         return _best_layer_per_concept(self.test_accuracy)
@@ -229,23 +277,44 @@ class ProbeLinear(Technique):
             if binary:
                 targets = torch.stack([data.targets[c] for c in binary], 1).double()
                 controls = torch.stack([data.controls[c] for c in binary], 1).double()
-                w, b = fit_linear(z[train], targets[train], multiclass=False, l1=options.l1, l2=options.l2,
-                                  iterations=options.iterations)
-                wc, bc = fit_linear(z[train], controls[train], multiclass=False, l1=options.l1, l2=options.l2,
-                                    iterations=options.iterations)
+                w, b = fit_linear(
+                    z[train],
+                    targets[train],
+                    multiclass=False,
+                    l1=options.l1,
+                    l2=options.l2,
+                    iterations=options.iterations,
+                )
+                wc, bc = fit_linear(
+                    z[train],
+                    controls[train],
+                    multiclass=False,
+                    l1=options.l1,
+                    l2=options.l2,
+                    iterations=options.iterations,
+                )
                 hit = ((z[test] @ w.T + b) > 0) == targets[test].bool()
                 hit_control = ((z[test] @ wc.T + bc) > 0) == controls[test].bool()
-                fits += [(c, float(hit[:, k].double().mean()), float(hit_control[:, k].double().mean()), w[k], b[k])
-                         for k, c in enumerate(binary)]
+                fits += [
+                    (c, float(hit[:, k].double().mean()), float(hit_control[:, k].double().mean()), w[k], b[k])
+                    for k, c in enumerate(binary)
+                ]
             for concept in options.multiclass:
                 if concept not in data.categorical:
                     raise bad_option("multiclass", concept, f"a categorical concept: {', '.join(data.categorical)}")
                 codes = data.categorical[concept]
                 shuffled = control_labels(codes, data.types, data.seed + 1000).to(codes.device)
-                w, b = fit_linear(z[train], codes[train], multiclass=True, l1=options.l1, l2=options.l2,
-                                  iterations=options.iterations)
-                wc, bc = fit_linear(z[train], shuffled[train], multiclass=True, l1=options.l1, l2=options.l2,
-                                    iterations=options.iterations)
+                w, b = fit_linear(
+                    z[train], codes[train], multiclass=True, l1=options.l1, l2=options.l2, iterations=options.iterations
+                )
+                wc, bc = fit_linear(
+                    z[train],
+                    shuffled[train],
+                    multiclass=True,
+                    l1=options.l1,
+                    l2=options.l2,
+                    iterations=options.iterations,
+                )
                 acc = float(((z[test] @ w.T + b).argmax(1) == codes[test]).double().mean())
                 acc_control = float(((z[test] @ wc.T + bc).argmax(1) == shuffled[test]).double().mean())
                 for k in range(w.shape[0]):
@@ -261,10 +330,19 @@ class ProbeLinear(Technique):
         concepts = list(dict.fromkeys(key.split("|", 1)[1] for key in accuracy))
         figure = _per_layer_figure("Linear probe test accuracy per layer", accuracy, layers, concepts, "accuracy")
         selectivity = {key: accuracy[key] - control[key] for key in accuracy}
-        figure_selectivity = _per_layer_figure("Linear probe selectivity per layer", selectivity, layers, concepts,
-                                               "selectivity")
-        return ProbeLinearResult(**_split_fields(data), test_accuracy=accuracy, control_accuracy=control, selectivity=selectivity,
-                                 weights=weights, bias=bias, top_units=top, figures=(figure, figure_selectivity))
+        figure_selectivity = _per_layer_figure(
+            "Linear probe selectivity per layer", selectivity, layers, concepts, "selectivity"
+        )
+        return ProbeLinearResult(
+            **_split_fields(data),
+            test_accuracy=accuracy,
+            control_accuracy=control,
+            selectivity=selectivity,
+            weights=weights,
+            bias=bias,
+            top_units=top,
+            figures=(figure, figure_selectivity),
+        )
 
 
 # --- probe-mlp ---------------------------------------------------------------------
@@ -272,12 +350,12 @@ class ProbeLinear(Technique):
 
 @dataclass(frozen=True)
 class ProbeMLPOptions(ProbeOptions):
-    hidden: int = 32
-    epochs: int = 100
-    patience: int = 10
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    train_batch: int = 128
+    hidden: int = option(32, "hidden units of the probe")
+    epochs: int = option(100, "training epochs at most")
+    patience: int = option(10, "epochs without a better validation loss before stopping")
+    lr: float = option(1e-2, "Adam learning rate")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    train_batch: int = option(128, "rows per training step")
 
     def validate(self) -> None:
         super().validate()
@@ -293,8 +371,10 @@ class ProbeMLPResult(ProbeResult):
     selectivity: dict[str, float]
 
     def lines(self) -> list[str]:
-        return [f"{key}: test {acc:.3f}, control {self.control_accuracy[key]:.3f}, "
-                f"selectivity {self.selectivity[key]:+.3f}" for key, acc in self.test_accuracy.items()]
+        return [
+            f"{key}: test {acc:.3f}, control {self.control_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}"
+            for key, acc in self.test_accuracy.items()
+        ]
 
     def summary(self) -> str:
         return _best_layer_per_concept(self.test_accuracy)
@@ -306,13 +386,24 @@ class ProbeMLP(Technique):
     Options = ProbeMLPOptions
     needs_data = True
 
-    def _fit_and_score(self, data: ProbeData, z: torch.Tensor, y: torch.Tensor, options: ProbeMLPOptions,
-                       seed: int) -> float:
+    def _fit_and_score(
+        self, data: ProbeData, z: torch.Tensor, y: torch.Tensor, options: ProbeMLPOptions, seed: int
+    ) -> float:
         x_train, x_val, x_test = data.train_val_test(z)
         y_train, y_val, y_test = data.train_val_test(y)
-        model = fit_mlp(x_train, y_train, x_val, y_val, hidden=options.hidden, epochs=options.epochs,
-                        patience=options.patience, lr=options.lr, weight_decay=options.weight_decay,
-                        batch_size=options.train_batch, seed=seed)
+        model = fit_mlp(
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            hidden=options.hidden,
+            epochs=options.epochs,
+            patience=options.patience,
+            lr=options.lr,
+            weight_decay=options.weight_decay,
+            batch_size=options.train_batch,
+            seed=seed,
+        )
         with torch.no_grad():
             return float(((model(x_test).squeeze(1) > 0) == y_test.bool()).float().mean())
 
@@ -325,18 +416,16 @@ class ProbeMLP(Technique):
             for k, (layer, concept, _, y) in enumerate(pairs):
                 key = _key(layer, concept)
                 accuracy[key] = self._fit_and_score(data, standardised[layer], y, options, ctx.seed + k)
-                control[key] = self._fit_and_score(data, standardised[layer], data.controls[concept], options,
-                                                   ctx.seed + k)
+                control[key] = self._fit_and_score(
+                    data, standardised[layer], data.controls[concept], options, ctx.seed + k
+                )
                 bar.update()
         selectivity = {key: accuracy[key] - control[key] for key in accuracy}
         layers, concepts = list(data.features), list(data.targets)
-        return ProbeMLPResult(**_split_fields(data), test_accuracy=accuracy, control_accuracy=control, selectivity=selectivity,
-                              figures=(_per_layer_figure("MLP probe test accuracy per layer", accuracy, layers,
-                                                         concepts, "accuracy"),))
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(ProbeNeurons)
-    register(ProbeLinear)
-    register(ProbeMLP)
+        return ProbeMLPResult(
+            **_split_fields(data),
+            test_accuracy=accuracy,
+            control_accuracy=control,
+            selectivity=selectivity,
+            figures=(_per_layer_figure("MLP probe test accuracy per layer", accuracy, layers, concepts, "accuracy"),),
+        )

@@ -3,7 +3,7 @@
 Firing patterns (h > 0) over the whole dataset are packed into bitsets (64 inputs per
 word, 32x smaller than float32) by ``pyengine.ops.pack_firing``; pairwise agreement comes
 from XOR popcounts (``pyengine.ops.firing_disagreements``), never from a float matrix.
-Units whose patterns agree on at least ``threshold`` of the inputs are linked, and the
+Units whose patterns agree on at least ``agreement`` of the inputs are linked, and the
 linked components are the synchronized groups. Dead and always-on units are set apart.
 """
 
@@ -17,31 +17,31 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Options, Result, Technique, bad_option
-
-from pyengine.plugins.spectra import as_rows
+from pyengine.plugins.degeneracy._ranks import as_rows
+from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
 
 @dataclass(frozen=True)
-class ReluSyncOptions(Options):
-    layers: tuple[str, ...] = ()  # default: the stored layers, else every ReLU module
-    threshold: float = 1.0  # minimum fraction of inputs on which two units agree (1.0: identical)
-    fires_above: float = 0.0  # a unit fires when its activation exceeds this
-    conv_units: str = "channels"  # conv maps: "channels" (positions are inputs) or "flatten"
-    batch_size: int = 256
-    max_rows: int = 0  # 0: the whole dataset
+class ReluSyncOptions(RowOptions):
+    batch_size: int = option(256, "rows per step")
+    layers: tuple[str, ...] = option((), "layers analysed; default: the stored layers, else every ReLU module")
+    agreement: float = option(1.0, "minimum fraction of inputs on which two linked units agree (1.0: identical)")
+    fires_above: float = option(0.0, "a unit fires when its activation exceeds this")
+    conv_units: str = option("channels", "conv maps: 'channels' (positions are inputs) or 'flatten'")
 
     def validate(self) -> None:
-        self._set("layers", (self.layers,) if isinstance(self.layers, str) else tuple(self.layers))
-        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
-            raise bad_option("threshold", self.threshold, "an agreement fraction in (0, 1]")
+        super().validate()
+        self._set("layers", layer_tuple(self.layers))
+        if (
+            isinstance(self.agreement, bool)
+            or not isinstance(self.agreement, (int, float))
+            or not 0 < self.agreement <= 1
+        ):
+            raise bad_option("agreement", self.agreement, "an agreement fraction in (0, 1]")
         if self.conv_units not in ("channels", "flatten"):
             raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
         if isinstance(self.fires_above, bool) or not isinstance(self.fires_above, (int, float)):
             raise bad_option("fires_above", self.fires_above, "a number")
-        self.require_int("batch_size")
-        self.require_int("max_rows", minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +59,10 @@ class ReluSyncResult(Result):
         for layer, labels in self.group.items():
             sizes = sorted(torch.bincount(labels[labels >= 0]).tolist(), reverse=True) if self.groups[layer] else []
             detail = f" (sizes {', '.join(map(str, sizes))})" if sizes else ""
-            out.append(f"layer {layer}: {labels.numel()} units, {self.groups[layer]} synchronized groups{detail}, "
-                       f"{self.dead[layer]} dead, {self.always_on[layer]} always on, over {self.samples[layer]} inputs")
+            out.append(
+                f"layer {layer}: {labels.numel()} units, {self.groups[layer]} synchronized groups{detail}, "
+                f"{self.dead[layer]} dead, {self.always_on[layer]} always on, over {self.samples[layer]} inputs"
+            )
         return out
 
     def summary(self) -> str:
@@ -95,8 +97,7 @@ class FiringPacker:
         return torch.cat(self.words, dim=1).contiguous()
 
 
-def synchronized_groups(disagreements: torch.Tensor, rows: int, threshold: float,
-                        live: torch.Tensor) -> torch.Tensor:
+def synchronized_groups(disagreements: torch.Tensor, rows: int, threshold: float, live: torch.Tensor) -> torch.Tensor:
     """Group id per unit: connected components of live units agreeing on >= threshold."""
     units = disagreements.shape[0]
     allowed = int((1 - threshold) * rows + 1e-9)  # most disagreements a linked pair may have
@@ -130,12 +131,14 @@ class ReluSync(Technique):
     def run(self, ctx: Context, options: ReluSyncOptions) -> ReluSyncResult:
         layers = options.layers or ctx.default_layers(self.name)
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
-        for block in ctx.activations(layers, batch_size=options.batch_size, max_rows=options.max_rows,
-                                     technique=self.name):
+        for _, block in ctx.activations(
+            layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+        ):
             for layer, activation in block.items():
                 packers[layer].add(as_rows(activation, options.conv_units))
-        fields: dict[str, dict[str, Any]] = {k: {} for k in (
-            "agreement", "firing_rate", "group", "groups", "dead", "always_on", "samples")}
+        fields: dict[str, Any] = {
+            k: {} for k in ("agreement", "firing_rate", "group", "groups", "dead", "always_on", "samples")
+        }
         figures = []
         for layer, packer in packers.items():
             bits = packer.finish()
@@ -146,7 +149,7 @@ class ReluSync(Technique):
             fires = disagreements[-1, :-1]
             disagreements = disagreements[:-1, :-1]
             live = (fires > 0) & (fires < rows)
-            group = synchronized_groups(disagreements, rows, options.threshold, live)
+            group = synchronized_groups(disagreements, rows, options.agreement, live)
             agreement = (1 - disagreements.double() / rows).float()
             fields["agreement"][layer] = agreement
             fields["firing_rate"][layer] = (fires.double() / rows).float()
@@ -157,8 +160,3 @@ class ReluSync(Technique):
             fields["samples"][layer] = rows
             figures.append(Figure(f"{layer}: pairwise firing agreement (white = identical)", image=agreement))
         return ReluSyncResult(**fields, figures=tuple(figures))
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(ReluSync)

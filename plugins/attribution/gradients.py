@@ -1,83 +1,45 @@
 """Gradient attributions: saliency, guided backprop, integrated gradients, Grad-CAM, SmoothGrad.
 
 Each technique is ``attributor(ctx, options) -> attribute(inputs, targets)``; the shared driver
-in ``attribution.py`` handles targets, data and results. Every pass is batched within the
+in ``pyengine.attribution`` handles targets, rows and results. Every pass is batched within the
 memory budget, and every hook or override is removed when the pass ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from pyengine import host
+from pyengine.attribution import (
+    Attribute,
+    AttributionOptions,
+    AttributionResult,
+    GuidedReLUs,
+    make_result,
+    run_attribution,
+    samples_per_pass,
+    target_scores,
+)
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Technique, bad_option
-
-from pyengine.plugins.layers import after_relu, conv_layers
-from pyengine.plugins.attribution import (Attribute, AttributionOptions, AttributionResult, make_result,
-                                          run_attribution, samples_per_pass, target_scores)
+from pyengine.layers import after_relu, conv_layers
+from pyengine.technique import Technique, bad_option, layer_tuple, option
 
 REDUCTIONS = ("none", "max", "sum", "mean")
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
 
 
-# --- guided ReLU: positive gradients only, where the forward input was positive -------------
-
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0)
-
-
-class _GuidedReLUInPlace(_GuidedReLU):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(x)
-        x.clamp_(min=0)
-        ctx.save_for_backward(x)
-        return x
-
-
-class GuidedReLUs(TorchFunctionMode):
-    """While active, every ReLU — ``nn.ReLU`` (in place or not), ``F.relu``, ``torch.relu``,
-    ``Tensor.relu(_)`` — gets the guided backward pass."""
-
-    _OUT_OF_PLACE = (torch.relu, torch.Tensor.relu)
-    _IN_PLACE = (torch.relu_, torch.Tensor.relu_, F.relu_)
-
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.relu:
-            inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
-            return (_GuidedReLUInPlace if inplace else _GuidedReLU).apply(args[0])
-        if func in self._OUT_OF_PLACE:
-            return _GuidedReLU.apply(args[0])
-        if func in self._IN_PLACE:
-            return _GuidedReLUInPlace.apply(args[0])
-        return func(*args, **kwargs)
-
-
-def input_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, samples: int, *,
-                    guided: bool = False) -> torch.Tensor:
+def input_gradients(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, samples: int, *, guided: bool = False
+) -> torch.Tensor:
     """d output[target] / d input for each row, ``samples`` rows per pass."""
     grads = []
     for x, t in zip(inputs.split(samples), targets.split(samples)):
@@ -106,22 +68,25 @@ class GradientTechnique(Technique):
     """A technique that is one ``attribute(inputs, targets)`` function."""
 
     needs_data: ClassVar[bool] = True  # inputs or a dataset
-    uses_gradients: ClassVar[bool] = True
+    explains_inputs: ClassVar[bool] = True
+    attribution: ClassVar[bool] = True
     Options: ClassVar[type[AttributionOptions]] = AttributionOptions
 
     def attributor(self, ctx: Context, options: Any) -> Attribute:
         raise NotImplementedError
 
     def run(self, ctx: Context, options: Any) -> AttributionResult:
-        return make_result(self.name, *run_attribution(ctx, options, self.name, self.attributor(ctx, options)))
+        maps = run_attribution(ctx, options, self.name, self.attributor(ctx, options))
+        return make_result(self.name, *maps, AttributionResult)
 
 
 # --- saliency and guided backprop --------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SaliencyOptions(AttributionOptions):
-    abs: bool = True  # |gradient| (Captum's default)
-    reduce: str = "none"  # over channels: none, max (Simonyan et al.), sum, mean; broadcast back
+    abs: bool = option(True, "|gradient| (Captum's default)")
+    reduce: str = option("none", "over channels: none, max (Simonyan et al.), sum, mean; broadcast back")
 
     def validate(self) -> None:
         super().validate()
@@ -132,8 +97,11 @@ class SaliencyOptions(AttributionOptions):
 def reduce_channels(maps: torch.Tensor, how: str) -> torch.Tensor:
     if how == "none" or maps.dim() < 3:
         return maps
-    reduced = {"max": lambda m: m.amax(1, keepdim=True), "sum": lambda m: m.sum(1, keepdim=True),
-               "mean": lambda m: m.mean(1, keepdim=True)}[how](maps)
+    reduced = {
+        "max": lambda m: m.amax(1, keepdim=True),
+        "sum": lambda m: m.sum(1, keepdim=True),
+        "mean": lambda m: m.mean(1, keepdim=True),
+    }[how](maps)
     return reduced.expand_as(maps).contiguous()
 
 
@@ -163,19 +131,23 @@ class GuidedBackprop(GradientTechnique):
 
 # --- integrated gradients -------------------------------------------------------------------
 
+
 def quadrature(method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas, weights) on [0, 1] for the path integral, as Captum defines them."""
     if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(steps)
-        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
+        nodes, gauss_weights = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * gauss_weights)
     weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
     rule = method.removeprefix("riemann_")
     if rule == "trapezoid":
         weights[0] /= 2
         weights[-1] /= 2
         return torch.linspace(0, 1, steps, dtype=torch.float64), weights
-    low, high = {"left": (0.0, 1 - 1 / steps), "right": (1 / steps, 1.0),
-                 "middle": (1 / (2 * steps), 1 - 1 / (2 * steps))}[rule]
+    low, high = {
+        "left": (0.0, 1 - 1 / steps),
+        "right": (1 / steps, 1.0),
+        "middle": (1 / (2 * steps), 1 - 1 / (2 * steps)),
+    }[rule]
     return torch.linspace(low, high, steps, dtype=torch.float64), weights
 
 
@@ -185,15 +157,17 @@ def as_baseline(baseline: float | torch.Tensor, inputs: torch.Tensor, name: str 
     try:
         return torch.broadcast_to(value, inputs.shape)
     except RuntimeError:
-        raise PyengineError(f"{name} has shape {tuple(value.shape)}; expected a scalar or a shape broadcastable to "
-                            f"the inputs {tuple(inputs.shape)}") from None
+        raise PyengineError(
+            f"{name} has shape {tuple(value.shape)}; expected a scalar or a shape broadcastable to "
+            f"the inputs {tuple(inputs.shape)}"
+        ) from None
 
 
 @dataclass(frozen=True)
 class IntegratedGradientsOptions(AttributionOptions):
-    n_steps: int = 50
-    method: str = "gausslegendre"  # or riemann_left/right/middle/trapezoid
-    baseline: Any = 0.0  # a number or a tensor broadcastable to the inputs
+    n_steps: int = option(50, "points on the path from the baseline to the input")
+    method: str = option("gausslegendre", "quadrature: gausslegendre or riemann_left/right/middle/trapezoid")
+    baseline: Any = option(0.0, "a number or a tensor broadcastable to the inputs")
 
     def validate(self) -> None:
         super().validate()
@@ -204,7 +178,9 @@ class IntegratedGradientsOptions(AttributionOptions):
             try:
                 self._set("baseline", torch.as_tensor(self.baseline, dtype=torch.float32))
             except (TypeError, ValueError, RuntimeError):
-                raise bad_option("baseline", self.baseline, "a number or a tensor broadcastable to the inputs") from None
+                raise bad_option(
+                    "baseline", self.baseline, "a number or a tensor broadcastable to the inputs"
+                ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,12 +190,21 @@ class IntegratedGradientsResult(AttributionResult):
     mean_relative_delta: float  # |delta| / |f(x) - f(baseline)|, averaged
 
     def summary(self) -> str:
-        return (f"{super().summary()}; completeness gap max {self.max_abs_delta:.3g} "
-                f"(mean relative {self.mean_relative_delta:.3g})")
+        return (
+            f"{super().summary()}; completeness gap max {self.max_abs_delta:.3g} "
+            f"(mean relative {self.mean_relative_delta:.3g})"
+        )
 
 
-def integrated_gradients(model: nn.Module, x: torch.Tensor, t: torch.Tensor, baseline: torch.Tensor,
-                         alphas: torch.Tensor, weights: torch.Tensor, samples: int) -> torch.Tensor:
+def integrated_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    baseline: torch.Tensor,
+    alphas: torch.Tensor,
+    weights: torch.Tensor,
+    samples: int,
+) -> torch.Tensor:
     """Σ_k w_k ∇f(x0 + α_k (x − x0)) ⊙ (x − x0), computed ``samples`` path points per pass."""
     n, steps = x.shape[0], alphas.shape[0]
     diff = x - baseline
@@ -240,8 +225,12 @@ class IntegratedGradients(GradientTechnique):
     summary = "path integral of gradients from a baseline (Sundararajan et al.), with its completeness gap"
     Options = IntegratedGradientsOptions
 
-    def attributor(self, ctx: Context, options: IntegratedGradientsOptions,
-                   gaps: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Attribute:
+    def attributor(
+        self,
+        ctx: Context,
+        options: IntegratedGradientsOptions,
+        gaps: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> Attribute:
         """With ``gaps``, also records (sum of attributions - output change, output change) per row."""
         size = PassSize(ctx, options)
         alphas, weights = quadrature(options.method, options.n_steps)
@@ -251,8 +240,10 @@ class IntegratedGradients(GradientTechnique):
             maps = integrated_gradients(ctx.model, x, t, baseline, alphas, weights, size(x))
             if gaps is not None:
                 with torch.no_grad():
-                    change = (target_scores(ctx.model(x), t.reshape(-1, 1))
-                              - target_scores(ctx.model(baseline.contiguous()), t.reshape(-1, 1)))[:, 0].double()
+                    change = (
+                        target_scores(ctx.model(x), t.reshape(-1, 1))
+                        - target_scores(ctx.model(baseline.contiguous()), t.reshape(-1, 1))
+                    )[:, 0].double()
                 gaps.append(((maps.double().flatten(1).sum(1) - change).cpu(), change.cpu()))
             return maps
 
@@ -260,25 +251,39 @@ class IntegratedGradients(GradientTechnique):
 
     def run(self, ctx: Context, options: IntegratedGradientsOptions) -> IntegratedGradientsResult:
         gaps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        attributions, targets, index, shown = run_attribution(ctx, options, self.name,
-                                                              self.attributor(ctx, options, gaps))
+        attributions, targets, index, shown = run_attribution(
+            ctx, options, self.name, self.attributor(ctx, options, gaps)
+        )
         delta = torch.cat([d for d, _ in gaps]).reshape(targets.shape)
         change = torch.cat([c for _, c in gaps]).reshape(targets.shape)
         relative = delta.abs() / change.abs().clamp(min=1e-12)
-        return make_result(self.name, attributions, targets, index, shown, IntegratedGradientsResult, delta=delta,
-                           max_abs_delta=float(delta.abs().max()), mean_relative_delta=float(relative.mean()))
+        return make_result(
+            self.name,
+            attributions,
+            targets,
+            index,
+            shown,
+            IntegratedGradientsResult,
+            delta=delta,
+            max_abs_delta=float(delta.abs().max()),
+            mean_relative_delta=float(relative.mean()),
+        )
 
 
 # --- Grad-CAM ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GradCamOptions(AttributionOptions):
-    layer: str = ""  # a conv layer; default: the last nn.Conv1d/2d (after its ReLU, if one follows)
-    relu: bool = True  # keep positive evidence only (Selvaraju et al.); Captum's default is False
-    interpolate: str = "bilinear"  # upsampling to the input size: bilinear, nearest, bicubic
+    layers: tuple[str, ...] = option(
+        (), "one conv layer; default: the last nn.Conv1d/2d (after its ReLU, if one follows)"
+    )
+    relu: bool = option(True, "keep positive evidence only (Selvaraju et al.); Captum's default is False")
+    interpolate: str = option("bilinear", "upsampling to the input size: bilinear, nearest, bicubic")
 
     def validate(self) -> None:
         super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
         if self.interpolate not in INTERPOLATIONS:
             raise bad_option("interpolate", self.interpolate, " / ".join(INTERPOLATIONS))
 
@@ -294,18 +299,16 @@ def default_conv_layer(model: nn.Module) -> str:
     return after_relu(model, conv_layers(model, "grad-cam", (nn.Conv1d, nn.Conv2d))[-1])
 
 
-def grad_cam(ctx: Context, layer: nn.Module, layer_name: str, x: torch.Tensor, t: torch.Tensor,
-             relu: bool) -> torch.Tensor:
+def grad_cam(ctx: Context, layer_name: str, x: torch.Tensor, t: torch.Tensor, relu: bool) -> torch.Tensor:
     """(N, 1, *spatial) maps: ReLU? of Σ_k mean(∂y/∂A_k) A_k at the layer's output A."""
-    captured: list[torch.Tensor] = []
-    with ctx.hooks() as scope, torch.enable_grad():
-        scope.forward(layer, lambda module, args, output: captured.append(output))
+    with ctx.record([layer_name], grad=True) as seen, torch.enable_grad():
         output = ctx.model(x)
-        if not captured or not isinstance(captured[0], torch.Tensor) or captured[0].dim() not in (3, 4):
-            shape = tuple(captured[0].shape) if captured and isinstance(captured[0], torch.Tensor) else None
-            raise PyengineError(f"grad-cam: layer {layer_name!r} gives output of shape {shape}; expected a conv "
-                                "feature map (N, channels, length) or (N, channels, height, width)")
-        activation = captured[0]
+        activation = seen[layer_name]
+        if activation.dim() not in (3, 4):
+            raise PyengineError(
+                f"grad-cam: layer {layer_name!r} gives output of shape {tuple(activation.shape)}; "
+                "expected a conv feature map (N, channels, length) or (N, channels, height, width)"
+            )
         grads = torch.autograd.grad(target_scores(output, t.reshape(-1, 1)).sum(), activation)[0]
     weights = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
     cam = (weights * activation.detach()).sum(1, keepdim=True)
@@ -317,54 +320,71 @@ class GradCam(GradientTechnique):
     summary = "class activation map of a conv layer weighted by pooled gradients (Selvaraju et al.)"
     Options = GradCamOptions
 
-    def attributor(self, ctx: Context, options: GradCamOptions,
-                   layer_maps: list[torch.Tensor] | None = None) -> Attribute:
-        layer_name = options.layer or default_conv_layer(ctx.model)
-        layer = ctx.module(layer_name)
+    def attributor(
+        self, ctx: Context, options: GradCamOptions, layer_maps: list[torch.Tensor] | None = None
+    ) -> Attribute:
+        layer_name = options.layers[0] if options.layers else default_conv_layer(ctx.model)
+        ctx.module(layer_name)
         size = PassSize(ctx, options)
 
         def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if x.dim() not in (3, 4):
                 raise PyengineError(f"grad-cam: inputs of shape {tuple(x.shape)}; expected (N, C, L) or (N, C, H, W)")
             samples = size(x)
-            cams = torch.cat([grad_cam(ctx, layer, layer_name, xs, ts, options.relu)
-                              for xs, ts in zip(x.split(samples), t.split(samples))])
+            cams = torch.cat(
+                [grad_cam(ctx, layer_name, xs, ts, options.relu) for xs, ts in zip(x.split(samples), t.split(samples))]
+            )
             if layer_maps is not None:
                 layer_maps.append(cams.detach().cpu())
             mode = "linear" if x.dim() == 3 and options.interpolate == "bilinear" else options.interpolate
-            up = F.interpolate(cams, size=x.shape[2:], mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+            up = F.interpolate(
+                cams, size=x.shape[2:], mode=mode, **({} if mode == "nearest" else {"align_corners": False})
+            )
             return up.expand_as(x).contiguous()
 
         return attribute
 
     def run(self, ctx: Context, options: GradCamOptions) -> GradCamResult:
         layer_maps: list[torch.Tensor] = []
-        attributions, targets, index, shown = run_attribution(ctx, options, self.name,
-                                                              self.attributor(ctx, options, layer_maps))
+        attributions, targets, index, shown = run_attribution(
+            ctx, options, self.name, self.attributor(ctx, options, layer_maps)
+        )
         cams = torch.cat(layer_maps)
         cams = cams.reshape(*targets.shape, *cams.shape[1:])
-        return make_result(self.name, attributions, targets, index, shown, GradCamResult,
-                           layer=options.layer or default_conv_layer(ctx.model), layer_attributions=cams)
+        return make_result(
+            self.name,
+            attributions,
+            targets,
+            index,
+            shown,
+            GradCamResult,
+            layer=options.layers[0] if options.layers else default_conv_layer(ctx.model),
+            layer_attributions=cams,
+        )
 
 
 # --- SmoothGrad -------------------------------------------------------------------------------
 
-SMOOTHABLE: dict[str, type[GradientTechnique]] = {}
+
+def smoothable() -> list[str]:
+    """Registered attribution techniques smoothgrad can average (any plugin's)."""
+    return [name for name, technique in host.techniques().items() if technique.attribution and name != SmoothGrad.name]
 
 
 @dataclass(frozen=True)
 class SmoothGradOptions(AttributionOptions):
-    base: str = "saliency"  # saliency, guided-backprop, integrated-gradients or grad-cam
-    base_options: dict[str, Any] = field(default_factory=dict)  # the base technique's own options
-    samples: int = 25  # noisy copies per input
-    noise: float = 0.15  # noise std as a fraction of each input's value range (Smilkov et al.)
-    stdev: float = 0.0  # absolute noise std (Captum's stdevs); overrides noise when > 0
-    square: bool = False  # average squared maps (SmoothGrad-Squared)
+    base: str = option("saliency", "the attribution technique averaged (any registered attribution technique)")
+    base_options: dict[str, Any] = option({}, "the base technique's own options")
+    samples: int = option(25, "noisy copies per input")
+    noise: float = option(0.15, "noise std as a fraction of each input's value range (Smilkov et al.)")
+    stdev: float = option(0.0, "absolute noise std (Captum's stdevs); overrides noise when > 0")
+    square: bool = option(False, "average squared maps (SmoothGrad-Squared)")
 
     def validate(self) -> None:
         super().validate()
-        if self.base not in SMOOTHABLE:
-            raise bad_option("base", self.base, " / ".join(SMOOTHABLE))
+        choices = smoothable()
+        if self.base not in choices:
+            raise bad_option("base", self.base, " / ".join(choices))
         if not isinstance(self.base_options, dict):
             raise bad_option("base_options", self.base_options, "a table of the base technique's options")
         shared = sorted(set(self.base_options) & {"target", "start", "stop", "batch_size"})
@@ -376,14 +396,18 @@ class SmoothGradOptions(AttributionOptions):
 
 class SmoothGrad(GradientTechnique):
     name = "smoothgrad"
-    summary = "a gradient technique averaged over noisy copies of the input (Smilkov et al.)"
+    summary = "an attribution technique averaged over noisy copies of the input (Smilkov et al.)"
     Options = SmoothGradOptions
 
     def attributor(self, ctx: Context, options: SmoothGradOptions) -> Attribute:
-        base_class = SMOOTHABLE[options.base]
-        inherited = {"memory_mb": options.memory_mb, "max_batch": options.max_batch}
-        base_options = base_class.options(**{**inherited, **options.base_options})
-        base = base_class().attributor(ctx, base_options)
+        base_class = host.get_technique(options.base)
+        accepted = {f.name for f in fields(base_class.Options)}
+        inherited = {
+            k: v for k, v in (("memory_mb", options.memory_mb), ("max_batch", options.max_batch)) if k in accepted
+        }
+        base_options = {**inherited, **options.base_options}
+        base_class.options(**base_options, target=0)  # bad base options fail before any work
+        chunk = "batch_size" in accepted
 
         def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             flat = x.flatten(1)
@@ -392,17 +416,17 @@ class SmoothGrad(GradientTechnique):
             total = torch.zeros_like(x, dtype=torch.float64)
             for _ in range(options.samples):
                 noise = torch.randn(x.shape, generator=ctx.rng, dtype=x.dtype).to(x.device)
-                maps = base(x + sigma * noise, t).double()
+                rows = {"batch_size": x.shape[0]} if chunk else {}
+                result = ctx.run(options.base, x + sigma * noise, target=t, **rows, **base_options)
+                maps = base_attributions(result, options.base, x).double()
                 total += maps.square() if options.square else maps
             return (total / options.samples).to(x.dtype)
 
         return attribute
 
 
-SMOOTHABLE.update({t.name: t for t in (Saliency, GuidedBackprop, IntegratedGradients, GradCam)})
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    for technique in (Saliency, GuidedBackprop, IntegratedGradients, GradCam, SmoothGrad):
-        register(technique)
+def base_attributions(result: Any, name: str, x: torch.Tensor) -> torch.Tensor:
+    maps = getattr(result, "attributions", None)
+    if not isinstance(maps, torch.Tensor) or maps.shape != x.shape:
+        raise PyengineError(f"smoothgrad: technique {name!r} gives no attributions shaped like the inputs")
+    return maps.to(x.device)

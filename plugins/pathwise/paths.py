@@ -11,6 +11,7 @@ top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,19 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyengine import ops
-from pyengine.context import Context
+from pyengine.attribution import TargetOptions, resolve_targets, target_scores
+from pyengine.context import Context, Rows
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Result, Technique, bad_option
-
-from pyengine.plugins.attribution import (AttributionOptions, input_chunks, overlay, resolve_targets,
-                                          target_scores)
-from pyengine.plugins.relu_chain import Chain, MaskedForward, trace_chain
+from pyengine.figures import image_grid, overlay
+from pyengine.plugins.pathwise._chain import Chain, MaskedForward, trace_chain
+from pyengine.technique import Figure, Result, Technique, bad_option, option
 
 MAX_FIGURE_INPUTS = 4
 
 
 # --- the linear model of a path ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PathModel:
@@ -48,8 +48,9 @@ def unit_masks(chain: Chain, path: dict[int, torch.Tensor]) -> dict[int, torch.T
     masks = {}
     for layer, units in path.items():
         activation = chain.activations[layer]
-        mask = torch.zeros(activation.shape[0], activation[0].numel() + 1, dtype=activation.dtype,
-                           device=activation.device)
+        mask = torch.zeros(
+            activation.shape[0], activation[0].numel() + 1, dtype=activation.dtype, device=activation.device
+        )
         mask.scatter_(1, torch.where(units < 0, activation[0].numel(), units).to(activation.device), 1.0)
         masks[layer] = mask[:, :-1].reshape(activation.shape)
     return masks
@@ -63,8 +64,9 @@ def layer_bias(chain: Chain, layer: int, like: torch.Tensor) -> torch.Tensor:
     return bias.detach().to(like.dtype).reshape(-1, *([1] * (like.dim() - 2))).expand_as(like[0])
 
 
-def path_model(model: nn.Module, chain: Chain, x: torch.Tensor, targets: torch.Tensor,
-               path: dict[int, torch.Tensor] | None) -> tuple[PathModel, torch.Tensor]:
+def path_model(
+    model: nn.Module, chain: Chain, x: torch.Tensor, targets: torch.Tensor, path: dict[int, torch.Tensor] | None
+) -> tuple[PathModel, torch.Tensor]:
     """The linear model of ``path`` ({layer index: (B, units)}; None: the whole network) for
     output ``targets`` (B,), and the outputs f(x) (B,)."""
     masks = unit_masks(chain, path) if path else {}
@@ -95,8 +97,9 @@ def parse_path(chain: Chain, spec: Any, batch: int) -> dict[int, torch.Tensor]:
     parsed = {}
     for name, units in spec.items():
         if name not in chain.layers:
-            raise PyengineError(f"path layer {name!r} is not a ReLU layer of the model; ReLU layers: "
-                                f"{', '.join(chain.layers)}")
+            raise PyengineError(
+                f"path layer {name!r} is not a ReLU layer of the model; ReLU layers: {', '.join(chain.layers)}"
+            )
         layer = chain.layers.index(name)
         values = torch.as_tensor([units] if isinstance(units, int) else list(units), dtype=torch.long)
         size = chain.activations[layer][0].numel()
@@ -108,9 +111,12 @@ def parse_path(chain: Chain, spec: Any, batch: int) -> dict[int, torch.Tensor]:
 
 # --- path-linear ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
-class PathLinearOptions(AttributionOptions):
-    paths: tuple[dict[str, Any], ...] = ()  # each {ReLU layer: unit or [units]} (flat indices)
+class PathLinearOptions(TargetOptions):
+    paths: tuple[dict[str, Any], ...] = option(
+        (), "paths whose linear models are computed: each {ReLU layer: unit or [units]} (flat unit indices)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -135,13 +141,16 @@ class PathLinearResult(Result):
     path_own_bias: torch.Tensor  # (B, P): the part of path_bias from the lowest layer's own bias
 
     def summary(self) -> str:
-        return (f"local linear model of {self.output.shape[0]} inputs: |b| / (|W·x| + |b|) = "
-                f"{self.mean_abs_bias_share:.3f} on average (b / f median {self.bias_share.median():.3f}); "
-                f"{self.path_weight.shape[1]} paths")
+        return (
+            f"local linear model of {self.output.shape[0]} inputs: |b| / (|W·x| + |b|) = "
+            f"{self.mean_abs_bias_share:.3f} on average (b / f median {self.bias_share.median():.3f}); "
+            f"{self.path_weight.shape[1]} paths"
+        )
 
 
-def local_decomposition(ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor
-                        ) -> tuple[PathModel, torch.Tensor]:
+def local_decomposition(
+    ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[PathModel, torch.Tensor]:
     return path_model(ctx.model, chain, x, targets, None)
 
 
@@ -150,68 +159,85 @@ class PathLinear(Technique):
     summary = "the local linear model W(x)·x + b(x) of a ReLU net, its bias share, and the linear models of paths"
     Options = PathLinearOptions
     needs_data: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
+    explains_inputs: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: PathLinearOptions) -> PathLinearResult:
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "f", "w", "b", "pw", "pb", "po")}
         layers: tuple[str, ...] = ()
         shown = None
-        _, chunks = input_chunks(ctx, options, self.name)
-        for offset, chunk in _with_offsets(chunks):
-            chain = trace_chain(ctx, chunk.inputs, self.name)
+        for offset, rows in _with_offsets(
+            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        ):
+            x = rows.require_inputs()
+            chain = trace_chain(ctx, x, self.name)
             layers = tuple(chain.layers)
-            targets = resolve_targets(options.target, ctx.model, chunk.inputs, chunk.labels, offset)[:, 0]
-            whole, output = local_decomposition(ctx, chain, chunk.inputs, targets)
-            models = [path_model(ctx.model, chain, chunk.inputs, targets, parse_path(chain, p, len(targets)))[0]
-                      for p in options.paths]
+            targets = resolve_targets(options.target, ctx.model, x, rows.labels, offset)[:, 0]
+            whole, output = local_decomposition(ctx, chain, x, targets)
+            models = [
+                path_model(ctx.model, chain, x, targets, parse_path(chain, p, len(targets)))[0] for p in options.paths
+            ]
             for key, value in (("t", targets), ("f", output), ("w", whole.weight), ("b", whole.bias)):
                 parts[key].append(value.cpu())
             if models:
                 parts["pw"].append(torch.stack([m.weight for m in models], 1).cpu())
                 parts["pb"].append(torch.stack([m.bias for m in models], 1).cpu())
                 parts["po"].append(torch.stack([m.own_bias for m in models], 1).cpu())
-            shown = chunk.inputs[:MAX_FIGURE_INPUTS].cpu() if shown is None else shown
+            shown = x[:MAX_FIGURE_INPUTS].cpu() if shown is None else shown
         output, weight, bias = torch.cat(parts["f"]), torch.cat(parts["w"]), torch.cat(parts["b"])
         weight_part = output - bias
         n = output.shape[0]
         empty = torch.zeros(n, 0)
         share = bias.abs() / (weight_part.abs() + bias.abs()).clamp(min=1e-12)
         return PathLinearResult(
-            layers=layers, targets=torch.cat(parts["t"]), output=output, weight=weight, weight_part=weight_part,
-            bias_part=bias, bias_share=bias / torch.where(output == 0, 1e-12, output),
+            layers=layers,
+            targets=torch.cat(parts["t"]),
+            output=output,
+            weight=weight,
+            weight_part=weight_part,
+            bias_part=bias,
+            bias_share=bias / torch.where(output == 0, 1e-12, output),
             mean_abs_bias_share=float(share.mean()),
             path_weight=torch.cat(parts["pw"]) if parts["pw"] else empty.reshape(n, 0, *weight.shape[1:]),
             path_bias=torch.cat(parts["pb"]) if parts["pb"] else empty,
             path_own_bias=torch.cat(parts["po"]) if parts["po"] else empty,
-            figures=_path_linear_figures(shown, weight, weight_part, bias))
+            figures=_path_linear_figures(shown, weight, weight_part, bias),
+        )
 
 
-def _with_offsets(chunks: Any) -> Any:
+def _with_offsets(source: Iterable[Rows]) -> Iterator[tuple[int, Rows]]:
     offset = 0
-    for chunk in chunks:
-        yield offset, chunk
-        offset += chunk.inputs.shape[0]
+    for rows in source:
+        yield offset, rows
+        offset += len(rows)
 
 
-def _path_linear_figures(shown: torch.Tensor | None, weight: torch.Tensor, weight_part: torch.Tensor,
-                         bias: torch.Tensor) -> tuple[Figure, ...]:
-    figures = [Figure("Local linear model per input: weight part W(x)·x and bias part b(x)",
-                      lines={"W(x)·x": weight_part.tolist(), "b(x)": bias.tolist()}, xlabel="input",
-                      ylabel="target output")]
+def _path_linear_figures(
+    shown: torch.Tensor | None, weight: torch.Tensor, weight_part: torch.Tensor, bias: torch.Tensor
+) -> tuple[Figure, ...]:
+    figures = [
+        Figure(
+            "Local linear model per input: weight part W(x)·x and bias part b(x)",
+            lines={"W(x)·x": weight_part.tolist(), "b(x)": bias.tolist()},
+            xlabel="input",
+            ylabel="target output",
+        )
+    ]
     if shown is not None and shown.dim() == 4:
-        figures.append(_heatmaps("W(x) = ∂f/∂x, the local model's weights", shown, weight[:shown.shape[0]]))
+        figures.append(_heatmaps("W(x) = ∂f/∂x, the local model's weights", shown, weight[: shown.shape[0]]))
     return tuple(figures)
 
 
 def _heatmaps(title: str, inputs: torch.Tensor, maps: torch.Tensor, caption: str = "") -> Figure:
-    from pyengine.report import image_grid
-
     tiles = [overlay(inputs[k % inputs.shape[0]], maps[k].float().sum(0)) for k in range(maps.shape[0])]
-    return Figure(title, image=image_grid(torch.stack(tiles), columns=min(8, len(tiles))),
-                  caption=caption or "red: raises the target output, blue: lowers it")
+    return Figure(
+        title,
+        image=image_grid(torch.stack(tiles), columns=min(8, len(tiles))),
+        caption=caption or "red: raises the target output, blue: lowers it",
+    )
 
 
 # --- hierarchical decomposition ----------------------------------------------------------------
+
 
 def op_arguments(chain: Chain) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
     """The native op's per-layer activations, weights, max-pool indices and geometry."""
@@ -230,8 +256,14 @@ def op_arguments(chain: Chain) -> tuple[list[torch.Tensor], list[torch.Tensor], 
             pool_geometry = [kind, *kernel, *stride, *padding, count_padding]
         linear = step.linear
         if isinstance(linear, nn.Conv2d):
-            conv = [1, *_shape3(shapes[layer + 1]), *linear.kernel_size, *linear.stride, *linear.padding,
-                    *linear.dilation]
+            conv = [
+                1,
+                *_shape3(shapes[layer + 1]),
+                *linear.kernel_size,
+                *linear.stride,
+                *linear.padding,
+                *linear.dilation,
+            ]
         else:
             conv = [0, *_shape3(shapes[layer + 1]), 1, 1, 1, 1, 0, 0, 1, 1]
         geometry += [*_shape3(a.shape[1:]), *pool_geometry, *_shape3(pooled.shape[1:]), *conv]
@@ -242,7 +274,7 @@ def op_arguments(chain: Chain) -> tuple[list[torch.Tensor], list[torch.Tensor], 
 
 
 def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _shape3(shape: torch.Size) -> tuple[int, int, int]:
@@ -250,15 +282,16 @@ def _shape3(shape: torch.Size) -> tuple[int, int, int]:
     if len(dims) == 1:
         return dims[0], 1, 1
     if len(dims) == 3:
-        return dims  # type: ignore[return-value]
-    raise PyengineError(f"hierarchical-decomposition: layer output of shape {dims}; expected (features,) or "
-                        "(channels, height, width)")
+        return dims[0], dims[1], dims[2]
+    raise PyengineError(
+        f"hierarchical-decomposition: layer output of shape {dims}; expected (features,) or (channels, height, width)"
+    )
 
 
 @dataclass(frozen=True)
-class HierarchicalOptions(AttributionOptions):
-    beam: int = 1  # partial paths kept per layer; 1 is Algorithm 1
-    runner_up: bool = True  # also explain the most plausible other class (highest other output)
+class HierarchicalOptions(TargetOptions):
+    beam: int = option(1, "partial paths kept per layer; 1 is Algorithm 1")
+    runner_up: bool = option(True, "also explain the most plausible other class (highest other output)")
 
     def validate(self) -> None:
         super().validate()
@@ -279,8 +312,10 @@ class HierarchicalResult(Result):
 
     def summary(self) -> str:
         first = ", ".join(f"{layer}#{int(u)}" for layer, u in zip(self.layers, self.paths[0, 0, 0]))
-        return (f"{self.paths.shape[0]} inputs x {self.paths.shape[1]} targets, beam {self.paths.shape[2]}: "
-                f"input 0 -> {first}; the best path alone carries {self.path_output_share:.2e} of the output on average")
+        return (
+            f"{self.paths.shape[0]} inputs x {self.paths.shape[1]} targets, beam {self.paths.shape[2]}: "
+            f"input 0 -> {first}; the best path alone carries {self.path_output_share:.2e} of the output on average"
+        )
 
 
 class HierarchicalDecomposition(Technique):
@@ -288,49 +323,76 @@ class HierarchicalDecomposition(Technique):
     summary = "top-down path of the most important unit per layer (Cheng et al. Algorithm 1, with a beam), native op"
     Options = HierarchicalOptions
     needs_data: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
+    explains_inputs: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: HierarchicalOptions) -> HierarchicalResult:
         collected: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "p", "s", "w", "tw", "bw", "b", "share")}
         layers: tuple[str, ...] = ()
         shown, chain_shown = None, None
-        _, chunks = input_chunks(ctx, options, self.name)
-        for offset, chunk in _with_offsets(chunks):
-            x = chunk.inputs
+        for offset, rows in _with_offsets(
+            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        ):
+            x = rows.require_inputs()
             chain = trace_chain(ctx, x, self.name)
             layers = tuple(chain.layers)
-            targets = resolve_targets(options.target, ctx.model, x, chunk.labels, offset)
+            targets = resolve_targets(options.target, ctx.model, x, rows.labels, offset)
             if options.runner_up:
                 others = chain.output.reshape(len(x), -1).scatter(1, targets[:, :1].to(x.device), float("-inf"))
                 targets = torch.cat([targets, others.argmax(1, keepdim=True).cpu()], 1)
             activations, weights, indices, geometry = op_arguments(chain)
-            paths, scores = ops.hierarchical_paths(activations, weights, indices, geometry,
-                                                   targets.to(x.device), options.beam)
+            paths, scores = ops.hierarchical_paths(
+                activations, weights, indices, geometry, targets.to(x.device), options.beam
+            )
             weight, top_weight, beam_weight, bias, share = self._path_models(ctx, chain, x, targets, paths)
-            for key, value in (("t", targets), ("p", paths), ("s", scores), ("w", weight), ("tw", top_weight),
-                               ("bw", beam_weight), ("b", bias), ("share", share)):
+            for key, value in (
+                ("t", targets),
+                ("p", paths),
+                ("s", scores),
+                ("w", weight),
+                ("tw", top_weight),
+                ("bw", beam_weight),
+                ("b", bias),
+                ("share", share),
+            ):
                 collected[key].append(value.cpu())
             if shown is None:
                 shown, chain_shown = x[:MAX_FIGURE_INPUTS].cpu(), chain
         paths = torch.cat(collected["p"])
         targets, weight, beam_weight = torch.cat(collected["t"]), torch.cat(collected["w"]), torch.cat(collected["bw"])
         top_weight = torch.cat(collected["tw"])
-        figures = _hierarchy_figures(shown, chain_shown, layers, targets, paths,
-                                     {"the best path (one unit per layer)": weight,
-                                      f"the best path's units in the top {(len(layers) + 1) // 2} layers": top_weight,
-                                      f"the union of the beam's {paths.shape[2]} paths": beam_weight})
-        return HierarchicalResult(layers=layers, targets=targets, paths=paths, scores=torch.cat(collected["s"]),
-                                  path_weight=weight, top_weight=top_weight, beam_weight=beam_weight,
-                                  path_bias=torch.cat(collected["b"]),
-                                  path_output_share=float(torch.cat(collected["share"]).mean()), figures=figures)
+        figures = _hierarchy_figures(
+            shown,
+            chain_shown,
+            layers,
+            targets,
+            paths,
+            {
+                "the best path (one unit per layer)": weight,
+                f"the best path's units in the top {(len(layers) + 1) // 2} layers": top_weight,
+                f"the union of the beam's {paths.shape[2]} paths": beam_weight,
+            },
+        )
+        return HierarchicalResult(
+            layers=layers,
+            targets=targets,
+            paths=paths,
+            scores=torch.cat(collected["s"]),
+            path_weight=weight,
+            top_weight=top_weight,
+            beam_weight=beam_weight,
+            path_bias=torch.cat(collected["b"]),
+            path_output_share=float(torch.cat(collected["share"]).mean()),
+            figures=figures,
+        )
 
-    def _path_models(self, ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor, paths: torch.Tensor
-                     ) -> tuple[torch.Tensor, ...]:
+    def _path_models(
+        self, ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor, paths: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         """Per target: W^path of the best path, of its top half, of the beam's union; b^path; share of f."""
         weights, tops, beams, biases, shares = [], [], [], [], []
         n = len(chain.layers)
         for t in range(targets.shape[1]):
-            best = {layer: paths[:, t, 0, layer:layer + 1] for layer in range(n)}
+            best = {layer: paths[:, t, 0, layer : layer + 1] for layer in range(n)}
             top = {layer: units for layer, units in best.items() if layer >= n // 2}
             union = {layer: paths[:, t, :, layer] for layer in range(n)}
             model, output = path_model(ctx.model, chain, x, targets[:, t], best)
@@ -343,19 +405,31 @@ class HierarchicalDecomposition(Technique):
         return tuple(torch.stack(v, 1) for v in (weights, tops, beams, biases, shares))
 
 
-def _hierarchy_figures(shown: torch.Tensor | None, chain: Chain | None, layers: tuple[str, ...], targets: torch.Tensor,
-                       paths: torch.Tensor, weights: dict[str, torch.Tensor]) -> tuple[Figure, ...]:
+def _hierarchy_figures(
+    shown: torch.Tensor | None,
+    chain: Chain | None,
+    layers: tuple[str, ...],
+    targets: torch.Tensor,
+    paths: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+) -> tuple[Figure, ...]:
     if shown is None or chain is None or shown.dim() != 4:
         return ()
     n = shown.shape[0]
     figures = []
-    for t, who in enumerate(("target", "runner-up")[:targets.shape[1]]):
+    for t, who in enumerate(("target", "runner-up")[: targets.shape[1]]):
         classes = ", ".join(str(int(c)) for c in targets[:n, t])
         for what, weight in weights.items():
             if "union" in what and paths.shape[2] == 1:
                 continue
-            figures.append(_heatmaps(f"W^path of {what}, {who} class", shown, weight[:n, t],
-                                     f"classes {classes}; red raises the class output, blue lowers it"))
+            figures.append(
+                _heatmaps(
+                    f"W^path of {what}, {who} class",
+                    shown,
+                    weight[:n, t],
+                    f"classes {classes}; red raises the class output, blue lowers it",
+                )
+            )
     figures.append(_layer_stack(shown[0], chain, layers, paths[0, 0, 0]))
     return tuple(figures)
 
@@ -363,8 +437,6 @@ def _hierarchy_figures(shown: torch.Tensor | None, chain: Chain | None, layers: 
 def _layer_stack(image: torch.Tensor, chain: Chain, layers: tuple[str, ...], units: torch.Tensor) -> Figure:
     """Input 0's best path over the layer stack: per layer, the unit's channel map with the
     unit marked (conv layers), or the layer's units with the chosen one marked (dense)."""
-    from pyengine.report import image_grid
-
     size = image.shape[-2:]
     panels = [overlay(image, torch.zeros(size))]
     names = []
@@ -379,18 +451,15 @@ def _layer_stack(image: torch.Tensor, chain: Chain, layers: tuple[str, ...], uni
         else:
             side = int(a.numel() ** 0.5) + 1
             channel = torch.zeros(side * side)
-            channel[:a.numel()] = a / a.max().clamp(min=1e-12)
+            channel[: a.numel()] = a / a.max().clamp(min=1e-12)
             marked = torch.zeros(side * side)
             marked[unit] = 1
             channel, marked = channel.reshape(side, side), marked.reshape(side, side)
             names.append(f"{name} unit {unit}")
         rgb = torch.stack([torch.maximum(channel, marked), channel * (1 - marked), channel * (1 - marked)])
         panels.append(F.interpolate(rgb[None], size=tuple(size), mode="nearest")[0])
-    return Figure("Input 0's best path over the layer stack (the chosen unit in red)",
-                  image=image_grid(torch.stack(panels), columns=len(panels)), caption="; ".join(names))
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(PathLinear)
-    register(HierarchicalDecomposition)
+    return Figure(
+        "Input 0's best path over the layer stack (the chosen unit in red)",
+        image=image_grid(torch.stack(panels), columns=len(panels)),
+        caption="; ".join(names),
+    )

@@ -14,16 +14,20 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from pyengine import ops
+from pyengine.attribution import (
+    AttributionOptions,
+    AttributionResult,
+    make_result,
+    run_attribution,
+    samples_per_pass,
+    target_scores,
+)
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Technique, bad_option
-
-from pyengine.plugins.attribution import (AttributionOptions, AttributionResult, make_result, run_attribution,
-                                          samples_per_pass, target_scores)
+from pyengine.figures import gaussian_blur
+from pyengine.technique import Technique, bad_option, option
 
 BASELINE_FORMS = "a number, 'mean', 'blur', or a tensor broadcastable to one input"
 WINDOW_FRACTION = 8  # default window: 1/8 of each spatial side, all channels
@@ -33,19 +37,26 @@ def _int_tuple(value: Any, name: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     values = (value,) if isinstance(value, int) else value
-    if not isinstance(values, (tuple, list)) or not values or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+    if (
+        not isinstance(values, (tuple, list))
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    ):
         raise bad_option(name, value, "a positive integer or a tuple of them, e.g. (3, 8, 8) or (8, 8)")
     return tuple(values)
 
 
 @dataclass(frozen=True)
 class OcclusionOptions(AttributionOptions):
-    window: Any = None  # per non-batch dim, e.g. (3, 8, 8); (8, 8) covers all channels; default 1/8 of H, W
-    stride: Any = None  # int or per dim; default half the window
-    baseline: Any = "mean"  # BASELINE_FORMS; 'mean': each input's per-channel mean (Captum's default is 0)
-    output: str = "logit"  # score read from the model: "logit" (the raw output, as Captum) or "probability"
-    layout: str = "auto"  # occluded batches: "auto" (channels last for images into Conv2d models), "channels-last", "as-given"
+    window: Any = option(
+        None, "window per non-batch dim, e.g. (3, 8, 8); (8, 8) covers all channels; default 1/8 of H, W"
+    )
+    stride: Any = option(None, "int or per dim; default half the window")
+    baseline: Any = option("mean", BASELINE_FORMS + "; 'mean': each input's per-channel mean (Captum's default is 0)")
+    output: str = option("logit", "score read from the model: 'logit' (the raw output, as Captum) or 'probability'")
+    layout: str = option(
+        "auto", "occluded batches: 'auto' (channels last for images into Conv2d models), 'channels-last', 'as-given'"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -65,14 +76,15 @@ class OcclusionOptions(AttributionOptions):
             raise bad_option("layout", self.layout, "'auto', 'channels-last' or 'as-given'")
 
 
-def sweep_geometry(shape: tuple[int, ...], window: tuple[int, ...] | None,
-                   stride: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def sweep_geometry(
+    shape: tuple[int, ...], window: tuple[int, ...] | None, stride: tuple[int, ...] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Full-rank window and stride for one input of ``shape``. Shorter tuples cover the
     leading dimensions whole (``(8, 8)`` on (C, H, W) is ``(C, 8, 8)``)."""
     dims = len(shape)
     if window is None:
         spatial = min(2, dims - 1) if dims > 1 else 1
-        window = tuple(max(1, s // WINDOW_FRACTION) for s in shape[dims - spatial:])
+        window = tuple(max(1, s // WINDOW_FRACTION) for s in shape[dims - spatial :])
     if len(window) > dims:
         raise bad_option("window", window, f"at most {dims} sizes for inputs of shape {shape}")
     lead = dims - len(window)
@@ -83,13 +95,14 @@ def sweep_geometry(shape: tuple[int, ...], window: tuple[int, ...] | None,
         stride = stride * len(window)
     if len(stride) > dims:
         raise bad_option("stride", stride, f"at most {dims} sizes for inputs of shape {shape}")
-    full_stride = full_window[:dims - len(stride)] + stride
+    full_stride = full_window[: dims - len(stride)] + stride
     for d in range(dims):
         if full_window[d] > shape[d]:
             raise bad_option("window", window, f"sizes that fit the input {shape}")
         if full_window[d] < shape[d] and full_stride[d] > full_window[d]:
-            raise bad_option("stride", stride, f"steps no larger than the window {full_window}, "
-                                                "or some inputs are never occluded")
+            raise bad_option(
+                "stride", stride, f"steps no larger than the window {full_window}, or some inputs are never occluded"
+            )
     return full_window, full_stride
 
 
@@ -104,26 +117,6 @@ def coverage(shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[int,
     return total
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur over the spatial dims of (N, C, H, W) or (N, C, L), reflect-padded."""
-    radius = max(1, int(3 * sigma))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
-    taps = taps / taps.sum()
-    c = x.shape[1]
-    out = x
-    for axis in range(2, x.dim()):
-        radius_here = min(radius, x.shape[axis] - 1)
-        kernel = taps[radius - radius_here:radius + radius_here + 1]
-        shape = [1] * (x.dim() - 2)
-        shape[axis - 2] = kernel.numel()
-        weight = kernel.reshape(1, 1, *shape).expand(c, 1, *shape)
-        pad = [0, 0] * (x.dim() - 2)
-        pad[2 * (x.dim() - 1 - axis)] = pad[2 * (x.dim() - 1 - axis) + 1] = radius_here
-        conv = F.conv2d if x.dim() == 4 else F.conv1d
-        out = conv(F.pad(out, pad, mode="reflect") if radius_here else out, weight, groups=c)
-    return out
-
-
 def baseline_tensor(baseline: Any, inputs: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     """The values that replace occluded elements: (*S) shared, or (B, *S) per input."""
     shape = inputs.shape[1:]
@@ -132,8 +125,9 @@ def baseline_tensor(baseline: Any, inputs: torch.Tensor, window: tuple[int, ...]
         return inputs.mean(dim=axes, keepdim=True).expand_as(inputs).contiguous()
     if baseline == "blur":
         if inputs.dim() not in (3, 4):
-            raise PyengineError(f"occlusion: baseline='blur' needs (N, C, H, W) or (N, C, L) inputs, "
-                                f"got {tuple(inputs.shape)}")
+            raise PyengineError(
+                f"occlusion: baseline='blur' needs (N, C, H, W) or (N, C, L) inputs, got {tuple(inputs.shape)}"
+            )
         return gaussian_blur(inputs, sigma=max(1.0, max(window[1:]) / 2))
     value = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     if value.dim() == inputs.dim() and value.shape[0] == inputs.shape[0] and value.shape[0] > 1:
@@ -141,8 +135,10 @@ def baseline_tensor(baseline: Any, inputs: torch.Tensor, window: tuple[int, ...]
     try:
         return torch.broadcast_to(value, shape).contiguous()
     except RuntimeError:
-        raise PyengineError(f"occlusion: baseline has shape {tuple(value.shape)}; expected a number or a shape "
-                            f"broadcastable to one input {tuple(shape)} (or {tuple(inputs.shape)})") from None
+        raise PyengineError(
+            f"occlusion: baseline has shape {tuple(value.shape)}; expected a number or a shape "
+            f"broadcastable to one input {tuple(shape)} (or {tuple(inputs.shape)})"
+        ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +159,8 @@ class Occlusion(Technique):
     summary = "mean drop of the target output when a sliding window is replaced by a baseline (Zeiler & Fergus)"
     Options = OcclusionOptions
     needs_data: ClassVar[bool] = True
+    explains_inputs: ClassVar[bool] = True
+    attribution: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: OcclusionOptions) -> OcclusionResult:
         geometry: dict[str, Any] = {}
@@ -172,14 +170,30 @@ class Occlusion(Technique):
                 window, stride = sweep_geometry(tuple(x.shape[1:]), options.window, options.stride)
                 cover = coverage(tuple(x.shape[1:]), window, stride).to(x.device)
                 windows = math.prod(math.ceil((s - w) / st) + 1 for s, w, st in zip(x.shape[1:], window, stride))
-                geometry.update(window=window, stride=stride, cover=cover, windows=windows, samples=samples_per_pass(ctx, x, options, backward=False,
-                                                         extra_bytes=x[:1].numel() * x.element_size()))
+                geometry.update(
+                    window=window,
+                    stride=stride,
+                    cover=cover,
+                    windows=windows,
+                    samples=samples_per_pass(
+                        ctx, x, options, backward=False, extra_bytes=x[:1].numel() * x.element_size()
+                    ),
+                )
             return occlusion_sweep(ctx, x, targets, options, geometry)
 
         attributions, targets, index, shown = run_attribution(ctx, options, self.name, sweep, multi_target=True)
-        return make_result(self.name, attributions, targets, index, shown, OcclusionResult,
-                           window=geometry["window"], stride=geometry["stride"], windows=geometry["windows"],
-                           samples_per_pass=geometry["samples"])
+        return make_result(
+            self.name,
+            attributions,
+            targets,
+            index,
+            shown,
+            OcclusionResult,
+            window=geometry["window"],
+            stride=geometry["stride"],
+            windows=geometry["windows"],
+            samples_per_pass=geometry["samples"],
+        )
 
 
 def memory_order(x: torch.Tensor, options: OcclusionOptions, model: torch.nn.Module) -> tuple[int, ...]:
@@ -187,12 +201,14 @@ def memory_order(x: torch.Tensor, options: OcclusionOptions, model: torch.nn.Mod
     for images fed to a model with 2-D convolutions (oneDNN and cuDNN run those about twice
     as fast as NCHW here, see benchmarks/attribution.py), else as given."""
     wanted = options.layout == "channels-last" or (
-        options.layout == "auto" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+        options.layout == "auto" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    )
     return (1, 2, 0) if wanted and x.dim() == 4 else tuple(range(x.dim() - 1))
 
 
-def occlusion_sweep(ctx: Context, x: torch.Tensor, targets: torch.Tensor, options: OcclusionOptions,
-                    geometry: dict[str, Any]) -> torch.Tensor:
+def occlusion_sweep(
+    ctx: Context, x: torch.Tensor, targets: torch.Tensor, options: OcclusionOptions, geometry: dict[str, Any]
+) -> torch.Tensor:
     """(B, T, *S) maps for inputs x (B, *S) and targets (B, T): one forward per batch of windows.
 
     The native ops see the inputs with their dims in memory order (e.g. H, W, C), so a batch
@@ -210,11 +226,11 @@ def occlusion_sweep(ctx: Context, x: torch.Tensor, targets: torch.Tensor, option
     sums = torch.zeros(x.shape[0], targets.shape[1], *laid_out.shape[1:], dtype=torch.float64, device=x.device)
     with torch.inference_mode():
         for rows in range(0, x.shape[0], samples):  # more inputs than one pass holds: split them
-            xs, ts = laid_out[rows:rows + samples], targets[rows:rows + samples]
-            bs = baseline[rows:rows + samples] if baseline.dim() == x.dim() else baseline
+            xs, ts = laid_out[rows : rows + samples], targets[rows : rows + samples]
+            bs = baseline[rows : rows + samples] if baseline.dim() == x.dim() else baseline
             per_pass = max(1, samples // xs.shape[0])
             reference = score_of(ctx, xs.permute(to_logical), ts, options.output)
-            part = sums[rows:rows + samples]
+            part = sums[rows : rows + samples]
             for first in range(0, n_windows, per_pass):
                 count = min(per_pass, n_windows - first)
                 occluded = ops.occlusion_batch(xs, bs, window, stride, first, count).permute(to_logical)
@@ -228,8 +244,3 @@ def occlusion_sweep(ctx: Context, x: torch.Tensor, targets: torch.Tensor, option
 def score_of(ctx: Context, x: torch.Tensor, targets: torch.Tensor, output: str) -> torch.Tensor:
     out = ctx.model(x)
     return target_scores(out.softmax(-1) if output == "probability" else out, targets)
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(Occlusion)

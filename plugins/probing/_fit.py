@@ -35,7 +35,7 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, float, float]
         rows = rows[torch.randperm(rows.numel(), generator=generator)]
         n_train = round(fractions[0] * rows.numel())
         n_val = round(fractions[1] * rows.numel())
-        for part, chunk in zip(parts, (rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:])):
+        for part, chunk in zip(parts, (rows[:n_train], rows[n_train : n_train + n_val], rows[n_train + n_val :])):
             part.append(chunk)
     train, val, test = (torch.cat(p).sort().values for p in parts)
     return Split(train, val, test)
@@ -80,8 +80,9 @@ def auc_per_column(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
 
 
-def binned_statistics(h: torch.Tensor, targets: torch.Tensor, bins: int = 256,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def binned_statistics(
+    h: torch.Tensor, targets: torch.Tensor, bins: int = 256, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compress every column of h (N, d), for targets (T, N) in {0, 1}, into 2·bins
     weighted points per column: counts, mean activations and labels, each (T, d, 2·bins).
 
@@ -99,15 +100,22 @@ def binned_statistics(h: torch.Tensor, targets: torch.Tensor, bins: int = 256,
     return counts, sums / counts.clamp(min=1), labels
 
 
-def _binned_loss(counts: torch.Tensor, means: torch.Tensor, signs: torch.Tensor, w: torch.Tensor,
-                 b: torch.Tensor, c: float) -> torch.Tensor:
+def _binned_loss(
+    counts: torch.Tensor, means: torch.Tensor, signs: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: float
+) -> torch.Tensor:
     z = means * w.unsqueeze(-1) + b.unsqueeze(-1)
     return (counts * nn.functional.softplus(z * signs)).sum(-1) + 0.5 * w * w / c
 
 
-def fit_single_neuron(h: torch.Tensor, targets: torch.Tensor, c: float = 1.0, bins: int = 256,
-                      iterations: int = 100, tolerance: float = 1e-10,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_single_neuron(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    c: float = 1.0,
+    bins: int = 256,
+    iterations: int = 100,
+    tolerance: float = 1e-10,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every column j of h (N, d) and target row t of targets (T, N) in {0, 1}:
     minimise Σ_i logloss(σ(w h_ij + b), y_ti) + w² / (2c), as scikit-learn's L2 logistic
     regression with an intercept. Returns w, b of shape (T, d), float64.
@@ -163,8 +171,16 @@ def _top_singular_value_squared(x: torch.Tensor, iterations: int = 30) -> float:
     return value
 
 
-def fit_linear(x: torch.Tensor, targets: torch.Tensor, *, multiclass: bool, l1: float = 0.0, l2: float = 0.0,
-               iterations: int = 500, tolerance: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    multiclass: bool,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    iterations: int = 500,
+    tolerance: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear probe on standardised features x (N, d), by FISTA.
 
     Binary multi-label: targets (N, K) in {0, 1}, loss = mean BCE. Multi-class: targets
@@ -204,9 +220,20 @@ def fit_linear(x: torch.Tensor, targets: torch.Tensor, *, multiclass: bool, l1: 
     return params[:, :d], params[:, d]
 
 
-def fit_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-            hidden: int, epochs: int, patience: int, lr: float, weight_decay: float, batch_size: int,
-            seed: int) -> nn.Module:
+def fit_mlp(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    hidden: int,
+    epochs: int,
+    patience: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+) -> nn.Module:
     """A binary probe d -> hidden -> 1 with ReLU; keeps the weights of the best val loss."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -218,7 +245,7 @@ def fit_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y
         model.train()
         order = torch.randperm(x_train.shape[0], generator=generator).to(x_train.device)
         for first in range(0, order.numel(), batch_size):
-            rows = order[first:first + batch_size]
+            rows = order[first : first + batch_size]
             loss = loss_fn(model(x_train[rows]).squeeze(1), y_train[rows].float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

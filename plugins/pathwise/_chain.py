@@ -46,8 +46,8 @@ class Call:
 class Step:
     """From one ReLU layer's output (or the input) to the next pre-activations."""
 
-    pool: nn.Module | None
-    linear: nn.Module
+    pool: nn.MaxPool2d | nn.AvgPool2d | None
+    linear: nn.Linear | nn.Conv2d
     linear_name: str
 
 
@@ -72,8 +72,9 @@ class _ReluCalls(TorchFunctionMode):
         super().__init__()
         self.on_relu, self.count = on_relu, 0
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func not in _RELUS:
             return func(*args, **kwargs)
@@ -91,22 +92,28 @@ def trace_chain(ctx: Context, x: torch.Tensor, technique: str) -> Chain:
     def record_module(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not isinstance(module, SUPPORTED):
-                raise PyengineError(f"{technique}: layer {name!r} is a {type(module).__name__}, which pathwise analysis "
-                                    "does not support; supported: Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten, "
-                                    "Dropout, Identity")
+                raise PyengineError(
+                    f"{technique}: layer {name!r} is a {type(module).__name__}, which pathwise analysis "
+                    "does not support; supported: Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten, "
+                    "Dropout, Identity"
+                )
             if not isinstance(module, nn.ReLU):
                 calls.append(Call(name, module, args[0], output))
+
         return hook
 
     def before_relu(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             running_relu.append(name)
+
         return hook
 
     def on_relu(k: int, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         calls.append(Call(running_relu.pop() if running_relu else f"relu:{k}", None, source, out))
         return out
 
+    # Pre-hooks name a functional ReLU call by the nn.ReLU module running it, which the
+    # post-call order of ``ctx.trace`` cannot tell; the scope removes every hook.
     with ctx.hooks() as scope, torch.no_grad():
         for name, module in leaves.items():
             scope.forward(module, record_module(name))
@@ -125,23 +132,28 @@ def _build_chain(calls: list[Call], x: torch.Tensor, output: torch.Tensor, techn
     previous = x
     for call in calls:
         if not _same_storage(call.input, previous):
-            raise PyengineError(f"{technique}: layer {call.name!r} does not take the previous layer's output; pathwise "
-                                "analysis needs a plain chain of layers (no branches, residuals or other functional ops)")
+            raise PyengineError(
+                f"{technique}: layer {call.name!r} does not take the previous layer's output; pathwise "
+                "analysis needs a plain chain of layers (no branches, residuals or other functional ops)"
+            )
         previous = call.output
     if not calls or not _same_storage(previous, output):
         raise PyengineError(f"{technique}: the model's output is not its last layer's output; expected a plain chain")
-    layers, activations, steps = [], [], []
+    layers: list[str] = []
+    activations: list[torch.Tensor] = []
+    steps: list[Step] = []
     pending: list[Call] = []
-    for call in calls + [None]:  # type: ignore[list-item]
-        if call is not None and not call.is_relu:
-            pending.append(call)
+    ends: list[Call | None] = [*calls, None]
+    for end in ends:
+        if end is not None and not end.is_relu:
+            pending.append(end)
             continue
-        where = f"before {call.name!r}" if call is not None else "after the last ReLU"
+        where = f"before {end.name!r}" if end is not None else "after the last ReLU"
         steps.append(_step(pending, where, first=not steps, technique=technique))
         pending = []
-        if call is not None:
-            layers.append(call.name)
-            activations.append(call.output.detach())
+        if end is not None:
+            layers.append(end.name)
+            activations.append(end.output.detach())
     if not layers:
         raise PyengineError(f"{technique}: the model has no ReLU layer")
     return Chain(layers, activations, steps, output.detach())
@@ -152,20 +164,32 @@ def _step(calls: list[Call], where: str, *, first: bool, technique: str) -> Step
     kinds = [c for c in calls if not isinstance(c.module, PASS_THROUGH)]
     linear = [c for c in kinds if isinstance(c.module, LINEAR)]
     pools = [c for c in kinds if isinstance(c.module, POOLS)]
-    shape_ok = len(linear) == 1 and kinds[-1] is linear[0] and (first or len(pools) <= 1) and (
-        not pools or kinds[0] is pools[0])
+    shape_ok = (
+        len(linear) == 1
+        and kinds[-1] is linear[0]
+        and (first or len(pools) <= 1)
+        and (not pools or kinds[0] is pools[0])
+    )
     if not shape_ok or (first and pools):
         found = " -> ".join(type(c.module).__name__ for c in calls) or "nothing"
-        raise PyengineError(f"{technique}: {where}: expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d between ReLU "
-                            f"layers (a ReLU directly after the input's Linear|Conv2d), found {found}")
-    module: nn.Module = linear[0].module  # type: ignore[assignment]
-    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
-                                          or isinstance(module.padding, str)):
+        raise PyengineError(
+            f"{technique}: {where}: expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d between ReLU "
+            f"layers (a ReLU directly after the input's Linear|Conv2d), found {found}"
+        )
+    module = linear[0].module
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise PyengineError(f"{technique}: {where}: {linear[0].name!r} is not a Linear or Conv2d layer")
+    if isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+    ):
         raise PyengineError(f"{technique}: conv layer {linear[0].name!r} must have groups=1 and numeric zero padding")
     pool = pools[0].module if pools else None
+    if pool is not None and not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+        raise PyengineError(f"{technique}: {where}: {pools[0].name!r} is not a MaxPool2d or AvgPool2d layer")
     if pool is not None and (pool.ceil_mode or getattr(pool, "divisor_override", None) is not None):
-        raise PyengineError(f"{technique}: pooling layer {pools[0].name!r}: ceil_mode and divisor_override are not "
-                            "supported")
+        raise PyengineError(
+            f"{technique}: pooling layer {pools[0].name!r}: ceil_mode and divisor_override are not supported"
+        )
     return Step(pool, module, linear[0].name)
 
 
@@ -175,10 +199,12 @@ class MaskedForward(TorchFunctionMode):
 
     def __init__(self, masks: dict[int, torch.Tensor]) -> None:
         super().__init__()
-        self.masks, self.outputs, self.count = masks, {}, 0
+        self.masks, self.count = masks, 0
+        self.outputs: dict[int, torch.Tensor] = {}
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         if func in _RELUS:
             k, self.count = self.count, self.count + 1

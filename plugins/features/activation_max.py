@@ -20,47 +20,53 @@ from torch import nn
 
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Options, Result, Technique, bad_option
+from pyengine.figures import gaussian_blur, image_grid, upscale
+from pyengine.layers import conv_layers
+from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
-from pyengine.plugins.features import upscale
-from pyengine.plugins.layers import conv_layers
-from pyengine.plugins.occlusion import gaussian_blur
-
-OBJECTIVE_FORMS = ("{'layer': L, 'channel': c} (mean over positions), {'layer': L, 'channel': c, 'y': i, 'x': j}, "
-                   "{'layer': L, 'unit': u} (dense), {'class': k}, {'layer': L, 'direction': [...]}, "
-                   "or {'terms': [objectives with a 'weight']}")
+OBJECTIVE_FORMS = (
+    "{'layer': L, 'channel': c} (mean over positions), {'layer': L, 'channel': c, 'y': i, 'x': j}, "
+    "{'layer': L, 'unit': u} (dense), {'class': k}, {'layer': L, 'direction': [...]}, "
+    "or {'terms': [objectives with a 'weight']}"
+)
 
 
 @dataclass(frozen=True)
-class ActivationMaxOptions(Options):
-    objectives: tuple[dict[str, Any], ...] = ()  # default: every channel of `layer`
-    layer: str = ""  # for the default objectives; default: the last Conv2d's output (before its ReLU, so that
-    #                  gradients flow where the unit is off)
-    channels: tuple[int, ...] = ()  # for the default objectives; default: all
-    steps: int = 128
-    lr: float = 0.05
-    parameterization: str = "fourier"  # or "pixel"
-    l2: float = 0.0
-    tv: float = 0.0
-    jitter: int = 2  # pixels, random translation per step
-    scale: float = 0.05  # random zoom in [1 - scale, 1 + scale] per step
-    rotate: float = 5.0  # random rotation in [-rotate, rotate] degrees per step
-    blur_every: int = 0  # pixel parameterization: blur the image every n steps (0: never)
-    blur_sigma: float = 0.5
-    compare_rows: int = 1000  # dataset rows to find each objective's best dataset input (0: none)
-    batch_size: int = 64
+class ActivationMaxOptions(RowOptions):
+    stop: int = option(1000, "end of the rows searched for each objective's best input; 0: to the end")
+    compare: bool = option(True, "find each objective's best input among rows start..stop (the data's, or inputs)")
+    objectives: tuple[dict[str, Any], ...] = option(
+        (), "what to maximise: " + OBJECTIVE_FORMS + "; default: every channel of `layers`"
+    )
+    layers: tuple[str, ...] = option(
+        (),
+        "one layer for the default objectives; default: the last Conv2d's output "
+        "(before its ReLU, so that gradients flow where the unit is off)",
+    )
+    channels: tuple[int, ...] = option((), "channels for the default objectives; default: all")
+    steps: int = option(128, "optimisation steps")
+    lr: float = option(0.05, "Adam learning rate")
+    parameterization: str = option("fourier", "'fourier' (decorrelated 1/f spectrum) or 'pixel'")
+    l2: float = option(0.0, "L2 penalty on the image")
+    tv: float = option(0.0, "total-variation penalty")
+    jitter: int = option(2, "pixels of random translation per step")
+    scale: float = option(0.05, "random zoom in [1 - scale, 1 + scale] per step")
+    rotate: float = option(5.0, "random rotation in [-rotate, rotate] degrees per step")
+    blur_every: int = option(0, "pixel parameterization: blur the image every n steps (0: never)")
+    blur_sigma: float = option(0.5, "blur std, pixels")
 
     def validate(self) -> None:
         values = [self.objectives] if isinstance(self.objectives, dict) else list(self.objectives)
         if not all(isinstance(o, dict) and o for o in values):
             raise bad_option("objectives", self.objectives, OBJECTIVE_FORMS)
         self._set("objectives", tuple(values))
+        super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
         self._set("channels", (self.channels,) if isinstance(self.channels, int) else tuple(self.channels))
         if self.parameterization not in ("fourier", "pixel"):
             raise bad_option("parameterization", self.parameterization, "'fourier' or 'pixel'")
-        self.require_int("steps", "batch_size")
-        self.require_int("jitter", "blur_every", "compare_rows", minimum=0)
+        self.require_int("steps")
+        self.require_int("jitter", "blur_every", minimum=0)
         self.require_number("lr", positive=True)
         self.require_number("l2", "tv", "scale", "rotate", "blur_sigma")
 
@@ -75,8 +81,10 @@ class ActivationMaxResult(Result):
     curve: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{len(self.names)} objectives optimised; the image beats the best dataset input for "
-                f"{self.beats_dataset:.0%} of them")
+        return (
+            f"{len(self.names)} objectives optimised; the image beats the best dataset input for "
+            f"{self.beats_dataset:.0%} of them"
+        )
 
 
 Objective = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -85,11 +93,17 @@ Objective = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 def build_objective(spec: dict[str, Any], ctx: Context) -> tuple[str, Objective, set[str]]:
     """(name, fn(activations by layer, outputs) -> (B,) values, layers it reads)."""
     if "terms" in spec:
-        parts = [(float(t.get("weight", 1.0)), build_objective({k: v for k, v in t.items() if k != "weight"}, ctx))
-                 for t in spec["terms"]]
+        parts = [
+            (float(t.get("weight", 1.0)), build_objective({k: v for k, v in t.items() if k != "weight"}, ctx))
+            for t in spec["terms"]
+        ]
         name = " + ".join(f"{w:g}*{p[0]}" for w, p in parts)
         layers = set().union(*(p[2] for _, p in parts))
-        return name, lambda acts, out: sum(w * p[1](acts, out) for w, p in parts), layers
+
+        def weighted(acts: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+            return torch.stack([w * p[1](acts, out) for w, p in parts]).sum(0)
+
+        return name, weighted, layers
     if "class" in spec:
         k = int(spec["class"])
         return f"class {k}", lambda acts, out: out.reshape(out.shape[0], -1)[:, k], set()
@@ -106,6 +120,7 @@ def build_objective(spec: dict[str, Any], ctx: Context) -> tuple[str, Objective,
             if a.dim() > 2 and v.numel() == a.shape[1]:  # a channel direction, averaged over positions
                 return (a.mean(dim=tuple(range(2, a.dim()))) * v).sum(1)
             return (a.flatten(1) * v.flatten()).sum(1)
+
         return f"{layer} direction", along, {layer}
     if "unit" in spec:
         u = int(spec["unit"])
@@ -122,12 +137,14 @@ def build_objective(spec: dict[str, Any], ctx: Context) -> tuple[str, Objective,
 class FourierImage(nn.Module):
     """Images as scaled 2-D spectra (Olah et al.): low frequencies move first."""
 
-    def __init__(self, batch: int, channels: int, height: int, width: int, generator: torch.Generator,
-                 device: torch.device) -> None:
+    def __init__(
+        self, batch: int, channels: int, height: int, width: int, generator: torch.Generator, device: torch.device
+    ) -> None:
         super().__init__()
         fy = torch.fft.fftfreq(height)[:, None]
         fx = torch.fft.rfftfreq(width)[None, :]
         frequency = torch.sqrt(fx * fx + fy * fy)
+        self.scale: torch.Tensor
         self.register_buffer("scale", (1.0 / frequency.clamp(min=1.0 / max(height, width))).to(device))
         shape = (batch, channels, height, width // 2 + 1, 2)
         self.spectrum = nn.Parameter((0.01 * torch.randn(shape, generator=generator)).to(device))
@@ -139,8 +156,9 @@ class FourierImage(nn.Module):
 
 
 class PixelImage(nn.Module):
-    def __init__(self, batch: int, channels: int, height: int, width: int, generator: torch.Generator,
-                 device: torch.device) -> None:
+    def __init__(
+        self, batch: int, channels: int, height: int, width: int, generator: torch.Generator, device: torch.device
+    ) -> None:
         super().__init__()
         self.pixels = nn.Parameter((0.01 * torch.randn(batch, channels, height, width, generator=generator)).to(device))
 
@@ -158,7 +176,9 @@ def random_transform(images: torch.Tensor, options: ActivationMaxOptions, genera
         zoom = 1 + options.scale * (2 * torch.rand(n, generator=generator) - 1)
         angle = math.radians(options.rotate) * (2 * torch.rand(n, generator=generator) - 1)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1
+        )
         grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
         images = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
     return images
@@ -169,20 +189,26 @@ class ActivationMaximization(Technique):
     summary = "inputs optimised to maximise units, channels, classes or directions (regularised, many at once)"
     Options = ActivationMaxOptions
     needs_data: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: ActivationMaxOptions) -> ActivationMaxResult:
-        example = self._example(ctx)
+        example = self._example(ctx, options)
         specs = options.objectives or self._channel_objectives(ctx, options, example)
         built = [build_objective(spec, ctx) for spec in specs]
         names = tuple(b[0] for b in built)
         layers = sorted(set().union(*(b[2] for b in built)))
         low, high = float(example.min()), float(example.max())
         generator = torch.Generator().manual_seed(ctx.seed)
-        make = FourierImage if options.parameterization == "fourier" else PixelImage
-        image = make(len(built), *example.shape[1:], generator=generator, device=ctx.device)
+        n, (channels, height, width) = len(built), example.shape[1:]
+        image: FourierImage | PixelImage = (
+            FourierImage(n, channels, height, width, generator, ctx.device)
+            if options.parameterization == "fourier"
+            else PixelImage(n, channels, height, width, generator, ctx.device)
+        )
         optimiser = torch.optim.Adam(image.parameters(), lr=options.lr)
-        squash = lambda raw: low + (high - low) * torch.sigmoid(raw)  # noqa: E731
+
+        def squash(raw: torch.Tensor) -> torch.Tensor:
+            return low + (high - low) * torch.sigmoid(raw)
+
         trace = []
         for step in range(options.steps):
             optimiser.zero_grad()
@@ -195,29 +221,41 @@ class ActivationMaximization(Technique):
             trace.append(float(values.detach().mean()))
             if options.blur_every and options.parameterization == "pixel" and (step + 1) % options.blur_every == 0:
                 with torch.no_grad():
-                    image.pixels.copy_(gaussian_blur(image.pixels, options.blur_sigma))
+                    if isinstance(image, PixelImage):
+                        image.pixels.copy_(gaussian_blur(image.pixels, options.blur_sigma))
         with torch.no_grad():
             final_images = squash(image()).detach()
             acts, out = self._forward(ctx, layers, final_images, grad=False)
             final = torch.stack([fn(acts, out)[k] for k, (_, fn, _) in enumerate(built)]).cpu()
         best = self._dataset_best(ctx, options, built, layers)
         beats = float((final > best).double().mean()) if not best.isnan().all() else float("nan")
-        figures = (Figure("Activation maximization: one image per objective", caption="; ".join(names[:16]),
-                          image=_grid(final_images.cpu())),
-                   Figure("Mean objective per step", lines={"objective": trace}, xlabel="step", ylabel="objective"))
-        return ActivationMaxResult(names=names, images=final_images.cpu(), objective=final, dataset_best=best,
-                                   beats_dataset=beats, curve={"mean_objective": torch.tensor(trace)}, figures=figures)
+        figures = (
+            Figure(
+                "Activation maximization: one image per objective",
+                caption="; ".join(names[:16]),
+                image=_grid(final_images.cpu()),
+            ),
+            Figure("Mean objective per step", lines={"objective": trace}, xlabel="step", ylabel="objective"),
+        )
+        return ActivationMaxResult(
+            names=names,
+            images=final_images.cpu(),
+            objective=final,
+            dataset_best=best,
+            beats_dataset=beats,
+            curve={"mean_objective": torch.tensor(trace)},
+            figures=figures,
+        )
 
-    def _example(self, ctx: Context) -> torch.Tensor:
-        if ctx.data is not None:
-            return ctx.data.batch(range(min(len(ctx.data), 64))).inputs
-        if ctx.inputs is not None:
-            return ctx.inputs.cpu()
-        raise PyengineError(f"{self.name} needs data or inputs (for the input shape and value range)")
+    def _example(self, ctx: Context, options: ActivationMaxOptions) -> torch.Tensor:
+        """The first block of rows: the image shape and value range."""
+        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        return next(iter(rows)).require_inputs().cpu()
 
-    def _channel_objectives(self, ctx: Context, options: ActivationMaxOptions,
-                            example: torch.Tensor) -> list[dict[str, Any]]:
-        layer = options.layer or conv_layers(ctx.model, self.name)[-1]
+    def _channel_objectives(
+        self, ctx: Context, options: ActivationMaxOptions, example: torch.Tensor
+    ) -> list[dict[str, Any]]:
+        layer = options.layers[0] if options.layers else conv_layers(ctx.model, self.name)[-1]
         acts, _ = self._forward(ctx, [layer], example[:1].to(ctx.device), grad=False)
         width = acts[layer].shape[1]
         channels = options.channels or tuple(range(width))
@@ -225,24 +263,25 @@ class ActivationMaximization(Technique):
             raise PyengineError(f"{self.name}: channel {max(channels)} is out of range: {layer!r} has {width} channels")
         return [{"layer": layer, "channel": c} for c in channels]
 
-    def _forward(self, ctx: Context, layers: list[str], x: torch.Tensor, grad: bool = True
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        acts: dict[str, torch.Tensor] = {}
-        with ctx.hooks() as scope, torch.set_grad_enabled(grad):
-            for layer in layers:
-                scope.forward(ctx.module(layer), lambda m, a, out, layer=layer: acts.__setitem__(layer, out))
+    def _forward(
+        self, ctx: Context, layers: list[str], x: torch.Tensor, grad: bool = True
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        with ctx.record(layers, grad=grad) as seen, torch.set_grad_enabled(grad):
             out = ctx.model(x)
+            acts = {layer: seen[layer] for layer in layers}
         return acts, out
 
-    def _dataset_best(self, ctx: Context, options: ActivationMaxOptions, built: list[Any], layers: list[str]
-                      ) -> torch.Tensor:
+    def _dataset_best(
+        self, ctx: Context, options: ActivationMaxOptions, built: list[Any], layers: list[str]
+    ) -> torch.Tensor:
         best = torch.full((len(built),), float("nan"))
-        if ctx.data is None or not options.compare_rows:
+        if not options.compare:
             return best
         best.fill_(float("-inf"))
+        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
         with torch.no_grad():
-            for batch in ctx.data.batches(options.batch_size, 0, min(options.compare_rows, len(ctx.data))):
-                acts, out = self._forward(ctx, layers, batch.inputs.to(ctx.device), grad=False)
+            for block in rows:
+                acts, out = self._forward(ctx, layers, block.require_inputs(), grad=False)
                 values = torch.stack([fn(acts, out) for _, fn, _ in built]).amax(1).cpu()
                 best = torch.maximum(best, values)
         return best
@@ -253,16 +292,10 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(images: torch.Tensor) -> torch.Tensor:
-    from pyengine.report import image_grid
-
     shown = images[:32]
     shown = (shown - shown.amin((1, 2, 3), keepdim=True)) / (
-        shown.amax((1, 2, 3), keepdim=True) - shown.amin((1, 2, 3), keepdim=True)).clamp(min=1e-12)
+        shown.amax((1, 2, 3), keepdim=True) - shown.amin((1, 2, 3), keepdim=True)
+    ).clamp(min=1e-12)
     if shown.shape[1] not in (1, 3):
         shown = shown.mean(1, keepdim=True)
     return image_grid(upscale(shown, 64), columns=8)
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(ActivationMaximization)

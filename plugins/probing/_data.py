@@ -14,32 +14,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pyengine.errors import PyengineError
-from pyengine.technique import Options, bad_option
-
-from pyengine.plugins.probe_fit import Split, control_labels, stratified_split
+from pyengine.plugins.probing._fit import Split, control_labels, stratified_split
+from pyengine.technique import RowOptions, bad_option, layer_tuple, option
 
 if TYPE_CHECKING:
     from pyengine.context import Context
-    from pyengine.store import StoreReader
 
 
 @dataclass(frozen=True)
-class ProbeOptions(Options):
+class ProbeOptions(RowOptions):
     """Options every probe shares."""
 
-    layers: tuple[str, ...] = ()  # default: the stored layers, else every ReLU module
-    concepts: tuple[str, ...] = ()  # "texture=striped" or "colour" (all its categories); default: all
-    labels: Mapping[str, Any] | None = None  # user concepts: name -> (N,) ints, aligned with the rows probed
-    reduce: str = "max"  # conv maps: "max" or "mean" over space
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test
-    control: str = "input"  # control-task types: "input" (every row its own) or "label" (the class)
-    max_rows: int = 0  # 0: all rows
-    batch_size: int = 256
+    batch_size: int = option(256, "rows per step")
+    layers: tuple[str, ...] = option((), "layers probed; default: the stored layers, else every ReLU module")
+    concepts: tuple[str, ...] = option((), "'texture=striped' or 'colour' (all its categories); default: all")
+    labels: Mapping[str, Any] | None = option(None, "user concepts: name -> (N,) ints, aligned with the rows probed")
+    reduce: str = option("max", "conv maps: 'max' or 'mean' over space")
+    split: tuple[float, float, float] = option((0.6, 0.2, 0.2), "train, validation, test fractions")
+    control: str = option("input", "control-task types: 'input' (every row its own) or 'label' (the class)")
 
     def validate(self) -> None:
-        for name in ("layers", "concepts"):
-            value = getattr(self, name)
-            self._set(name, (value,) if isinstance(value, str) else tuple(value))
+        super().validate()
+        self._set("layers", layer_tuple(self.layers))
+        self._set("concepts", (self.concepts,) if isinstance(self.concepts, str) else tuple(self.concepts))
         if self.reduce not in ("max", "mean"):
             raise bad_option("reduce", self.reduce, "'max' or 'mean'")
         split = tuple(float(f) for f in self.split)
@@ -48,8 +45,6 @@ class ProbeOptions(Options):
         self._set("split", split)
         if self.control not in ("input", "label"):
             raise bad_option("control", self.control, "'input' or 'label'")
-        self.require_int("max_rows", minimum=0)
-        self.require_int("batch_size")
 
 
 @dataclass(frozen=True)
@@ -74,44 +69,32 @@ def reduce_units(activation: torch.Tensor, how: str) -> torch.Tensor:
     return flat.amax(2) if how == "max" else flat.mean(2)
 
 
-def _from_store(store: StoreReader, device: torch.device, layers: tuple[str, ...], options: ProbeOptions,
-                stop: int | None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]], torch.Tensor]:
-    features = {}
-    for layer in layers:
-        blocks = [reduce_units(block, options.reduce)
-                  for block in store.iter_layer(layer, rows=options.batch_size, device=device, stop=stop)]
-        features[layer] = torch.cat(blocks)
-    concepts = {name: (store.array(f"concepts/{name}")[:stop], categories) for name, categories in store.concepts.items()}
-    return features, concepts, store.array("inputs/labels")[:stop]
-
-
-def _from_data(ctx: Context, layers: tuple[str, ...], options: ProbeOptions, stop: int | None) -> tuple[
-        dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]], torch.Tensor]:
-    if ctx.data is None:
-        raise PyengineError("probing needs data: pass data=<dataset> or a store holding the layers")
-    modules = {layer: ctx.module(layer) for layer in layers}
-    outputs: dict[str, torch.Tensor] = {}
+def _read(
+    ctx: Context, layers: tuple[str, ...], options: ProbeOptions
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]], torch.Tensor]:
+    """Per-unit features, concepts (codes, category names) and class labels of the probed rows."""
+    source = ctx.activations(
+        layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique="probing"
+    )
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     codes: dict[str, list[torch.Tensor]] = {}
     class_labels: list[torch.Tensor] = []
-    end = min(len(ctx.data), stop or len(ctx.data))
-    with ctx.hooks() as scope, torch.no_grad(), ctx.progress(end, "probe activations") as bar:
-        for layer, module in modules.items():
-            scope.forward(module, lambda m, a, out, layer=layer: outputs.__setitem__(layer, out.detach()))
-        for batch in ctx.data.batches(options.batch_size, 0, end):
-            ctx.model(batch.inputs.to(ctx.device))
+    with ctx.progress(source.count, "probe activations") as bar:
+        for rows, values in source:
             for layer in layers:
-                parts[layer].append(reduce_units(outputs[layer], options.reduce))
-            for name, values in batch.concepts.items():
-                codes.setdefault(name, []).append(values.cpu())
-            class_labels.append(batch.labels.cpu())
-            bar.update(int(batch.index.shape[0]))
-    concepts = {name: (torch.cat(values), list(ctx.data.concept_names.get(name, ()))) for name, values in codes.items()}
+                parts[layer].append(reduce_units(values[layer], options.reduce))
+            for name, value in rows.concepts.items():
+                codes.setdefault(name, []).append(value.cpu())
+            labels = rows.labels if rows.labels is not None else torch.full((len(rows),), -1, dtype=torch.long)
+            class_labels.append(labels.cpu())
+            bar.update(len(rows))
+    concepts = {name: (torch.cat(values), list(source.concept_names.get(name, ()))) for name, values in codes.items()}
     return {layer: torch.cat(p) for layer, p in parts.items()}, concepts, torch.cat(class_labels)
 
 
-def _binary_targets(concepts: Mapping[str, tuple[torch.Tensor, list[str]]],
-                    selection: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _binary_targets(
+    concepts: Mapping[str, tuple[torch.Tensor, list[str]]], selection: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     """Binary concepts: ``name=category`` for categorical ones, ``name`` for 0/1 arrays."""
     available: dict[str, torch.Tensor] = {}
     groups: dict[str, list[str]] = {}
@@ -141,11 +124,7 @@ def _binary_targets(concepts: Mapping[str, tuple[torch.Tensor, list[str]]],
 def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
     """Features, concepts, one seeded split stratified on all concepts jointly, controls."""
     layers = options.layers or ctx.default_layers("probing")
-    stop = options.max_rows or None
-    if ctx.store is not None and all(layer in ctx.store.layers for layer in layers):
-        features, concepts, class_labels = _from_store(ctx.store, ctx.device, layers, options, stop)
-    else:
-        features, concepts, class_labels = _from_data(ctx, layers, options, stop)
+    features, concepts, class_labels = _read(ctx, layers, options)
     n = next(iter(features.values())).shape[0]
     for name, values in (options.labels or {}).items():
         array = torch.as_tensor(values).long().flatten()

@@ -6,23 +6,23 @@ technique runs attribution techniques on held-out images and scores each of them
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pyengine import host
+from pyengine.attribution import AttributionOptions, normalise_target, resolve_targets, samples_per_pass, target_scores
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Options, Result, Technique, bad_option
+from pyengine.figures import gaussian_blur
+from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, option
 
-from pyengine.plugins.attribution import (AttributionOptions, normalise_target, resolve_targets, samples_per_pass,
-                                          target_scores)
-from pyengine.plugins.occlusion import gaussian_blur
 
-ATTRIBUTION_TECHNIQUES = ("occlusion", "saliency", "guided-backprop", "integrated-gradients", "grad-cam", "smoothgrad")
+def attribution_techniques() -> list[str]:
+    """Every registered attribution technique (any plugin's)."""
+    return [name for name, technique in host.techniques().items() if technique.attribution]
 
 
 def pixel_scores(attributions: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -33,8 +33,9 @@ def pixel_scores(attributions: torch.Tensor, inputs: torch.Tensor) -> torch.Tens
     return maps.reshape(maps.shape[0], -1)
 
 
-def pointing_game(attributions: torch.Tensor, inputs: torch.Tensor, boxes: torch.Tensor,
-                  tolerance: float = 0.0) -> torch.Tensor:
+def pointing_game(
+    attributions: torch.Tensor, inputs: torch.Tensor, boxes: torch.Tensor, tolerance: float = 0.0
+) -> torch.Tensor:
     """(B,) bool: the map's maximum (channels summed; first in row-major order on ties) lies in the
     box (x0, y0, x1, y1), taking the pixel's centre, with ``tolerance`` pixels of slack."""
     if inputs.dim() != 4:
@@ -43,13 +44,24 @@ def pointing_game(attributions: torch.Tensor, inputs: torch.Tensor, boxes: torch
     peak = pixel_scores(attributions, inputs).argmax(1)
     y, x = (peak // width).double() + 0.5, (peak % width).double() + 0.5
     b = boxes.double().to(peak.device)
-    return ((x >= b[:, 0] - tolerance) & (x <= b[:, 2] + tolerance)
-            & (y >= b[:, 1] - tolerance) & (y <= b[:, 3] + tolerance)).cpu()
+    return (
+        (x >= b[:, 0] - tolerance)
+        & (x <= b[:, 2] + tolerance)
+        & (y >= b[:, 1] - tolerance)
+        & (y <= b[:, 3] + tolerance)
+    ).cpu()
 
 
-def deletion_insertion(model: nn.Module, inputs: torch.Tensor, attributions: torch.Tensor, targets: torch.Tensor,
-                       *, steps: int = 20, samples: int = 256, probability: bool = True,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    attributions: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int = 20,
+    samples: int = 256,
+    probability: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RISE curves, (B, steps + 1) each: the target score as the most important pixels are
     removed (set to 0) from the input, and as they are inserted into a blurred copy of it.
     Step k changes the top round(k * P / steps) of the P pixels; ``samples`` images per pass."""
@@ -58,20 +70,26 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, attributions: tor
     order = pixels.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
     counts = [round(k * order.shape[1] / steps) for k in range(steps + 1)]
-    canvas = gaussian_blur(inputs, sigma=max(1.0, inputs.shape[-1] / 16)) if inputs.dim() in (3, 4) \
+    canvas = (
+        gaussian_blur(inputs, sigma=max(1.0, inputs.shape[-1] / 16))
+        if inputs.dim() in (3, 4)
         else torch.zeros_like(inputs)
+    )
     pixel_shape = (b, 1, *inputs.shape[2:]) if inputs.dim() >= 3 else inputs.shape
     curves = torch.zeros(2, b, steps + 1, dtype=torch.float64)
     jobs = [(kind, k) for kind in (0, 1) for k in range(steps + 1)]
     per_pass = max(1, samples // b)
     with torch.inference_mode():
         for first in range(0, len(jobs), per_pass):
-            chunk = jobs[first:first + per_pass]
+            chunk = jobs[first : first + per_pass]
             images = []
             for kind, k in chunk:
                 changed = (rank < counts[k]).to(inputs.device).reshape(pixel_shape)
-                images.append(torch.where(changed, torch.zeros_like(inputs), inputs) if kind == 0
-                              else torch.where(changed, inputs, canvas))
+                images.append(
+                    torch.where(changed, torch.zeros_like(inputs), inputs)
+                    if kind == 0
+                    else torch.where(changed, inputs, canvas)
+                )
             output = model(torch.cat(images))
             output = output.softmax(-1) if probability else output
             scores = target_scores(output, targets.reshape(-1, 1).repeat(len(chunk), 1)).reshape(len(chunk), b)
@@ -86,32 +104,33 @@ def area_under(curves: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FaithfulnessOptions(Options):
-    techniques: tuple[str, ...] = ATTRIBUTION_TECHNIQUES
-    technique_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its options
-    n: int = 200  # images scored (from start); 0: to the end of the data
-    start: int = 0
-    target: Any = "label"  # the explained class: 'label', 'predicted' or an index
-    curves: bool = True  # deletion/insertion curves (the pointing game needs only the maps)
-    steps: int = 20  # deletion/insertion steps
-    score: str = "probability"  # curve score: softmax "probability" or raw "logit"
-    tolerance: float = 0.0  # pointing-game slack, pixels
-    batch_size: int = 50  # images per attribution call
-    memory_mb: float = 0.0
+class FaithfulnessOptions(RowOptions):
+    stop: int = option(200, "end of the images scored (exclusive); 0: to the end")
+    batch_size: int = option(50, "images per attribution call")
+    techniques: tuple[str, ...] = option((), "attribution techniques scored; default: every registered one")
+    technique_options: dict[str, dict[str, Any]] = option({}, "technique name -> its options")
+    target: Any = option("label", "the explained class: 'label', 'predicted' or an index")
+    curves: bool = option(True, "deletion/insertion curves (the pointing game needs only the maps)")
+    steps: int = option(20, "deletion/insertion steps")
+    score: str = option("probability", "curve score: softmax 'probability' or raw 'logit'")
+    tolerance: float = option(0.0, "pointing-game slack, pixels")
+    memory_mb: float = option(0.0, "budget for internal passes, MiB; 0: half the free GPU memory, or 64 MiB on CPU")
 
     def validate(self) -> None:
+        super().validate()
         if isinstance(self.techniques, str):
             self._set("techniques", (self.techniques,))
-        self._set("techniques", tuple(self.techniques))
-        if not self.techniques:
-            raise bad_option("techniques", self.techniques, "at least one attribution technique")
+        self._set("techniques", tuple(self.techniques) or tuple(attribution_techniques()))
+        known = attribution_techniques()
+        unknown = [name for name in self.techniques if name not in known]
+        if unknown:
+            raise bad_option("techniques", unknown[0], "registered attribution techniques: " + ", ".join(known))
         if not isinstance(self.technique_options, dict):
             raise bad_option("technique_options", self.technique_options, "a table: technique name -> options")
         self._set("target", normalise_target(self.target))
         if isinstance(self.target, torch.Tensor):
             raise bad_option("target", self.target.tolist(), "'label', 'predicted' or one class index")
-        self.require_int("n", "start", minimum=0)
-        self.require_int("steps", "batch_size")
+        self.require_int("steps")
         self.require_number("tolerance", "memory_mb")
         if self.score not in ("probability", "logit"):
             raise bad_option("score", self.score, "'probability' or 'logit'")
@@ -127,8 +146,10 @@ class FaithfulnessResult(Result):
     insertion_curves: dict[str, torch.Tensor]
 
     def lines(self) -> list[str]:
-        out = [f"{self.images} held-out images; pointing game = fraction whose attribution maximum lies in the "
-               "object's box; deletion AUC (lower is better), insertion AUC (higher is better)"]
+        out = [
+            f"{self.images} held-out images; pointing game = fraction whose attribution maximum lies in the "
+            "object's box; deletion AUC (lower is better), insertion AUC (higher is better)"
+        ]
         for name in sorted(set(self.pointing) | set(self.deletion_auc)):
             parts = [f"pointing {self.pointing[name]:.3f}" if name in self.pointing else "pointing n/a"]
             if name in self.deletion_auc:
@@ -139,7 +160,9 @@ class FaithfulnessResult(Result):
     def summary(self) -> str:
         best = max(self.pointing, key=self.pointing.__getitem__) if self.pointing else ""
         head = f"pointing game best {best} {self.pointing[best]:.3f}" if best else "no boxes: pointing game skipped"
-        return f"faithfulness of {len(self.deletion_auc) or len(self.pointing)} techniques on {self.images} images: {head}"
+        return (
+            f"faithfulness of {len(self.deletion_auc) or len(self.pointing)} techniques on {self.images} images: {head}"
+        )
 
 
 class Faithfulness(Technique):
@@ -147,7 +170,6 @@ class Faithfulness(Technique):
     summary = "pointing game and deletion/insertion AUC of attribution techniques on held-out images"
     Options = FaithfulnessOptions
     needs_data: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: FaithfulnessOptions) -> FaithfulnessResult:
         inputs, targets, boxes = self._rows(ctx, options)
@@ -157,61 +179,77 @@ class Faithfulness(Technique):
         deletion_curves: dict[str, torch.Tensor] = {}
         insertion_curves: dict[str, torch.Tensor] = {}
         budget = AttributionOptions(memory_mb=options.memory_mb, target=0)
-        samples = samples_per_pass(ctx, inputs, budget, backward=False, extra_bytes=2 * inputs[:1].numel()
-                                   * inputs.element_size())  # each curve image and its mask
+        samples = samples_per_pass(
+            ctx, inputs, budget, backward=False, extra_bytes=2 * inputs[:1].numel() * inputs.element_size()
+        )  # each curve image and its mask
         with ctx.progress(len(options.techniques), self.name) as bar:
             for name in options.techniques:
                 maps = self._attributions(ctx, name, options, inputs, targets)
                 if boxes is not None:
                     pointing[name] = float(pointing_game(maps, inputs, boxes, options.tolerance).double().mean())
                 if options.curves:
-                    removed, inserted = deletion_insertion(ctx.model, inputs, maps, targets, steps=options.steps,
-                                                           samples=samples, probability=options.score == "probability")
-                    deletion[name], insertion[name] = float(area_under(removed).mean()), float(area_under(inserted).mean())
+                    removed, inserted = deletion_insertion(
+                        ctx.model,
+                        inputs,
+                        maps,
+                        targets,
+                        steps=options.steps,
+                        samples=samples,
+                        probability=options.score == "probability",
+                    )
+                    deletion[name], insertion[name] = (
+                        float(area_under(removed).mean()),
+                        float(area_under(inserted).mean()),
+                    )
                     deletion_curves[name], insertion_curves[name] = removed.mean(0), inserted.mean(0)
                 bar.update(1)
         figures = []
         if options.curves:
             x = [k / options.steps for k in range(options.steps + 1)]
-            for title, curves in (("Deletion: score as the top pixels are removed", deletion_curves),
-                                  ("Insertion: score as the top pixels are restored", insertion_curves)):
-                figures.append(Figure(title, lines={k: v.tolist() for k, v in curves.items()}, x=x,
-                                      xlabel="fraction of pixels", ylabel=f"target {options.score}"))
-        return FaithfulnessResult(images=inputs.shape[0], pointing=pointing, deletion_auc=deletion,
-                                  insertion_auc=insertion, deletion_curves=deletion_curves,
-                                  insertion_curves=insertion_curves, figures=tuple(figures))
+            for title, curves in (
+                ("Deletion: score as the top pixels are removed", deletion_curves),
+                ("Insertion: score as the top pixels are restored", insertion_curves),
+            ):
+                figures.append(
+                    Figure(
+                        title,
+                        lines={k: v.tolist() for k, v in curves.items()},
+                        x=x,
+                        xlabel="fraction of pixels",
+                        ylabel=f"target {options.score}",
+                    )
+                )
+        return FaithfulnessResult(
+            images=inputs.shape[0],
+            pointing=pointing,
+            deletion_auc=deletion,
+            insertion_auc=insertion,
+            deletion_curves=deletion_curves,
+            insertion_curves=insertion_curves,
+            figures=tuple(figures),
+        )
 
-    def _rows(self, ctx: Context, options: FaithfulnessOptions
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if ctx.data is not None:
-            stop = min(len(ctx.data), options.start + options.n) if options.n else len(ctx.data)
-            if options.start >= stop:
-                raise PyengineError(f"faithfulness: start={options.start} is outside the dataset of {len(ctx.data)} rows")
-            batch = ctx.data.batch(range(options.start, stop))
-            inputs, labels, boxes = batch.inputs.to(ctx.device), batch.labels, batch.boxes
-        else:
-            inputs, labels, boxes = ctx.require_inputs(self.name), None, None
-            inputs = inputs[options.start:options.start + options.n] if options.n else inputs[options.start:]
-        targets = resolve_targets(options.target, ctx.model, inputs, labels, 0)[:, 0]
-        return inputs, targets, boxes
+    def _rows(
+        self, ctx: Context, options: FaithfulnessOptions
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name).all()
+        inputs = rows.require_inputs()
+        targets = resolve_targets(options.target, ctx.model, inputs, rows.labels, 0)[:, 0]
+        return inputs, targets, rows.boxes
 
-    def _attributions(self, ctx: Context, name: str, options: FaithfulnessOptions, inputs: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
+    def _attributions(
+        self, ctx: Context, name: str, options: FaithfulnessOptions, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         technique = host.get_technique(name)
         given = dict(options.technique_options.get(name, {}))
         if "target" in given:
             raise bad_option("technique_options", options.technique_options, f"no target for {name}: set it here")
         accepted = {f.name for f in fields(technique.Options)}
-        shared = {k: v for k, v in (("memory_mb", options.memory_mb), ("batch_size", options.batch_size)) if k in accepted}
-        parsed = technique.options(**{**shared, **given, "target": targets})
-        sub = Context(model=ctx.model, device=ctx.device, inputs=inputs, seed=ctx.seed, show_progress=False)
-        result = technique().run(sub, parsed)
+        shared = {
+            k: v for k, v in (("memory_mb", options.memory_mb), ("batch_size", options.batch_size)) if k in accepted
+        }
+        result = ctx.run(name, inputs, **{**shared, **given, "target": targets})
         maps = getattr(result, "attributions", None)
         if not isinstance(maps, torch.Tensor) or maps.shape != inputs.shape:
             raise PyengineError(f"faithfulness: technique {name!r} gives no attributions shaped like the inputs")
         return maps.to(inputs.device)
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(Faithfulness)

@@ -6,22 +6,19 @@ most, cropped to the unit's exact receptive field, streamed through the ``topk_u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from pyengine import ops
+from pyengine.attribution import GuidedReLUs
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Options, Result, Technique, bad_option
-
-from pyengine.plugins.gradients import GuidedReLUs
-from pyengine.plugins.layers import after_relu, conv_layers
-from pyengine.plugins.receptive import ReceptiveField, receptive_field
-
-TILE_PIXELS = 48  # figures upscale small tiles to about this size
+from pyengine.figures import image_grid, normalise_each, upscale
+from pyengine.layers import after_relu, conv_layers
+from pyengine.plugins.features._receptive import ReceptiveField, receptive_field
+from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
 
 def last_conv_output(model: nn.Module, technique: str) -> str:
@@ -29,29 +26,15 @@ def last_conv_output(model: nn.Module, technique: str) -> str:
     return after_relu(model, conv_layers(model, technique)[-1])
 
 
-def upscale(images: torch.Tensor, pixels: int = TILE_PIXELS) -> torch.Tensor:
-    """Nearest-neighbour upscaling of (N, C, h, w) tiles to about ``pixels`` on the long side."""
-    factor = max(1, pixels // max(images.shape[-2:]))
-    return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
-
-
-def normalise_each(images: torch.Tensor) -> torch.Tensor:
-    """Each image (over all its channels) to [0, 1]."""
-    flat = images.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)
-    shape = (-1, *([1] * (images.dim() - 1)))
-    return (images - low.view(shape)) / (high - low).clamp(min=1e-12).view(shape)
-
-
 # --- filters ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FiltersOptions(Options):
-    layer: str = ""  # a Conv2d; default: the first one
+    layers: tuple[str, ...] = option((), "one Conv2d; default: the first one")
 
     def validate(self) -> None:
-        if not isinstance(self.layer, str):
-            raise bad_option("layer", self.layer, "a module path")
+        self._set("layers", layer_tuple(self.layers, single=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +54,7 @@ class Filters(Technique):
     Options = FiltersOptions
 
     def run(self, ctx: Context, options: FiltersOptions) -> FiltersResult:
-        layer = options.layer or conv_layers(ctx.model, self.name)[0]
+        layer = options.layers[0] if options.layers else conv_layers(ctx.model, self.name)[0]
         module = ctx.module(layer)
         if not isinstance(module, nn.Conv2d):
             raise PyengineError(f"{self.name}: layer {layer!r} is a {type(module).__name__}; expected an nn.Conv2d")
@@ -79,25 +62,29 @@ class Filters(Technique):
         images = normalise_each(weights)
         if weights.shape[1] != 3:  # one grey tile per (filter, input channel), a row per filter
             images = normalise_each(weights.reshape(-1, 1, *weights.shape[2:]))
-        from pyengine.report import image_grid
-
         columns = 8 if weights.shape[1] == 3 else weights.shape[1]
-        caption = ("each filter scaled to its own range; RGB filters in colour" if weights.shape[1] == 3
-                   else f"a row per filter, a tile per input channel ({weights.shape[1]}), each filter scaled to its range")
+        caption = (
+            "each filter scaled to its own range; RGB filters in colour"
+            if weights.shape[1] == 3
+            else f"a row per filter, a tile per input channel ({weights.shape[1]}), each filter scaled to its range"
+        )
         figure = Figure(f"{layer}: filters", image=image_grid(upscale(images, 24), columns=columns), caption=caption)
         return FiltersResult(layer=layer, weights=weights, images=images, figures=(figure,))
 
 
 # --- activations ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
-class ActivationsOptions(Options):
-    layer: str = ""  # default: the first conv layer's output after its ReLU
-    n_inputs: int = 4  # how many inputs to show (from the given inputs or the data)
-    max_channels: int = 32
+class ActivationsOptions(RowOptions):
+    stop: int = option(4, "end of the rows shown (exclusive); 0: to the end")
+    layers: tuple[str, ...] = option((), "one layer; default: the first conv layer's output after its ReLU")
+    max_channels: int = option(32, "channels shown per input")
 
     def validate(self) -> None:
-        self.require_int("n_inputs", "max_channels")
+        super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
+        self.require_int("max_channels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +97,10 @@ class ActivationsResult(Result):
     scale: float  # the shared figure scale: white = this value
 
     def summary(self) -> str:
-        return (f"{self.layer}: {self.maps.shape[1]} channels, {self.zero_fraction:.1%} zeros, "
-                f"max {float(self.channel_max.max()):.3g}")
+        return (
+            f"{self.layer}: {self.maps.shape[1]} channels, {self.zero_fraction:.1%} zeros, "
+            f"max {float(self.channel_max.max()):.3g}"
+        )
 
 
 class Activations(Technique):
@@ -119,47 +108,59 @@ class Activations(Technique):
     summary = "a layer's feature maps for given inputs on one shared scale, with zero fractions and maxima"
     Options = ActivationsOptions
     needs_data: ClassVar[bool] = True
+    explains_inputs: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: ActivationsOptions) -> ActivationsResult:
-        layer = options.layer or after_relu(ctx.model, conv_layers(ctx.model, self.name)[0])
-        block = next(ctx.activations((layer,), batch_size=options.n_inputs, max_rows=options.n_inputs, technique=self.name))
-        maps = block[layer].float().cpu()
+        layer = options.layers[0] if options.layers else after_relu(ctx.model, conv_layers(ctx.model, self.name)[0])
+        blocks = ctx.activations(
+            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+        )
+        maps = torch.cat([values[layer].float().cpu() for _, values in blocks])
         per_channel = maps.transpose(0, 1).reshape(maps.shape[1], -1)
         scale = float(maps.abs().max().clamp(min=1e-12))
         figures = []
         if maps.dim() == 4:
-            from pyengine.report import image_grid
-
-            shown = maps[:, :options.max_channels]
+            shown = maps[:, : options.max_channels]
             low = 0.0 if float(maps.min()) >= 0 else -scale
             for k in range(shown.shape[0]):
                 tiles = ((shown[k] - low) / (scale - low)).unsqueeze(1)
-                figures.append(Figure(f"{layer}: feature maps of input {k}",
-                                      image=image_grid(upscale(tiles, 32), columns=8),
-                                      caption=f"shared scale: black = {low:.3g}, white = {scale:.3g}"))
-        return ActivationsResult(layer=layer, maps=maps, zero_fraction=float((maps == 0).double().mean()),
-                                 channel_zero_fraction=(per_channel == 0).double().mean(1),
-                                 channel_max=per_channel.amax(1), scale=scale, figures=tuple(figures))
+                figures.append(
+                    Figure(
+                        f"{layer}: feature maps of input {k}",
+                        image=image_grid(upscale(tiles, 32), columns=8),
+                        caption=f"shared scale: black = {low:.3g}, white = {scale:.3g}",
+                    )
+                )
+        return ActivationsResult(
+            layer=layer,
+            maps=maps,
+            zero_fraction=float((maps == 0).double().mean()),
+            channel_zero_fraction=(per_channel == 0).double().mean(1),
+            channel_max=per_channel.amax(1),
+            scale=scale,
+            figures=tuple(figures),
+        )
 
 
 # --- maximally activating patches -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
-class MaxPatchesOptions(Options):
-    layer: str = ""  # default: the last conv layer (after its ReLU)
-    channels: tuple[int, ...] = ()  # default: every channel (unit, for dense layers)
-    k: int = 9
-    guided: bool = False  # pair each patch with its guided-backprop map toward the unit
-    batch_size: int = 256
-    max_rows: int = 0  # 0: the whole dataset / store
-    figure_channels: int = 8
+class MaxPatchesOptions(RowOptions):
+    batch_size: int = option(256, "rows per step")
+    layers: tuple[str, ...] = option((), "one layer; default: the last conv layer (after its ReLU)")
+    channels: tuple[int, ...] = option((), "channels (units, for dense layers) to rank inputs for; default: all")
+    k: int = option(9, "top inputs kept per channel")
+    guided: bool = option(False, "pair each patch with its guided-backprop map toward the unit")
+    figure_channels: int = option(8, "channels shown in the figures")
 
     def validate(self) -> None:
+        super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
         self._set("channels", tuple(self.channels) if not isinstance(self.channels, int) else (self.channels,))
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
             raise bad_option("channels", self.channels, "channel indices >= 0")
-        self.require_int("k", "batch_size", "figure_channels")
-        self.require_int("max_rows", minimum=0)
+        self.require_int("k", "figure_channels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,11 +174,13 @@ class MaxPatchesResult(Result):
     guided: torch.Tensor  # same shape: guided-backprop maps toward each unit (empty without guided)
     field_size: str
     field_jump: str
-    rows: int  # dataset rows scanned
+    scanned: int  # rows scanned
 
     def summary(self) -> str:
-        return (f"{self.layer}: top {self.values.shape[1]} of {self.rows} inputs for {self.values.shape[0]} channels, "
-                f"receptive field {self.field_size} (jump {self.field_jump})")
+        return (
+            f"{self.layer}: top {self.values.shape[1]} of {self.scanned} inputs for {self.values.shape[0]} channels, "
+            f"receptive field {self.field_size} (jump {self.field_jump})"
+        )
 
 
 class MaxPatches(Technique):
@@ -185,95 +188,124 @@ class MaxPatches(Technique):
     summary = "per channel, the top-k dataset inputs and positions, cropped to the unit's exact receptive field"
     Options = MaxPatchesOptions
     needs_data: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: MaxPatchesOptions) -> MaxPatchesResult:
-        if ctx.data is None:
-            raise PyengineError(f"{self.name} needs the dataset (to crop patches): pass data=<dataset>")
-        layer = options.layer or last_conv_output(ctx.model, self.name)
+        if ctx.data is None and ctx.inputs is None:
+            raise PyengineError(f"{self.name} needs the inputs (to crop patches): pass data=<dataset> or inputs")
+        layer = options.layers[0] if options.layers else last_conv_output(ctx.model, self.name)
         ctx.module(layer)
-        rows = min(options.max_rows or len(ctx.data), len(ctx.data))
-        if ctx.store is not None and layer in ctx.store.layers:
-            rows = min(rows, len(ctx.store))
-        if options.k > rows:
-            raise PyengineError(f"{self.name}: k={options.k} is larger than the dataset ({rows} rows); "
-                                f"expected k <= {rows}")
-        top, channels, spatial = self._stream(ctx, layer, options, rows)
+        top, channels, spatial, scanned = self._stream(ctx, layer, options)
+        if options.k > scanned:
+            raise PyengineError(
+                f"{self.name}: k={options.k} is larger than the rows scanned ({scanned}); expected k <= {scanned}"
+            )
         values, ids, where = top
-        if ctx.store is not None and layer in ctx.store.layers:
-            ids = ctx.store.array("inputs/index")[ids.clamp(min=0)]
-        example = ctx.data.batch([0]).inputs.to(ctx.device)
+        example = self._inputs(ctx, ids[:1, 0]).to(ctx.device)
         field = receptive_field(ctx, layer, example, self.name) if spatial else None
-        position = torch.stack([where // max(spatial[1], 1), where % max(spatial[1], 1)], -1) if spatial \
+        position = (
+            torch.stack([where // max(spatial[1], 1), where % max(spatial[1], 1)], -1)
+            if spatial
             else torch.zeros(*where.shape, 2, dtype=torch.long)
+        )
         patches, guided = self._crop(ctx, layer, channels, ids, position, field, options.guided)
         figures = _patch_figures(layer, channels, patches, guided, values, options.figure_channels)
         size = f"{field.size[0]}x{field.size[1]}" if field else "whole input"
-        return MaxPatchesResult(layer=layer, channels=channels, values=values.float(), index=ids, position=position,
-                                patches=patches, guided=guided, field_size=size,
-                                field_jump=f"{field.jump[0]}x{field.jump[1]}" if field else "-", rows=rows,
-                                figures=figures)
+        return MaxPatchesResult(
+            layer=layer,
+            channels=channels,
+            values=values.float(),
+            index=ids,
+            position=position,
+            patches=patches,
+            guided=guided,
+            field_size=size,
+            field_jump=f"{field.jump[0]}x{field.jump[1]}" if field else "-",
+            scanned=scanned,
+            figures=figures,
+        )
 
-    def _stream(self, ctx: Context, layer: str, options: MaxPatchesOptions, rows: int
-                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple[int, ...]]:
+    @staticmethod
+    def _inputs(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
+        """The inputs at rows ``ids`` of the source the activations came from (CPU)."""
+        if ctx.inputs is not None:
+            return ctx.inputs[ids.flatten()].cpu()
+        if ctx.data is None:
+            raise PyengineError("max-patches needs the inputs (to crop patches): pass data=<dataset> or inputs")
+        return ctx.data.batch(ids.flatten().tolist()).inputs
+
+    def _stream(
+        self, ctx: Context, layer: str, options: MaxPatchesOptions
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple[int, ...], int]:
         top: tuple[torch.Tensor, ...] = ()
         channels = torch.tensor(options.channels, dtype=torch.long)
         spatial: tuple[int, ...] = ()
-        first = 0
-        with ctx.progress(rows, self.name) as bar:
-            for block in ctx.activations((layer,), batch_size=options.batch_size, max_rows=rows, technique=self.name):
-                a = block[layer]
+        scanned = 0
+        blocks = ctx.activations(
+            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+        )
+        with ctx.progress(blocks.count, self.name) as bar:
+            for rows, values in blocks:
+                a = values[layer]
                 if not top:
                     width = a.shape[1]
                     if options.channels and max(options.channels) >= width:
-                        raise PyengineError(f"{self.name}: channel {max(options.channels)} is out of range: {layer!r} "
-                                            f"has {width} channels")
+                        raise PyengineError(
+                            f"{self.name}: channel {max(options.channels)} is out of range: {layer!r} "
+                            f"has {width} channels"
+                        )
                     channels = channels if options.channels else torch.arange(width)
                     spatial = tuple(a.shape[2:])
                     top = ops.topk_empty(len(channels), options.k, a.device)
                 a = a[:, channels.to(a.device)]
                 if a.dim() > 2:
-                    values, where = a.flatten(2).max(-1)
+                    best, where = a.flatten(2).max(-1)
                 else:
-                    values, where = a, torch.zeros_like(a, dtype=torch.long)
-                ids = torch.arange(first, first + a.shape[0], device=a.device)
-                ops.topk_update(values, ids, where.contiguous(), *top)
-                first += a.shape[0]
-                bar.update(a.shape[0])
-        return tuple(t.cpu() for t in top), channels, spatial
+                    best, where = a, torch.zeros_like(a, dtype=torch.long)
+                ops.topk_update(best, rows.index.to(a.device), where.contiguous(), *top)
+                scanned += len(rows)
+                bar.update(len(rows))
+        return tuple(t.cpu() for t in top), channels, spatial, scanned
 
-    def _crop(self, ctx: Context, layer: str, channels: torch.Tensor, ids: torch.Tensor, position: torch.Tensor,
-              field: ReceptiveField | None, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = ctx.data.batch(ids.flatten().tolist()).inputs  # type: ignore[union-attr]  # checked in run()
+    def _crop(
+        self,
+        ctx: Context,
+        layer: str,
+        channels: torch.Tensor,
+        ids: torch.Tensor,
+        position: torch.Tensor,
+        field: ReceptiveField | None,
+        guided: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self._inputs(ctx, ids)
         c, k = ids.shape
         height, width = inputs.shape[-2:]
         size = field.size if field else (height, width)
         patches = torch.zeros(c * k, inputs.shape[1], *size)
-        maps = guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2)) if guided \
-            else None
+        maps = (
+            guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2)) if guided else None
+        )
         guided_patches = torch.zeros_like(patches) if guided else torch.zeros(0)
         for n in range(c * k):
             y, x = (int(v) for v in position.reshape(-1, 2)[n])
             y0, y1, x0, x1 = field.box(y, x, height, width) if field else (0, height, 0, width)
             oy = (y0 - (field.start[0] + y * field.jump[0])) if field else 0
             ox = (x0 - (field.start[1] + x * field.jump[1])) if field else 0
-            patches[n, :, oy:oy + y1 - y0, ox:ox + x1 - x0] = inputs[n, :, y0:y1, x0:x1]
+            patches[n, :, oy : oy + y1 - y0, ox : ox + x1 - x0] = inputs[n, :, y0:y1, x0:x1]
             if maps is not None:
-                guided_patches[n, :, oy:oy + y1 - y0, ox:ox + x1 - x0] = maps[n, :, y0:y1, x0:x1]
+                guided_patches[n, :, oy : oy + y1 - y0, ox : ox + x1 - x0] = maps[n, :, y0:y1, x0:x1]
         shape = (c, k, *patches.shape[1:])
         return patches.reshape(shape), guided_patches.reshape(shape) if guided else guided_patches
 
 
-def guided_maps(ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.Tensor,
-                position: torch.Tensor) -> torch.Tensor:
+def guided_maps(
+    ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
     """Guided backprop of unit (channel, y, x) of ``layer`` toward each input: (N, C, H, W)."""
-    captured: list[torch.Tensor] = []
     x = inputs.to(ctx.device).detach().requires_grad_(True)
-    with ctx.hooks() as scope, torch.enable_grad():
-        scope.forward(ctx.module(layer), lambda m, a, out: captured.append(out))
+    with ctx.record([layer], grad=True) as seen, torch.enable_grad():
         with GuidedReLUs():
             ctx.model(x)
-        out = captured[0]
+        out = seen[layer]
         rows = torch.arange(len(x), device=out.device)
         if out.dim() == 4:
             units = out[rows, channels.to(out.device), position[:, 0].to(out.device), position[:, 1].to(out.device)]
@@ -283,12 +315,11 @@ def guided_maps(ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.
     return grads.detach().cpu()
 
 
-def _patch_figures(layer: str, channels: torch.Tensor, patches: torch.Tensor, guided: torch.Tensor,
-                   values: torch.Tensor, shown: int) -> tuple[Figure, ...]:
+def _patch_figures(
+    layer: str, channels: torch.Tensor, patches: torch.Tensor, guided: torch.Tensor, values: torch.Tensor, shown: int
+) -> tuple[Figure, ...]:
     if patches.dim() != 5 or patches.shape[2] not in (1, 3):
         return ()
-    from pyengine.report import image_grid
-
     figures = []
     for row, channel in enumerate(channels[:shown].tolist()):
         tiles = [patches[row]]
@@ -296,13 +327,12 @@ def _patch_figures(layer: str, channels: torch.Tensor, patches: torch.Tensor, gu
             tiles.append(normalise_each(guided[row]))
         grid = image_grid(upscale(torch.cat(tiles)), columns=patches.shape[1])
         best = ", ".join(f"{v:.3g}" for v in values[row].tolist())
-        figures.append(Figure(f"{layer} channel {channel}: top {patches.shape[1]} patches"
-                              + (" (row 2: guided backprop)" if guided.numel() else ""), image=grid,
-                              caption=f"activations {best}"))
+        figures.append(
+            Figure(
+                f"{layer} channel {channel}: top {patches.shape[1]} patches"
+                + (" (row 2: guided backprop)" if guided.numel() else ""),
+                image=grid,
+                caption=f"activations {best}",
+            )
+        )
     return tuple(figures)
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    for technique in (Filters, Activations, MaxPatches):
-        register(technique)

@@ -16,8 +16,19 @@ from torch import nn
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.BatchNorm2d, nn.Dropout,
-               nn.Dropout2d, nn.Identity)
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.BatchNorm2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -42,36 +53,20 @@ class ReceptiveField:
         """The field after one more Conv2d or pooling layer."""
         kernel, stride, padding = (_pair(getattr(module, k)) for k in ("kernel_size", "stride", "padding"))
         dilation = _pair(getattr(module, "dilation", 1))
-        return ReceptiveField(
-            size=tuple(s + (k - 1) * d * j for s, k, d, j in zip(self.size, kernel, dilation, self.jump)),  # type: ignore[arg-type]
-            jump=tuple(j * s for j, s in zip(self.jump, stride)),  # type: ignore[arg-type]
-            start=tuple(st - p * j for st, p, j in zip(self.start, padding, self.jump)),  # type: ignore[arg-type]
-        )
+        size = [s + (k - 1) * d * j for s, k, d, j in zip(self.size, kernel, dilation, self.jump)]
+        jump = [j * s for j, s in zip(self.jump, stride)]
+        start = [st - p * j for st, p, j in zip(self.start, padding, self.jump)]
+        return ReceptiveField((size[0], size[1]), (jump[0], jump[1]), (start[0], start[1]))
 
 
-def receptive_field(ctx: Context, layer: str, example: torch.Tensor, technique: str = "receptive field"
-                    ) -> ReceptiveField:
+def receptive_field(
+    ctx: Context, layer: str, example: torch.Tensor, technique: str = "receptive field"
+) -> ReceptiveField:
     """The receptive field of the units of ``layer`` (its output), for inputs like ``example``."""
     target = ctx.module(layer)
-    order: list[tuple[str, nn.Module]] = []
-    names = {id(m): n for n, m in ctx.model.named_modules()}
-
-    class Reached(Exception):
-        pass
-
-    def record(module: nn.Module, args: Any, output: Any) -> None:
-        order.append((names[id(module)], module))
-        if module is target:
-            raise Reached
-
-    with ctx.hooks() as scope, torch.no_grad():
-        for module in ctx.model.modules():
-            if module is target or not any(True for _ in module.children()):
-                scope.forward(module, record)
-        try:
-            ctx.model(example[:1])
-        except Reached:
-            pass
+    with ctx.trace(until=target) as traced, torch.no_grad():
+        ctx.model(example[:1])
+    order = [(call.name, call.module) for call in traced.calls]
     if not order or order[-1][1] is not target:
         raise PyengineError(f"{technique}: layer {layer!r} did not run in the forward pass")
     field = ReceptiveField((1, 1), (1, 1), (0, 0))
@@ -83,6 +78,8 @@ def receptive_field(ctx: Context, layer: str, example: torch.Tensor, technique: 
                 raise PyengineError(f"{technique}: {name!r} uses ceil_mode or string padding; not supported")
             field = field.through(module)
         elif not isinstance(module, ELEMENTWISE):
-            raise PyengineError(f"{technique}: units of {layer!r} see the whole input through {name!r} "
-                                f"({type(module).__name__}); receptive fields need Conv2d/pooling layers only")
+            raise PyengineError(
+                f"{technique}: units of {layer!r} see the whole input through {name!r} "
+                f"({type(module).__name__}); receptive fields need Conv2d/pooling layers only"
+            )
     return field

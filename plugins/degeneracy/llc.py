@@ -14,36 +14,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.hookspecs import hookimpl
-from pyengine.technique import Figure, Options, Result, Technique, bad_option
+from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, option
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class LLCOptions(Options):
-    epsilon: float = 1e-4  # SGLD step size
-    gamma: float = 100.0  # localization strength
-    nbeta: float = 0.0  # inverse temperature times n; 0: B / ln B for batch size B
-    chains: int = 2
-    draws: int = 150
-    burn_in: int = 50
-    batch_size: int = 64
-    loss: str = "train"  # "train" or "behavioral"
-    max_rows: int = 0  # 0: the whole dataset
+class LLCOptions(RowOptions):
+    epsilon: float = option(1e-4, "SGLD step size")
+    gamma: float = option(100.0, "localization strength")
+    nbeta: float = option(0.0, "inverse temperature times n; 0: B / ln B for batch size B")
+    chains: int = option(2, "independent SGLD chains")
+    draws: int = option(150, "samples kept per chain")
+    burn_in: int = option(50, "steps discarded per chain before the draws")
+    loss: str = option("train", "'train' (the training loss) or 'behavioral' (divergence from the original outputs)")
 
     def validate(self) -> None:
+        super().validate()
         self.require_number("epsilon", "gamma", positive=True)
         self.require_number("nbeta")
-        self.require_int("chains", "draws", "batch_size")
-        self.require_int("burn_in", "max_rows", minimum=0)
+        self.require_int("chains", "draws")
+        self.require_int("burn_in", minimum=0)
         if self.batch_size < 2 and self.nbeta == 0:
             raise bad_option("batch_size", self.batch_size, "at least 2 when nbeta is left to default (B / ln B)")
         if self.loss not in ("train", "behavioral"):
@@ -61,7 +58,9 @@ class LLCResult(Result):
     warning: str = ""
 
     def summary(self) -> str:
-        text = f"λ̂ = {self.llc:.4g} ± {self.llc_std:.2g} over {self.llc_per_chain.numel()} chains (nβ = {self.nbeta:.4g})"
+        text = (
+            f"λ̂ = {self.llc:.4g} ± {self.llc_std:.2g} over {self.llc_per_chain.numel()} chains (nβ = {self.nbeta:.4g})"
+        )
         return text + (f"; WARNING: {self.warning}" if self.warning else "")
 
 
@@ -69,9 +68,12 @@ def _loss_function(kind: str, labels: torch.Tensor | None, outputs: torch.Tensor
     classifier = outputs.dim() == 2 and outputs.shape[1] > 1
     if kind == "behavioral":
         if classifier:
+
             def kl(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-                return nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
-                                            reduction="batchmean")
+                return nn.functional.kl_div(
+                    out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"
+                )
+
             return kl, "KL to the original outputs"
         return (lambda out, ref: (out - ref).pow(2).mean()), "MSE to the original outputs"
     if labels is None:
@@ -86,30 +88,30 @@ class LLC(Technique):
     summary = "local learning coefficient by SGLD around the trained weights (training or behavioral loss)"
     Options = LLCOptions
     needs_data = True
-    uses_gradients = True
 
     def run(self, ctx: Context, options: LLCOptions) -> LLCResult:
-        if ctx.data is not None:
-            rows = min(len(ctx.data), options.max_rows or len(ctx.data))
-            batch = ctx.data.batch(range(rows))
-            inputs = batch.inputs.to(ctx.device)
-            labels = batch.labels.to(ctx.device) if not bool((batch.labels < 0).all()) else None
-        else:
-            inputs, labels = ctx.require_inputs(self.name), None
+        data = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name).all()
+        inputs = data.require_inputs()
+        labels = data.labels.to(ctx.device) if data.labels is not None and bool((data.labels >= 0).any()) else None
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         if not params:
             raise PyengineError("llc: the model has no trainable parameters")
         with torch.no_grad():
             outputs = torch.cat([ctx.model(chunk) for chunk in inputs.split(options.batch_size)])
         loss_fn, loss_name = _loss_function(options.loss, labels, outputs)
-        targets = outputs if options.loss == "behavioral" else labels
+        targets = outputs if options.loss == "behavioral" or labels is None else labels
         n = inputs.shape[0]
         batch_size = min(options.batch_size, n)
         nbeta = options.nbeta or batch_size / math.log(batch_size)
         originals = [p.detach().clone() for p in params]
         with torch.no_grad():
-            init_loss = float(sum(loss_fn(ctx.model(x), t) * x.shape[0]
-                                  for x, t in zip(inputs.split(batch_size), targets.split(batch_size))) / n)
+            init_loss = float(
+                sum(
+                    loss_fn(ctx.model(x), t) * x.shape[0]
+                    for x, t in zip(inputs.split(batch_size), targets.split(batch_size))
+                )
+                / n
+            )
         traces = torch.full((options.chains, options.draws), float("nan"), dtype=torch.float64)
         steps = options.burn_in + options.draws
         try:
@@ -120,14 +122,16 @@ class LLC(Technique):
                         for p, w in zip(params, originals):
                             p.copy_(w)
                     for step in range(steps):
-                        rows = torch.randperm(n, generator=generator)[:batch_size].to(ctx.device)
-                        loss = loss_fn(ctx.model(inputs[rows]), targets[rows])
+                        picked = torch.randperm(n, generator=generator)[:batch_size].to(ctx.device)
+                        loss = loss_fn(ctx.model(inputs[picked]), targets[picked])
                         grads = torch.autograd.grad(loss, params)
                         with torch.no_grad():
                             for p, g, w in zip(params, grads, originals):
                                 noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-                                p.add_(-(options.epsilon / 2) * (nbeta * g + options.gamma * (p - w))
-                                       + math.sqrt(options.epsilon) * noise)
+                                p.add_(
+                                    -(options.epsilon / 2) * (nbeta * g + options.gamma * (p - w))
+                                    + math.sqrt(options.epsilon) * noise
+                                )
                         value = float(loss.detach())
                         if step >= options.burn_in:
                             traces[chain, step - options.burn_in] = nbeta * (value - init_loss)
@@ -143,11 +147,22 @@ class LLC(Technique):
         finite = per_chain[torch.isfinite(per_chain)]
         llc = float(finite.mean()) if finite.numel() else float("nan")
         spread = float(finite.std()) if finite.numel() > 1 else 0.0
-        figure = Figure(f"SGLD loss traces, nβ·(L − L(w*)) ({loss_name})",
-                        lines={f"chain {k}": traces[k].tolist() for k in range(options.chains)},
-                        xlabel="draw", ylabel="nβ·ΔL")
-        return LLCResult(llc=llc, llc_std=spread, llc_per_chain=per_chain, traces=traces, init_loss=init_loss,
-                         nbeta=float(nbeta), warning=warning, figures=(figure,))
+        figure = Figure(
+            f"SGLD loss traces, nβ·(L − L(w*)) ({loss_name})",
+            lines={f"chain {k}": traces[k].tolist() for k in range(options.chains)},
+            xlabel="draw",
+            ylabel="nβ·ΔL",
+        )
+        return LLCResult(
+            llc=llc,
+            llc_std=spread,
+            llc_per_chain=per_chain,
+            traces=traces,
+            init_loss=init_loss,
+            nbeta=float(nbeta),
+            warning=warning,
+            figures=(figure,),
+        )
 
     @staticmethod
     def _warnings(traces: torch.Tensor, per_chain: torch.Tensor) -> str:
@@ -165,11 +180,8 @@ class LLC(Technique):
             if abs(difference) > max(3 * standard_error, 0.05 * abs(float(per_chain[k]))):
                 drifting.append(k)
         if drifting:
-            problems.append(f"chains {drifting} have not settled (the trace's halves differ significantly): "
-                            "raise burn_in or draws, or lower epsilon")
+            problems.append(
+                f"chains {drifting} have not settled (the trace's halves differ significantly): "
+                "raise burn_in or draws, or lower epsilon"
+            )
         return "; ".join(problems)
-
-
-@hookimpl
-def register_techniques(register: Any) -> None:
-    register(LLC)

@@ -1,0 +1,141 @@
+"""``jacobian-gram``: E[JᵀJ] for J = ∂(target)/∂(layer), its spectrum and effective rank.
+
+Directions of a layer that never move the target (the next layer or the output) are
+degenerate: they are the near-zero eigenvalues of the Jacobian Gram. Rows of J come from
+batched vector-Jacobian products: one per output coordinate (exact), or from random ±1
+sources when the target is wide (E[ssᵀ] = I, so E[(Jᵀs)(Jᵀs)ᵀ] = JᵀJ). The rows are
+accumulated in float64 by ``pyengine.ops.gram_accumulate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pyengine import ops
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.plugins.degeneracy._ranks import MAX_UNITS, as_rows, effective_ranks, rank_text
+from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
+
+
+@dataclass(frozen=True)
+class JacobianGramOptions(RowOptions):
+    layers: tuple[str, ...] = option((), "layers analysed; default: every ReLU module")
+    target_layer: str = option("", "layer whose output J differentiates; '': the model output")
+    sources: str = option("auto", "'exact' (one VJP per target coordinate), 'random' (±1), or 'auto'")
+    random_sources: int = option(64, "VJPs per input with random sources ('auto' uses them above this width)")
+    conv_units: str = option("channels", "conv layers: 'channels' (positions summed) or 'flatten'")
+    cutoffs: tuple[float, ...] = option((1e-3, 1e-6), "relative eigenvalue cut-offs: rank = #eigenvalues > t * largest")
+    variance: tuple[float, ...] = option((0.9, 0.99), "rank = #components explaining this fraction")
+
+    def validate(self) -> None:
+        super().validate()
+        self._set("layers", layer_tuple(self.layers))
+        if not isinstance(self.target_layer, str):
+            raise bad_option("target_layer", self.target_layer, "a layer reference, or '' for the model output")
+        self._set("cutoffs", tuple(float(t) for t in self.cutoffs))
+        self._set("variance", tuple(float(v) for v in self.variance))
+        if self.sources not in ("auto", "exact", "random"):
+            raise bad_option("sources", self.sources, "'auto', 'exact' or 'random'")
+        if self.conv_units not in ("channels", "flatten"):
+            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        if not all(0 < t < 1 for t in self.cutoffs):
+            raise bad_option("cutoffs", self.cutoffs, "relative cut-offs in (0, 1)")
+        if not all(0 < v <= 1 for v in self.variance):
+            raise bad_option("variance", self.variance, "explained-variance fractions in (0, 1]")
+        self.require_int("random_sources")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JacobianGramResult(Result):
+    gram: dict[str, torch.Tensor]  # E[JᵀJ] per layer (units x units), float64
+    eigenvalues: dict[str, torch.Tensor]  # descending
+    rank: dict[str, int]  # "<layer> rel<t" and "<layer> var<v>"
+    units: dict[str, int]
+    sources: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"layer {layer}: {width} units, Jacobian Gram {rank_text(self.rank, layer)} ({self.sources} sources)"
+            for layer, width in self.units.items()
+        ]
+
+    def summary(self) -> str:
+        return "; ".join(self.lines())
+
+
+class JacobianGram(Technique):
+    name = "jacobian-gram"
+    summary = "E[JᵀJ] of each layer towards the output (or a target layer): directions that never matter"
+    Options = JacobianGramOptions
+    needs_data = True
+
+    def run(self, ctx: Context, options: JacobianGramOptions) -> JacobianGramResult:
+        layers = options.layers or ctx.default_layers(self.name, from_store=False)
+        target = options.target_layer
+        recorded = [*layers, target] if target else list(layers)
+        batches = [
+            rows.require_inputs()
+            for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        ]
+        grams: dict[str, torch.Tensor] = {}
+        count = 0
+        chosen = options.sources
+        generator = torch.Generator().manual_seed(ctx.seed)
+        with ctx.record(recorded, grad=True) as seen, ctx.progress(len(batches), self.name) as bar:
+            for inputs in batches:
+                with torch.enable_grad():
+                    output = ctx.model(inputs)
+                    leaves = [seen[layer] for layer in layers]
+                    y = (seen[target] if target else output).flatten(1)
+                    width = y.shape[1]
+                    if chosen == "auto":
+                        chosen = "random" if width > options.random_sources else "exact"
+                    vectors = (
+                        torch.eye(width, device=y.device).unsqueeze(1).expand(width, y.shape[0], width)
+                        if chosen == "exact"
+                        else (torch.randint(0, 2, (options.random_sources, *y.shape), generator=generator) * 2 - 1).to(
+                            y.device, y.dtype
+                        )
+                    )
+                    scale = 1.0 if chosen == "exact" else 1.0 / options.random_sources**0.5
+                    for vector in vectors:
+                        rows = torch.autograd.grad(y, leaves, grad_outputs=vector, retain_graph=True, allow_unused=True)
+                        for layer, row in zip(layers, rows):
+                            if row is None:
+                                raise PyengineError(f"jacobian-gram: the target does not depend on layer {layer!r}")
+                            x = as_rows(row.detach() * scale, options.conv_units)
+                            if layer not in grams:
+                                if x.shape[1] > MAX_UNITS:
+                                    raise PyengineError(
+                                        f"jacobian-gram: layer {layer!r} has {x.shape[1]} units "
+                                        f"(> {MAX_UNITS}); use conv_units='channels'"
+                                    )
+                                grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                            ops.gram_accumulate(grams[layer], x)
+                count += inputs.shape[0]
+                bar.update()
+        eigenvalues, ranks, means = {}, {}, {}
+        for layer in layers:
+            means[layer] = (grams[layer] / count).cpu()
+            values, _ = ops.gram_eigh(grams[layer], n=count)
+            eigenvalues[layer] = values.cpu()
+            ranks.update(effective_ranks(eigenvalues[layer], layer, options.cutoffs, options.variance))
+        curves = {layer: (v.clamp(min=1e-300) / v.clamp(min=1e-300)[0]).tolist() for layer, v in eigenvalues.items()}
+        figure = Figure(
+            "Jacobian Gram eigenspectrum (relative to the largest)",
+            lines=curves,
+            log_y=True,
+            xlabel="eigenvalue index",
+            ylabel="λ / λ_max",
+        )
+        return JacobianGramResult(
+            gram=means,
+            eigenvalues=eigenvalues,
+            rank=ranks,
+            units={k: int(v.shape[0]) for k, v in means.items()},
+            sources=chosen,
+            figures=(figure,),
+        )

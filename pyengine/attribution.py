@@ -1,0 +1,292 @@
+"""What attribution techniques share (host API): targets, memory-bounded batching, the
+result type and its heatmap figure, and the guided-ReLU override.
+
+A technique supplies ``attribute(inputs, targets) -> maps`` for a chunk of inputs (N, *S)
+with one target each; ``run_attribution`` does the rest: the rows (``ctx.rows``), target
+resolution (an index, per-input indices, several per input, ``"predicted"`` or ``"label"``),
+a progress bar, and the result. Set ``Technique.attribution = True`` on such a technique:
+smoothgrad and faithfulness then find it in the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from pyengine.context import Context
+from pyengine.errors import PyengineError
+from pyengine.figures import image_grid, overlay, spatial_map
+from pyengine.technique import Figure, Result, RowOptions, bad_option, option
+
+Attribute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AnyAttributionResult = TypeVar("AnyAttributionResult", bound="AttributionResult")
+TARGET_FORMS = (
+    "a class index, 'predicted', 'label', a list/tensor of one index per input, "
+    "or a 2-D list/tensor (inputs or 1, targets)"
+)
+CPU_BUDGET_MB = 64.0  # larger passes only thrash the caches on a CPU (measured on the demo CNN)
+MAX_FIGURE_INPUTS = 8
+
+
+@dataclass(frozen=True)
+class TargetOptions(RowOptions):
+    """Rows and the output explained."""
+
+    target: Any = option("predicted", "the explained output: " + TARGET_FORMS)
+
+    def validate(self) -> None:
+        super().validate()
+        self._set("target", normalise_target(self.target))
+
+
+@dataclass(frozen=True)
+class AttributionOptions(TargetOptions):
+    """Options every attribution technique takes: rows, target, the memory budget."""
+
+    memory_mb: float = option(0.0, "budget for internal passes, MiB; 0: half the free GPU memory, or 64 MiB on CPU")
+    max_batch: int = option(0, "at most this many samples per forward pass; 0: from the memory budget")
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_int("max_batch", minimum=0)
+        self.require_number("memory_mb")
+
+
+def normalise_target(target: Any) -> int | str | torch.Tensor:
+    """An int, 'predicted', 'label', or a long tensor of shape (B,) or (B or 1, T)."""
+    if isinstance(target, str):
+        if target not in ("predicted", "label"):
+            raise bad_option("target", target, TARGET_FORMS)
+        return target
+    if isinstance(target, bool):
+        raise bad_option("target", target, TARGET_FORMS)
+    if isinstance(target, int):
+        if target < 0:
+            raise bad_option("target", target, "a non-negative class index")
+        return target
+    try:
+        tensor = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad_option("target", target, TARGET_FORMS) from None
+    if (
+        tensor.is_floating_point()
+        or tensor.is_complex()
+        or tensor.dtype == torch.bool
+        or tensor.dim() not in (1, 2)
+        or tensor.numel() == 0
+        or int(tensor.min()) < 0
+    ):
+        raise bad_option("target", target, TARGET_FORMS)
+    return tensor.long().cpu()
+
+
+def target_scores(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model output at each row's targets: output (N, K) or (N,), targets (N, T) -> (N, T)."""
+    flat = output.reshape(output.shape[0], -1)
+    if int(targets.max()) >= flat.shape[1]:
+        raise PyengineError(f"target {int(targets.max())} is out of range: the model has {flat.shape[1]} outputs")
+    return flat.gather(1, targets.to(flat.device))
+
+
+def resolve_targets(
+    spec: int | str | torch.Tensor, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, offset: int
+) -> torch.Tensor:
+    """(B, T) target indices for rows ``offset .. offset + B`` of the whole run."""
+    b = inputs.shape[0]
+    if isinstance(spec, int):
+        return torch.full((b, 1), spec, dtype=torch.long)
+    if spec == "predicted":
+        with torch.no_grad():
+            output = model(inputs)
+        return output.reshape(b, -1).argmax(1, keepdim=True).cpu()
+    if spec == "label":
+        if labels is None or int(labels.min()) < 0:
+            raise PyengineError(
+                "target='label' needs labelled dataset rows: pass data=<dataset> without inputs "
+                "(start/stop select the rows), or class indices"
+            )
+        return labels.long().reshape(b, 1).cpu()
+    table = torch.as_tensor(spec)
+    table = table.reshape(-1, 1) if table.dim() == 1 else table
+    if table.shape[0] == 1:
+        return table.expand(b, -1)
+    return table[offset : offset + b]
+
+
+def memory_budget_bytes(device: torch.device, memory_mb: float) -> float:
+    if memory_mb:
+        return memory_mb * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2
+    return CPU_BUDGET_MB * 2**20
+
+
+def samples_per_pass(
+    ctx: Context, example: torch.Tensor, options: AttributionOptions, *, backward: bool, extra_bytes: int = 0
+) -> int:
+    """How many samples one forward (and backward) pass may take within the memory budget.
+
+    Measured on one sample: the outputs of every leaf module. Without gradients the peak is
+    about the input plus the two largest consecutive outputs; with gradients every output is
+    kept and gets a gradient of its own.
+    """
+    with ctx.trace() as traced, torch.no_grad():
+        ctx.model(example[:1])
+    sizes = [c.output.numel() * c.output.element_size() for c in traced.calls if isinstance(c.output, torch.Tensor)]
+    input_bytes = example[:1].numel() * example.element_size()
+    largest = sorted(sizes, reverse=True)[:2]
+    per_sample = 2 * (input_bytes + sum(sizes)) if backward else input_bytes + sum(largest)
+    per_sample += extra_bytes
+    budget = memory_budget_bytes(ctx.device, options.memory_mb)
+    samples = max(1, int(budget // max(per_sample, 1)))
+    return min(samples, options.max_batch) if options.max_batch else samples
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttributionResult(Result):
+    """Attribution maps shaped like the inputs ((B, T, *S) with several targets per input)."""
+
+    technique: str
+    attributions: torch.Tensor
+    targets: torch.Tensor  # (B,) or (B, T) class indices explained
+    index: torch.Tensor  # (B,) dataset rows (or positions in the given inputs)
+
+    def summary(self) -> str:
+        shape = "x".join(str(s) for s in self.attributions.shape)
+        values = self.attributions.float()
+        return (
+            f"{self.technique}: {shape} attributions, mean |a| {values.abs().mean():.3g}, "
+            f"max |a| {values.abs().max():.3g}"
+        )
+
+
+def run_attribution(
+    ctx: Context, options: AttributionOptions, technique: str, attribute: Attribute, *, multi_target: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explain every row: returns (attributions, targets, index, first inputs).
+
+    ``attribute(x, t)`` maps N inputs with one target each (t: (N,)) to N maps; with several
+    targets per input the rows are repeated. A ``multi_target`` attribute takes all targets
+    at once, t: (N, T), and returns (N, T, *S).
+    """
+    source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=technique)
+    if isinstance(options.target, torch.Tensor) and options.target.shape[0] not in (1, source.count):
+        raise PyengineError(
+            f"{technique}: target has {options.target.shape[0]} rows but there are {source.count} "
+            "inputs; expected one row per input or a single row"
+        )
+    maps: list[torch.Tensor] = []
+    all_targets: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    shown: list[torch.Tensor] = []
+    offset = 0
+    with ctx.progress(source.count, technique) as bar:
+        for rows in source:
+            inputs = rows.require_inputs()
+            targets = resolve_targets(options.target, ctx.model, inputs, rows.labels, offset)
+            if multi_target:
+                out = attribute(inputs, targets)
+            else:
+                n, t = targets.shape
+                repeated = inputs.repeat_interleave(t, 0) if t > 1 else inputs
+                out = attribute(repeated, targets.reshape(-1)).reshape(n, t, *inputs.shape[1:])
+            maps.append((out[:, 0] if targets.shape[1] == 1 else out).detach().to(map_dtype(inputs)).cpu())
+            all_targets.append(targets[:, 0] if targets.shape[1] == 1 else targets)
+            indices.append(rows.index)
+            if sum(s.shape[0] for s in shown) < MAX_FIGURE_INPUTS:
+                shown.append(inputs[:MAX_FIGURE_INPUTS].detach().cpu())
+            offset += len(rows)
+            bar.update(len(rows))
+    return torch.cat(maps), torch.cat(all_targets), torch.cat(indices), torch.cat(shown)[:MAX_FIGURE_INPUTS]
+
+
+def map_dtype(inputs: torch.Tensor) -> torch.dtype:
+    """Maps keep the inputs' floating dtype."""
+    return inputs.dtype if inputs.is_floating_point() else torch.float32
+
+
+def overlay_figure(
+    technique: str, inputs: torch.Tensor, attributions: torch.Tensor, targets: torch.Tensor
+) -> tuple[Figure, ...]:
+    """Inputs with their heatmaps (first target), when the inputs are images."""
+    if inputs.dim() not in (3, 4) or attributions.dim() < inputs.dim():
+        return ()
+    first = attributions if attributions.shape[1:] == inputs.shape[1:] else attributions[:, 0]
+    n = inputs.shape[0]
+    tiles = [overlay(inputs[k], spatial_map(first[k])) for k in range(n)]
+    wanted = targets if targets.dim() == 1 else targets[:, 0]
+    caption = (
+        "targets "
+        + ", ".join(str(int(t)) for t in wanted[:n])
+        + "; red: raises the target score, blue: lowers it (channels summed, per-image scale)"
+    )
+    grid = image_grid(torch.stack(tiles), columns=min(n, MAX_FIGURE_INPUTS))
+    return (Figure(f"{technique}: attributions over the inputs", image=grid, caption=caption),)
+
+
+def make_result(
+    technique: str,
+    attributions: torch.Tensor,
+    targets: torch.Tensor,
+    index: torch.Tensor,
+    shown: torch.Tensor,
+    result_type: type[AnyAttributionResult],
+    **extra: Any,
+) -> AnyAttributionResult:
+    figures = overlay_figure(technique, shown, attributions[: shown.shape[0]], targets)
+    return result_type(
+        technique=technique, attributions=attributions, targets=targets, index=index, figures=figures, **extra
+    )
+
+
+# --- guided ReLU: positive gradients only, where the forward input was positive -------------
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (out > 0)
+
+
+class _GuidedReLUInPlace(_GuidedReLU):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(x)
+        x.clamp_(min=0)
+        ctx.save_for_backward(x)
+        return x
+
+
+class GuidedReLUs(TorchFunctionMode):
+    """While active, every ReLU — ``nn.ReLU`` (in place or not), ``F.relu``, ``torch.relu``,
+    ``Tensor.relu(_)`` — gets the guided backward pass."""
+
+    _OUT_OF_PLACE = (torch.relu, torch.Tensor.relu)
+    _IN_PLACE = (torch.relu_, torch.Tensor.relu_, F.relu_)
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.relu:
+            inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            return (_GuidedReLUInPlace if inplace else _GuidedReLU).apply(args[0])
+        if func in self._OUT_OF_PLACE:
+            return _GuidedReLU.apply(args[0])
+        if func in self._IN_PLACE:
+            return _GuidedReLUInPlace.apply(args[0])
+        return func(*args, **kwargs)
