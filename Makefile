@@ -2,6 +2,9 @@
 #   make demo   train + capture + every technique + report, into demo-out/
 #   make test   build, compile-check the CUDA sources (when nvcc is on PATH), run the tests
 #   make bench  the benchmarks (ratios against anchors measured in the same run)
+#   make gpu-check  on a CUDA machine, with $(PYTHON)'s torch (no venv): build with CUDA, the CUDA tests,
+#               every benchmark with --device cuda, one summary table; without a GPU it says so and exits 0
+#               (python3 benchmarks/gpu_check.py --dry-run prints the plan)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +15,7 @@ RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
 TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7"
 CUDA_ARCH ?= 90
 
-.PHONY: all setup build test demo bench nvcc-check clean
+.PHONY: all setup build test demo bench nvcc-check gpu-check clean
 
 all: test
 
@@ -48,6 +51,9 @@ bench: build
 	$(PY) -P benchmarks/attribution.py
 	$(PY) -P benchmarks/paths.py
 	$(PY) -P benchmarks/topk.py
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON)
 
 clean:
 	rm -rf build demo-out .pytest_cache

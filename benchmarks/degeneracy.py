@@ -8,7 +8,7 @@ Prints the time ratio and the memory of the patterns. Then the interaction basis
 trained demo CNN's last layers (pool3: 2048 units, relu4: 64) over 1,000 held-out images,
 with the time split between Gram accumulation, Jacobian VJPs and eigendecomposition.
 
-    python benchmarks/degeneracy.py [--neurons 4096] [--inputs 50000]
+    python benchmarks/degeneracy.py [--neurons 4096] [--inputs 50000] [--device cpu]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from pyengine import ops
 
 
-def main() -> None:
+def main() -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--neurons", type=int, default=4096)
     parser.add_argument("--inputs", type=int, default=50_000)
@@ -56,9 +56,10 @@ def main() -> None:
     print(f"  identical agreement counts: {same}; synchronized pair found: {int(disagreements[0, 1]) == 0}")
     print(f"  ratio pyengine/anchor time = {ours / anchor:.4f} (speed-up {anchor / ours:.1f}x); "
           f"pattern memory {fires.nbytes / bits.nbytes:.0f}x smaller")
+    return args.device
 
 
-def interaction_basis_split() -> None:
+def interaction_basis_split(device: str = "cpu") -> None:
     import pyengine
     from pyengine.data import Shapes
     from pyengine.models import DemoCNN
@@ -69,15 +70,17 @@ def interaction_basis_split() -> None:
     held_out = Shapes(config.test_size, seed=1)
     train_cached(model, Shapes(config.train_size, seed=0), held_out, config, progress=False)
     start = time.perf_counter()
-    result = pyengine.run("interaction-basis", model.eval(), data=held_out, progress=False,
+    result = pyengine.run("interaction-basis", model.eval(), data=held_out, progress=False, device=device,
                           layers=["features.pool3", "classifier.relu4"])
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     total = time.perf_counter() - start
+    where = "" if device == "cpu" else f" on {device}"
     split = ", ".join(f"{phase} {seconds:.2f} s ({seconds / total:.0%})" for phase, seconds in result.seconds.items())
-    print(f"interaction basis of demo-cnn (pool3, relu4) over {len(held_out)} images: {total:.2f} s: {split}")
+    print(f"interaction basis of demo-cnn (pool3, relu4) over {len(held_out)} images{where}: {total:.2f} s: {split}")
     for line in result.lines()[:3]:
         print(f"  {line}")
 
 
 if __name__ == "__main__":
-    main()
-    interaction_basis_split()
+    interaction_basis_split(main())

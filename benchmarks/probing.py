@@ -7,7 +7,7 @@ same training rows. Two pyengine timings: the probes alone (the same work as the
 and the whole technique (plus control-task probes, AUCs, thresholds). Prints the time
 ratios and the accuracy agreement.
 
-    python benchmarks/probing.py [--neurons 512] [--samples 20000]
+    python benchmarks/probing.py [--neurons 512] [--samples 20000] [--device cpu]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> None:
 
     warm_x, warm_y = planted_layer(8, 200, seed=1)  # imports and plugin loading, off the clock
     pyengine.run("probe-neurons", model, data=TensorDataset(warm_x, concepts={"concept": warm_y}), layers=["0"],
-                 progress=False)
+                 device=args.device, progress=False)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     LogisticRegression().fit(warm_x[:, :1].numpy(), warm_y.numpy())
 
     start = time.perf_counter()
@@ -65,10 +66,12 @@ def main() -> None:
     # Equal work: the probes alone, fitted on the same rows and scored on the test rows.
     from pyengine.plugins.probe_fit import accuracy_per_column, fit_single_neuron
 
-    h_train, h_test = h[result.train_rows], h[result.test_rows]
+    h_train, h_test = h[result.train_rows].to(args.device), h[result.test_rows].to(args.device)
+    y_train_rows, y_test_rows = y[result.train_rows].to(args.device), y[result.test_rows].to(args.device)
+    sync()
     start = time.perf_counter()
-    w, b = fit_single_neuron(h_train, y[result.train_rows].unsqueeze(0))
-    probes_only = accuracy_per_column(h_test * w[0].float() + b[0].float(), y[result.test_rows]).numpy()
+    w, b = fit_single_neuron(h_train, y_train_rows.unsqueeze(0))
+    probes_only = accuracy_per_column(h_test * w[0].float() + b[0].float(), y_test_rows).cpu().numpy()
     probes_seconds = time.perf_counter() - start
 
     ours = result.test_accuracy["0|concept"].numpy()

@@ -18,7 +18,15 @@ from pyengine.models import DemoCNN
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_REASON = "needs a CUDA GPU"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``cuda`` every test that ``requires_cuda`` (on the test or on its parameter): ``pytest -m cuda``."""
+    for item in items:
+        if any(mark.kwargs.get("reason") == CUDA_REASON for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture
