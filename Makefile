@@ -1,10 +1,14 @@
 # Everything sets itself up: a fresh machine needs only python3.
-#   make demo   train + capture + every technique + report, into demo-out/
-#   make test   build, compile-check the CUDA sources (when nvcc is on PATH), run the tests
-#   make bench  the benchmarks (ratios against anchors measured in the same run)
+#   make demo       train + capture + every technique + report, into demo-out/
+#   make test       build, compile-check the CUDA sources (when nvcc is on PATH), the gates
+#                   (ruff format + lint, mypy), then the tests against the built package
+#   make dev        an editable install: tests and tools see edits to pyengine/ and plugins/
+#                   without a reinstall (C++ edits still need `make dev` again)
+#   make lint / make typecheck   the gates alone
+#   make bench      the benchmarks (ratios against anchors measured in the same run)
 #   make gpu-check  on a CUDA machine, with $(PYTHON)'s torch (no venv): build with CUDA, the CUDA tests,
-#               every benchmark with --device cuda, one summary table; without a GPU it says so and exits 0
-#               (python3 benchmarks/gpu_check.py --dry-run prints the plan)
+#                   every benchmark with --device cuda, one summary table; without a GPU it says so and exits 0
+#                   (python3 benchmarks/gpu_check.py --dry-run prints the plan)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,22 +17,38 @@ TORCH ?= torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setuptools
 RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
 TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7"
+GATE_DEPS := "ruff==0.17.6" "mypy==2.4.1"
+SOURCES := pyengine plugins tests benchmarks examples
 CUDA_ARCH ?= 90
 
-.PHONY: all setup build test demo bench nvcc-check gpu-check clean
+.PHONY: all setup build dev lint typecheck test demo bench nvcc-check gpu-check clean
 
 all: test
 
 $(VENV)/.ready: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
-	$(PIP) install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS)
+	$(PIP) install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS) $(GATE_DEPS)
 	touch $@
 
 setup: $(VENV)/.ready
 
 build: setup
 	$(PIP) install -q --no-build-isolation --no-deps .
+
+dev: setup
+	$(PIP) install -q --no-build-isolation --no-deps --config-settings=editable.rebuild=false -e .
+
+lint: setup
+	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/ruff check $(SOURCES)
+
+# mypy checks the tree as it ships: pyengine/ with plugins/ as pyengine.plugins (symlinks).
+typecheck: setup
+	rm -rf build/typecheck && mkdir -p build/typecheck/pyengine
+	cp -rs "$(CURDIR)/pyengine/." build/typecheck/pyengine/
+	ln -s "$(CURDIR)/plugins" build/typecheck/pyengine/plugins
+	cd build/typecheck && "$(CURDIR)/$(VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" -p pyengine
 
 nvcc-check:
 	@if command -v nvcc >/dev/null 2>&1; then \
@@ -38,7 +58,7 @@ nvcc-check:
 	  done; \
 	else echo "nvcc not on PATH: CUDA compile check skipped"; fi
 
-test: build nvcc-check
+test: lint typecheck build nvcc-check
 	$(VENV)/bin/pytest
 
 demo: build

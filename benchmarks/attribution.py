@@ -3,7 +3,8 @@
 A VGG-style CNN with random weights at 64x64 and 224x224. Runs alternate in one process
 (best of --repeats), pyengine both with its default layout (channels last for conv nets) and
 with layout="as-given" (NCHW, as Captum); peak memory is measured in a fresh subprocess per method (CPU: the
-resident set's peak growth, sampled every millisecond; CUDA: torch's peak allocation). Prints pyengine/Captum time ratios.
+resident set's peak growth, sampled every millisecond; CUDA: torch's peak allocation).
+Prints pyengine/Captum time ratios.
 
     python -P benchmarks/attribution.py [--device cuda] [--repeats 3]
 """
@@ -46,10 +47,17 @@ def vgg_style(image_size: int) -> nn.Module:
 
     features = block(3, 16, 2) + block(16, 32, 2) + block(32, 64, 2) + block(64, 64, 1)
     side = image_size // 16
-    return nn.Sequential(OrderedDict([
-        ("features", nn.Sequential(*features)), ("flatten", nn.Flatten()),
-        ("fc1", nn.Linear(64 * side * side, 128)), ("relu", nn.ReLU()), ("fc2", nn.Linear(128, 10)),
-    ])).eval()
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("features", nn.Sequential(*features)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(64 * side * side, 128)),
+                ("relu", nn.ReLU()),
+                ("fc2", nn.Linear(128, 10)),
+            ]
+        )
+    ).eval()
 
 
 def problem(setting: int, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -64,11 +72,27 @@ def run_method(method: str, setting: int, model: nn.Module, x: torch.Tensor, tar
     if method == "captum":
         from captum.attr import Occlusion
 
-        return Occlusion(model).attribute(x, sliding_window_shapes=window, strides=stride, baselines=0.0,
-                                          target=targets, perturbations_per_eval=per_pass)
+        return Occlusion(model).attribute(
+            x,
+            sliding_window_shapes=window,
+            strides=stride,
+            baselines=0.0,
+            target=targets,
+            perturbations_per_eval=per_pass,
+        )
     layout = "as-given" if method == "pyengine-nchw" else "auto"
-    return pyengine.run("occlusion", model, x, target=targets, window=window, stride=stride, baseline=0.0,
-                        max_batch=per_pass * n, layout=layout, progress=False).attributions
+    return pyengine.run(
+        "occlusion",
+        model,
+        x,
+        target=targets,
+        window=window,
+        stride=stride,
+        baseline=0.0,
+        max_batch=per_pass * n,
+        layout=layout,
+        progress=False,
+    ).attributions
 
 
 def synchronize(device: str) -> None:
@@ -78,8 +102,12 @@ def synchronize(device: str) -> None:
 
 def peak_memory_mib(method: str, setting: int, device: str) -> float:
     """Run once in a fresh interpreter; the peak memory the run added."""
-    out = subprocess.run([sys.executable, "-P", __file__, "--child", method, "--setting", str(setting),
-                          "--device", device], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-P", __file__, "--child", method, "--setting", str(setting), "--device", device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
 
 
@@ -155,13 +183,15 @@ def main() -> None:
         scale = maps["captum"].abs().max()
         difference = {m: ((maps[m] - maps["captum"]).abs().max() / scale).item() for m in ("pyengine", "pyengine-nchw")}
         memory = {method: peak_memory_mib(method, setting, args.device) for method in best}
-        print(f"{size}x{size}, {n} inputs, window {window}, stride {stride}, {per_pass * n} samples per pass:\n"
-              f"  Captum {best['captum']:.2f} s ({memory['captum']:.0f} MiB)\n"
-              f"  pyengine {best['pyengine']:.2f} s ({memory['pyengine']:.0f} MiB): "
-              f"ratio {best['pyengine'] / best['captum']:.3f}, max relative difference {difference['pyengine']:.1e}\n"
-              f"  pyengine layout=as-given {best['pyengine-nchw']:.2f} s ({memory['pyengine-nchw']:.0f} MiB): "
-              f"ratio {best['pyengine-nchw'] / best['captum']:.3f}, "
-              f"max relative difference {difference['pyengine-nchw']:.1e}")
+        print(
+            f"{size}x{size}, {n} inputs, window {window}, stride {stride}, {per_pass * n} samples per pass:\n"
+            f"  Captum {best['captum']:.2f} s ({memory['captum']:.0f} MiB)\n"
+            f"  pyengine {best['pyengine']:.2f} s ({memory['pyengine']:.0f} MiB): "
+            f"ratio {best['pyengine'] / best['captum']:.3f}, max relative difference {difference['pyengine']:.1e}\n"
+            f"  pyengine layout=as-given {best['pyengine-nchw']:.2f} s ({memory['pyengine-nchw']:.0f} MiB): "
+            f"ratio {best['pyengine-nchw'] / best['captum']:.3f}, "
+            f"max relative difference {difference['pyengine-nchw']:.1e}"
+        )
 
 
 if __name__ == "__main__":

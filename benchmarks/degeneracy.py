@@ -49,13 +49,17 @@ def main() -> str:
     anchor = time.perf_counter() - start
 
     same = torch.equal((args.inputs - disagreements).cpu(), agreement.round().long().cpu())
-    print(f"relu-sync patterns: {args.neurons} neurons x {args.inputs:,} inputs on {device} "
-          f"({torch.get_num_threads()} threads)")
+    print(
+        f"relu-sync patterns: {args.neurons} neurons x {args.inputs:,} inputs on {device} "
+        f"({torch.get_num_threads()} threads)"
+    )
     print(f"  float32 matrices (anchor)   {anchor:8.3f} s   patterns {fires.nbytes / 2**20:8.1f} MiB")
     print(f"  bitsets + popcount          {ours:8.3f} s   patterns {bits.nbytes / 2**20:8.1f} MiB")
     print(f"  identical agreement counts: {same}; synchronized pair found: {int(disagreements[0, 1]) == 0}")
-    print(f"  ratio pyengine/anchor time = {ours / anchor:.4f} (speed-up {anchor / ours:.1f}x); "
-          f"pattern memory {fires.nbytes / bits.nbytes:.0f}x smaller")
+    print(
+        f"  ratio pyengine/anchor time = {ours / anchor:.4f} (speed-up {anchor / ours:.1f}x); "
+        f"pattern memory {fires.nbytes / bits.nbytes:.0f}x smaller"
+    )
     return args.device
 
 
@@ -70,8 +74,14 @@ def interaction_basis_split(device: str = "cpu") -> None:
     held_out = Shapes(config.test_size, seed=1)
     train_cached(model, Shapes(config.train_size, seed=0), held_out, config, progress=False)
     start = time.perf_counter()
-    result = pyengine.run("interaction-basis", model.eval(), data=held_out, progress=False, device=device,
-                          layers=["features.pool3", "classifier.relu4"])
+    result = pyengine.run(
+        "interaction-basis",
+        model.eval(),
+        data=held_out,
+        progress=False,
+        device=device,
+        layers=["features.pool3", "classifier.relu4"],
+    )
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - start

@@ -60,8 +60,10 @@ except Exception as error:
 print(json.dumps(info))
 """
 
-VERIFY = ('import json, pyengine, pyengine.ops as ops; '
-          'print(json.dumps({"file": pyengine.__file__, "cuda": ops.HAS_CUDA, "info": ops.build_info()}, default=str))')
+VERIFY = (
+    "import json, pyengine, pyengine.ops as ops; "
+    'print(json.dumps({"file": pyengine.__file__, "cuda": ops.HAS_CUDA, "info": ops.build_info()}, default=str))'
+)
 
 BUILD_NEEDS = ("pip", "pybind11", "scikit_build_core", "h5py", "pluggy", "numpy")
 
@@ -96,15 +98,30 @@ class Benchmark:
 
 
 BENCHMARKS = [
-    Benchmark("gram.py", (), ("--rows", "20000", "--dim", "64", "--chunk", "2000", "--repeats", "1"), 120,
-              headline=(r"ratio", r"max relative difference")),
-    Benchmark("probing.py", (), ("--neurons", "16", "--samples", "2000"), 150, needs=("sklearn",),
-              headline=(r"ratio", r"test accuracy")),
-    Benchmark("degeneracy.py", (), ("--neurons", "256", "--inputs", "2000"), 240,
-              headline=(r"ratio", r"identical agreement", r"^interaction basis"),
-              expect=("identical agreement counts: True", "synchronized pair found: True")),
-    Benchmark("attribution.py", ("--repeats", "3"), ("--repeats", "1"), 150, needs=("captum",),
-              headline=(r"ratio",)),
+    Benchmark(
+        "gram.py",
+        (),
+        ("--rows", "20000", "--dim", "64", "--chunk", "2000", "--repeats", "1"),
+        120,
+        headline=(r"ratio", r"max relative difference"),
+    ),
+    Benchmark(
+        "probing.py",
+        (),
+        ("--neurons", "16", "--samples", "2000"),
+        150,
+        needs=("sklearn",),
+        headline=(r"ratio", r"test accuracy"),
+    ),
+    Benchmark(
+        "degeneracy.py",
+        (),
+        ("--neurons", "256", "--inputs", "2000"),
+        240,
+        headline=(r"ratio", r"identical agreement", r"^interaction basis"),
+        expect=("identical agreement counts: True", "synchronized pair found: True"),
+    ),
+    Benchmark("attribution.py", ("--repeats", "3"), ("--repeats", "1"), 150, needs=("captum",), headline=(r"ratio",)),
     # the autograd reference syncs per candidate unit (float(...)): 64 inputs took 36 s on 2 CPU cores
     Benchmark("paths.py", ("--inputs", "16"), ("--inputs", "4"), 150, expect=("same paths: True",)),
     Benchmark("topk.py", (), ("--rows", "1000"), 150),
@@ -135,9 +152,12 @@ def visible_gpus() -> list[str]:
 
 
 def find_nvcc() -> str | None:
-    for candidate in (shutil.which("nvcc"), os.environ.get("CUDACXX"),
-                      os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
-                      "/usr/local/cuda/bin/nvcc"):
+    for candidate in (
+        shutil.which("nvcc"),
+        os.environ.get("CUDACXX"),
+        os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -153,14 +173,19 @@ def plan(python: str, info: dict[str, Any], rehearse: bool) -> list[Step]:
     capability = info.get("capability") or [9, 0]
     arch = os.environ.get("CUDA_ARCH") or f"{capability[0]}{capability[1]}"
     if not rehearse:
-        env["CMAKE_ARGS"] = " ".join(filter(None, [os.environ.get("CMAKE_ARGS", ""),
-                                                   f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]))
+        env["CMAKE_ARGS"] = " ".join(
+            filter(None, [os.environ.get("CMAKE_ARGS", ""), f"-DCMAKE_CUDA_ARCHITECTURES={arch}"])
+        )
         nvcc = find_nvcc()
         if nvcc and shutil.which("nvcc") != nvcc:
             env["CUDACXX"] = nvcc
-    build = Step("build" if rehearse else f"build (CUDA, sm_{arch})",
-                 [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-build-isolation", "--no-deps",
-                  "."], 300, env, needs=BUILD_NEEDS)
+    build = Step(
+        "build" if rehearse else f"build (CUDA, sm_{arch})",
+        [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-build-isolation", "--no-deps", "."],
+        300,
+        env,
+        needs=BUILD_NEEDS,
+    )
     if not rehearse and find_nvcc() is None:
         build.skip_reason = "nvcc not found (PATH, CUDACXX, CUDA_HOME, /usr/local/cuda)"
     if modules and not (modules.get("cmake") or info.get("cmake_on_path")):
@@ -168,13 +193,26 @@ def plan(python: str, info: dict[str, Any], rehearse: bool) -> list[Step]:
     steps.append(build)
 
     steps.append(Step("verify installed pyengine", [python, "-P", "-c", VERIFY], 60))
-    steps.append(Step("cuda tests (pytest -m cuda)", [python, "-P", "-m", "pytest", "-m", "cuda", "-q", "-rs",
-                                                      "-p", "no:cacheprovider"], 240, needs=("pytest",)))
+    steps.append(
+        Step(
+            "cuda tests (pytest -m cuda)",
+            [python, "-P", "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider"],
+            240,
+            needs=("pytest",),
+        )
+    )
     for bench in BENCHMARKS:
         args = bench.tiny_args if rehearse else bench.gpu_args
-        steps.append(Step(f"bench {bench.script}", [python, "-P", f"benchmarks/{bench.script}", "--device", device,
-                                                    *args], bench.timeout, needs=bench.needs,
-                          headline=bench.headline, expect=bench.expect))
+        steps.append(
+            Step(
+                f"bench {bench.script}",
+                [python, "-P", f"benchmarks/{bench.script}", "--device", device, *args],
+                bench.timeout,
+                needs=bench.needs,
+                headline=bench.headline,
+                expect=bench.expect,
+            )
+        )
     for step in steps:
         missing = [name for name in step.needs if modules and not modules.get(name)]
         if missing and not step.skip_reason:
@@ -193,8 +231,16 @@ def run_step(step: Step, deadline: float) -> None:
         return
     print(f"\n=== {step.name}: {shlex.join(step.command)}  (timeout {limit:.0f} s)", flush=True)
     started = time.monotonic()
-    process = subprocess.Popen(step.command, cwd=REPO, env={**os.environ, **step.env}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    process = subprocess.Popen(
+        step.command,
+        cwd=REPO,
+        env={**os.environ, **step.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     chunks: list[str] = []
 
     def pump() -> None:
@@ -239,8 +285,14 @@ def run_step(step: Step, deadline: float) -> None:
 
 def judge_tests(step: Step, rehearse: bool) -> None:
     """pytest's summary into the status; on a GPU, all-skipped is a failure."""
-    summary = next((line.strip("= ").strip() for line in reversed(step.output.splitlines())
-                    if re.search(r"\b(passed|failed|skipped|error|errors|deselected)\b", line)), "")
+    summary = next(
+        (
+            line.strip("= ").strip()
+            for line in reversed(step.output.splitlines())
+            if re.search(r"\b(passed|failed|skipped|error|errors|deselected)\b", line)
+        ),
+        "",
+    )
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
     step.lines = [f"  {summary}"] if summary else []
     failures = [line.strip() for line in step.output.splitlines() if line.startswith(("FAILED", "ERROR"))]
@@ -288,8 +340,11 @@ def describe(info: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--python", default=os.environ.get("PYTHON") or "python3",
-                        help="the interpreter with torch+CUDA (default: $PYTHON or python3 from PATH)")
+    parser.add_argument(
+        "--python",
+        default=os.environ.get("PYTHON") or "python3",
+        help="the interpreter with torch+CUDA (default: $PYTHON or python3 from PATH)",
+    )
     parser.add_argument("--budget", type=float, default=470, help="seconds for the whole run (default 470)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     parser.add_argument("--rehearse-on-cpu", action="store_true", help="run the plan on the CPU, tiny sizes")
@@ -305,11 +360,16 @@ def main() -> int:
         gpus = visible_gpus()
         if gpus:
             why = info.get("error") or info.get("torch_error") or f"torch {info.get('torch')} sees no CUDA device"
-            print(f"gpu-check: nvidia-smi lists {gpus[0]}, but {python} cannot use it: {why}. "
-                  "Point PYTHON= at an interpreter with a CUDA build of torch.")
+            print(
+                f"gpu-check: nvidia-smi lists {gpus[0]}, but {python} cannot use it: {why}. "
+                "Point PYTHON= at an interpreter with a CUDA build of torch."
+            )
             return 1
-        why = info.get("error") or info.get("torch_error") or (
-            f"torch {info['torch']} sees no CUDA device" if "torch" in info else "torch not importable")
+        why = (
+            info.get("error")
+            or info.get("torch_error")
+            or (f"torch {info['torch']} sees no CUDA device" if "torch" in info else "torch not importable")
+        )
         print(f"no CUDA GPU: gpu-check skipped ({why})")
         return 0
     if not info.get("python_ok", True):
@@ -319,13 +379,18 @@ def main() -> int:
     steps = plan(python, info, args.rehearse_on_cpu)
     if args.dry_run:
         if not has_gpu:
-            print("gpu-check --dry-run: no CUDA GPU here, so a real run would stop at the probe; "
-                  "the plan on a GPU machine (sm_90 unless CUDA_ARCH= or the GPU says otherwise):")
+            print(
+                "gpu-check --dry-run: no CUDA GPU here, so a real run would stop at the probe; "
+                "the plan on a GPU machine (sm_90 unless CUDA_ARCH= or the GPU says otherwise):"
+            )
         print(f"gpu-check --dry-run: budget {args.budget:.0f} s; from {REPO}")
         for number, step in enumerate(steps, 1):
             env = " ".join(f"{key}={value!r}" if " " in value else f"{key}={value}" for key, value in step.env.items())
-            print(f"{number:2d}. {step.name}  [timeout {step.timeout:.0f} s"
-                  + (f"; needs {', '.join(step.needs)}" if step.needs else "") + "]")
+            print(
+                f"{number:2d}. {step.name}  [timeout {step.timeout:.0f} s"
+                + (f"; needs {', '.join(step.needs)}" if step.needs else "")
+                + "]"
+            )
             print(f"      {env + ' ' if env else ''}{shlex.join(step.command)}")
             if step.skip_reason:
                 print(f"      would skip here: {step.skip_reason}")
@@ -363,8 +428,10 @@ def main() -> int:
             judge_tests(step, args.rehearse_on_cpu)
 
     where = info.get("gpu") or "CPU rehearsal"
-    title = (f"gpu-check summary: {where}, torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), "
-             f"Python {info.get('python')}; {time.monotonic() - started:.0f} s in all")
+    title = (
+        f"gpu-check summary: {where}, torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), "
+        f"Python {info.get('python')}; {time.monotonic() - started:.0f} s in all"
+    )
     print("\n" + table(steps, title))
     failed = [step for step in steps if step.status.startswith("fail") and not step.skip_reason]
     return 1 if failed else 0

@@ -65,15 +65,21 @@ def main() -> None:
         times["pyengine"].append(timed(device, ours))
     best = {name: min(values) for name, values in times.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"gram_accumulate: {steps * args.chunk:,} x {args.dim} float32 rows in chunks of {args.chunk:,} "
-          f"on {device} ({name}, {torch.get_num_threads()} threads)")
+    print(
+        f"gram_accumulate: {steps * args.chunk:,} x {args.dim} float32 rows in chunks of {args.chunk:,} "
+        f"on {device} ({name}, {torch.get_num_threads()} threads)"
+    )
     for method, seconds in best.items():
         rate = steps * args.chunk / seconds
-        print(f"  {method:9s} best {seconds:8.3f} s   {rate / 1e6:7.2f} M rows/s   runs: "
-              + ", ".join(f"{t:.3f}" for t in times[method]))
+        print(
+            f"  {method:9s} best {seconds:8.3f} s   {rate / 1e6:7.2f} M rows/s   runs: "
+            + ", ".join(f"{t:.3f}" for t in times[method])
+        )
     print(f"  max relative difference {error:.2e}")
-    print(f"  ratio pyengine/torch time = {best['pyengine'] / best['torch']:.3f} "
-          f"(speed-up {best['torch'] / best['pyengine']:.2f}x)")
+    print(
+        f"  ratio pyengine/torch time = {best['pyengine'] / best['torch']:.3f} "
+        f"(speed-up {best['torch'] / best['pyengine']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import torch
 
 from pyengine import ops
 from pyengine.context import Context
-from pyengine.plugins.pathwise import op_arguments
-from pyengine.plugins.relu_chain import trace_chain
+from pyengine.plugins.pathwise._chain import trace_chain
+from pyengine.plugins.pathwise.paths import op_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attribution import vgg_style  # noqa: E402  (the benchmark CNN)
+
 from pathwise_reference import reference_paths  # noqa: E402
 
 
@@ -53,10 +54,12 @@ def main() -> None:
     reference = time.perf_counter() - started
 
     same = torch.equal(paths.cpu(), expected)
-    print(f"hierarchical decomposition, {args.inputs} inputs x 2 targets, beam {args.beam}, VGG-style CNN 64x64 "
-          f"({len(chain.layers)} ReLU layers), {args.device}: reference {reference:.2f} s, op {native:.4f} s "
-          f"(with argument preparation): ratio {native / reference:.4f} ({reference / native:.0f}x faster); "
-          f"same paths: {same}")
+    print(
+        f"hierarchical decomposition, {args.inputs} inputs x 2 targets, beam {args.beam}, VGG-style CNN 64x64 "
+        f"({len(chain.layers)} ReLU layers), {args.device}: reference {reference:.2f} s, op {native:.4f} s "
+        f"(with argument preparation): ratio {native / reference:.4f} ({reference / native:.0f}x faster); "
+        f"same paths: {same}"
+    )
 
 
 if __name__ == "__main__":

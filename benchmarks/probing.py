@@ -45,8 +45,14 @@ def main() -> None:
     model = nn.Sequential(nn.Identity())
 
     warm_x, warm_y = planted_layer(8, 200, seed=1)  # imports and plugin loading, off the clock
-    pyengine.run("probe-neurons", model, data=TensorDataset(warm_x, concepts={"concept": warm_y}), layers=["0"],
-                 device=args.device, progress=False)
+    pyengine.run(
+        "probe-neurons",
+        model,
+        data=TensorDataset(warm_x, concepts={"concept": warm_y}),
+        layers=["0"],
+        device=args.device,
+        progress=False,
+    )
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     LogisticRegression().fit(warm_x[:, :1].numpy(), warm_y.numpy())
 
@@ -59,12 +65,12 @@ def main() -> None:
     reference = np.empty(args.neurons)
     x_train, x_test, y_train, y_test = h[train].numpy(), h[test].numpy(), y[train].numpy(), y[test].numpy()
     for unit in range(args.neurons):
-        fitted = LogisticRegression(C=1.0).fit(x_train[:, unit:unit + 1], y_train)
-        reference[unit] = fitted.score(x_test[:, unit:unit + 1], y_test)
+        fitted = LogisticRegression(C=1.0).fit(x_train[:, unit : unit + 1], y_train)
+        reference[unit] = fitted.score(x_test[:, unit : unit + 1], y_test)
     sklearn_seconds = time.perf_counter() - start
 
     # Equal work: the probes alone, fitted on the same rows and scored on the test rows.
-    from pyengine.plugins.probe_fit import accuracy_per_column, fit_single_neuron
+    from pyengine.plugins.probing._fit import accuracy_per_column, fit_single_neuron
 
     h_train, h_test = h[result.train_rows].to(args.device), h[result.test_rows].to(args.device)
     y_train_rows, y_test_rows = y[result.train_rows].to(args.device), y[result.test_rows].to(args.device)
@@ -76,16 +82,24 @@ def main() -> None:
 
     ours = result.test_accuracy["0|concept"].numpy()
     gap = np.abs(ours - reference)
-    print(f"probe-neurons: {args.neurons} neurons x {args.samples:,} samples ({len(train):,} train, "
-          f"{len(test):,} test) on {args.device}, {torch.get_num_threads()} threads")
+    print(
+        f"probe-neurons: {args.neurons} neurons x {args.samples:,} samples ({len(train):,} train, "
+        f"{len(test):,} test) on {args.device}, {torch.get_num_threads()} threads"
+    )
     print(f"  sklearn loop: fit + score per neuron          {sklearn_seconds:8.3f} s")
-    print(f"  pyengine probes: fit + score, all neurons     {probes_seconds:8.3f} s   "
-          f"ratio {probes_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / probes_seconds:.1f}x)")
-    print(f"  pyengine probe-neurons technique              {ours_seconds:8.3f} s   "
-          f"ratio {ours_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / ours_seconds:.1f}x)")
+    print(
+        f"  pyengine probes: fit + score, all neurons     {probes_seconds:8.3f} s   "
+        f"ratio {probes_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / probes_seconds:.1f}x)"
+    )
+    print(
+        f"  pyengine probe-neurons technique              {ours_seconds:8.3f} s   "
+        f"ratio {ours_seconds / sklearn_seconds:.4f} (speed-up {sklearn_seconds / ours_seconds:.1f}x)"
+    )
     print("    (the technique also fits a control-task probe per neuron and computes AUCs and thresholds)")
-    print(f"  test accuracy: mean {ours.mean():.4f} vs sklearn {reference.mean():.4f}; max per-neuron gap "
-          f"{100 * gap.max():.2f} pp (probes alone: {100 * np.abs(probes_only - reference).max():.2f} pp)")
+    print(
+        f"  test accuracy: mean {ours.mean():.4f} vs sklearn {reference.mean():.4f}; max per-neuron gap "
+        f"{100 * gap.max():.2f} pp (probes alone: {100 * np.abs(probes_only - reference).max():.2f} pp)"
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,10 @@ def main() -> None:
         with pyengine.StoreReader(path) as store:
             shape = store.shape(LAYER)
         size = path.stat().st_size / 2**20
-        print(f"store: {shape[0]} images x {shape[1:]} float16 ({size:.0f} MiB on disk, lzf), built in "
-              f"{time.perf_counter() - started:.0f} s")
+        print(
+            f"store: {shape[0]} images x {shape[1:]} float16 ({size:.0f} MiB on disk, lzf), built in "
+            f"{time.perf_counter() - started:.0f} s"
+        )
         best = {name: float("inf") for name in METHODS}
         found = {}
         for _ in range(3):
@@ -108,16 +110,34 @@ def main() -> None:
                 best[name] = min(best[name], time.perf_counter() - started)
         memory = {}
         for name in METHODS:
-            out = subprocess.run([sys.executable, "-P", __file__, "--child", name, "--store", str(path), "--k",
-                                  str(args.k), "--device", args.device], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-P",
+                    __file__,
+                    "--child",
+                    name,
+                    "--store",
+                    str(path),
+                    "--k",
+                    str(args.k),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             memory[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     same = float((found["streaming"].cpu() == found["load-all"].cpu()).double().mean())
     where, peak = ("", "peak") if device.type == "cpu" else (f" on {device}", "GPU peak")
-    print(f"top-{args.k} per channel{where}: load everything + torch.topk {best['load-all']:.2f} s, "
-          f"{peak} +{memory['load-all']:.0f} MiB; "
-          f"streaming topk_update {best['streaming']:.2f} s, {peak} +{memory['streaming']:.0f} MiB: time ratio "
-          f"{best['streaming'] / best['load-all']:.3f}, memory ratio {memory['streaming'] / memory['load-all']:.3f}; "
-          f"same indices for {same:.1%} (torch.topk orders ties arbitrarily)")
+    print(
+        f"top-{args.k} per channel{where}: load everything + torch.topk {best['load-all']:.2f} s, "
+        f"{peak} +{memory['load-all']:.0f} MiB; "
+        f"streaming topk_update {best['streaming']:.2f} s, {peak} +{memory['streaming']:.0f} MiB: time ratio "
+        f"{best['streaming'] / best['load-all']:.3f}, memory ratio {memory['streaming'] / memory['load-all']:.3f}; "
+        f"same indices for {same:.1%} (torch.topk orders ties arbitrarily)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,23 +20,42 @@ def _rot(x: int, k: int) -> int:
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - c) & _MASK; a ^= _rot(c, 4); c = (c + b) & _MASK
-    b = (b - a) & _MASK; b ^= _rot(a, 6); a = (a + c) & _MASK
-    c = (c - b) & _MASK; c ^= _rot(b, 8); b = (b + a) & _MASK
-    a = (a - c) & _MASK; a ^= _rot(c, 16); c = (c + b) & _MASK
-    b = (b - a) & _MASK; b ^= _rot(a, 19); a = (a + c) & _MASK
-    c = (c - b) & _MASK; c ^= _rot(b, 4); b = (b + a) & _MASK
+    a = (a - c) & _MASK
+    a ^= _rot(c, 4)
+    c = (c + b) & _MASK
+    b = (b - a) & _MASK
+    b ^= _rot(a, 6)
+    a = (a + c) & _MASK
+    c = (c - b) & _MASK
+    c ^= _rot(b, 8)
+    b = (b + a) & _MASK
+    a = (a - c) & _MASK
+    a ^= _rot(c, 16)
+    c = (c + b) & _MASK
+    b = (b - a) & _MASK
+    b ^= _rot(a, 19)
+    a = (a + c) & _MASK
+    c = (c - b) & _MASK
+    c ^= _rot(b, 4)
+    b = (b + a) & _MASK
     return a, b, c
 
 
 def _final(a: int, b: int, c: int) -> int:
-    c ^= b; c = (c - _rot(b, 14)) & _MASK
-    a ^= c; a = (a - _rot(c, 11)) & _MASK
-    b ^= a; b = (b - _rot(a, 25)) & _MASK
-    c ^= b; c = (c - _rot(b, 16)) & _MASK
-    a ^= c; a = (a - _rot(c, 4)) & _MASK
-    b ^= a; b = (b - _rot(a, 14)) & _MASK
-    c ^= b; c = (c - _rot(b, 24)) & _MASK
+    c ^= b
+    c = (c - _rot(b, 14)) & _MASK
+    a ^= c
+    a = (a - _rot(c, 11)) & _MASK
+    b ^= a
+    b = (b - _rot(a, 25)) & _MASK
+    c ^= b
+    c = (c - _rot(b, 16)) & _MASK
+    a ^= c
+    a = (a - _rot(c, 4)) & _MASK
+    b ^= a
+    b = (b - _rot(a, 14)) & _MASK
+    c ^= b
+    c = (c - _rot(b, 24)) & _MASK
     return c
 
 

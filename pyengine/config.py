@@ -1,23 +1,23 @@
 """``pyengine run CONFIG.toml``: the config file, validated before anything runs.
 
-    device = "cpu"             # optional
-    out = "results.h5"         # results file (relative paths: to the config file)
-    seed = 0
+device = "cpu"             # optional
+out = "results.h5"         # results file (relative paths: to the config file)
+seed = 0
 
-    [model]
-    name = "demo-cnn"          # a registered model, or: factory = "package.module:callable"
-    args = {}                  # keyword arguments for the factory
-    weights = "weights.pt"     # optional state_dict, loaded with torch.load(weights_only=True)
+[model]
+name = "demo-cnn"          # a registered model, or: factory = "package.module:callable"
+args = {}                  # keyword arguments for the factory
+weights = "weights.pt"     # optional state_dict, loaded with torch.load(weights_only=True)
 
-    [data]
-    name = "shapes"            # a registered dataset
-    args = { n = 256, seed = 1 }
-    inputs = 8                 # the first rows are given to techniques as `inputs`
-    store = "acts.h5"          # optional activation store
+[data]
+name = "shapes"            # a registered dataset
+args = { n = 256, seed = 1 }
+inputs = 8                 # the first rows are given to techniques as `inputs`
+store = "acts.h5"          # optional activation store
 
-    [[technique]]
-    name = "gram-spectrum"
-    options = { center = true }
+[[technique]]
+name = "gram-spectrum"
+options = { center = true }
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def load_config(path: str | Path) -> RunConfig:
 
     model_raw = _table("[model]", top.get("model", {}), {"name", "factory", "args", "weights"})
     if bool(model_raw.get("name")) == bool(model_raw.get("factory")):
-        raise PyengineError("[model] needs exactly one of name = \"<registered model>\" or factory = \"module:callable\"")
+        raise PyengineError('[model] needs exactly one of name = "<registered model>" or factory = "module:callable"')
     model = ModelSpec(
         name=_typed("model.name", model_raw.get("name", ""), str, "a string"),
         factory=_typed("model.factory", model_raw.get("factory", ""), str, "'module:callable'"),
@@ -130,7 +130,9 @@ def load_config(path: str | Path) -> RunConfig:
         item = _table(f"technique[{k}]", entry, {"name", "options", "run"})
         name = _typed(f"technique[{k}].name", item.get("name"), str, "a technique name")
         options = _table(f"technique[{k}].options", item.get("options", {}), set(item.get("options", {}) or {}))
-        techniques.append(TechniqueSpec(name, options, _typed(f"technique[{k}].run", item.get("run", ""), str, "a run name")))
+        techniques.append(
+            TechniqueSpec(name, options, _typed(f"technique[{k}].run", item.get("run", ""), str, "a run name"))
+        )
 
     out = base / _typed("out", top.get("out", "results.h5"), str, "a path")
     device = _typed("device", top["device"], str, "a torch device like 'cpu' or 'cuda:0'") if "device" in top else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pyengine import _C
+import pyengine._C as _C
 
 HAS_CUDA: bool = bool(_C.has_cuda)
 
@@ -26,8 +26,9 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | No
     torch.ops.pyengine.gram_accumulate(gram, x, sums)
 
 
-def gram_eigh(gram: torch.Tensor, *, n: int | None = None,
-              center_sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_eigh(
+    gram: torch.Tensor, *, n: int | None = None, center_sums: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns) of an accumulated Gram matrix.
 
     With ``n`` (rows accumulated) the matrix is divided by n; with ``center_sums`` too, it
@@ -37,8 +38,9 @@ def gram_eigh(gram: torch.Tensor, *, n: int | None = None,
     return values, vectors
 
 
-def binned_statistics(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                      bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def binned_statistics(
+    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of h (n, d): counts and sums of the values in each of ``bins`` equal-width
     bins spanning [low[j], high[j]] (edge bins take values outside), split by each target's
     0/1 label. labels: (targets, n). Returns counts, sums: (targets, d, 2, bins) float64.
@@ -58,8 +60,14 @@ def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
     return torch.ops.pyengine.firing_disagreements(bits)
 
 
-def occlusion_batch(inputs: torch.Tensor, baseline: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...],
-                    first: int, count: int) -> torch.Tensor:
+def occlusion_batch(
+    inputs: torch.Tensor,
+    baseline: torch.Tensor,
+    window: tuple[int, ...],
+    stride: tuple[int, ...],
+    first: int,
+    count: int,
+) -> torch.Tensor:
     """Occluded copies of inputs (B, *S) for windows ``first .. first + count - 1``: (count * B, *S),
     window-major. Inside a window the elements come from ``baseline`` ((*S) or (B, *S)).
 
@@ -69,8 +77,9 @@ def occlusion_batch(inputs: torch.Tensor, baseline: torch.Tensor, window: tuple[
     return torch.ops.pyengine.occlusion_batch(inputs, baseline, list(window), list(stride), first, count)
 
 
-def occlusion_accumulate(sums: torch.Tensor, drops: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...],
-                         first: int) -> None:
+def occlusion_accumulate(
+    sums: torch.Tensor, drops: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...], first: int
+) -> None:
     """In place: ``sums[b, t] += drops[p, b, t]`` over the elements of window ``first + p``.
 
     sums: contiguous float64 (B, T, *S); drops: (count, B, T) output drops of the windows.
@@ -78,8 +87,14 @@ def occlusion_accumulate(sums: torch.Tensor, drops: torch.Tensor, window: tuple[
     torch.ops.pyengine.occlusion_accumulate(sums, drops, list(window), list(stride), first)
 
 
-def hierarchical_paths(activations: list[torch.Tensor], weights: list[torch.Tensor], max_indices: list[torch.Tensor],
-                       geometry: list[int], targets: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hierarchical_paths(
+    activations: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    max_indices: list[torch.Tensor],
+    geometry: list[int],
+    targets: torch.Tensor,
+    beam: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-down paths through a ReLU network's layers (Cheng et al., Algorithm 1, with a beam).
 
     Per ReLU layer l (forward order): its outputs ``activations[l]`` (B, ...), the weight of the
@@ -92,8 +107,14 @@ def hierarchical_paths(activations: list[torch.Tensor], weights: list[torch.Tens
     return paths, scores
 
 
-def topk_update(values: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor | None, top_values: torch.Tensor,
-                top_ids: torch.Tensor, top_payload: torch.Tensor) -> None:
+def topk_update(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    payload: torch.Tensor | None,
+    top_values: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_payload: torch.Tensor,
+) -> None:
     """In place, per column c of values (n, C): merge the rows (value, id ids[i], payload[i, c])
     into the running top-k lists top_values / top_ids / top_payload (C, k), kept sorted by value
     descending, then id ascending (ties go to the lower id, whatever the chunking). Empty
@@ -101,36 +122,53 @@ def topk_update(values: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor |
     torch.ops.pyengine.topk_update(values, ids, payload, top_values, top_ids, top_payload)
 
 
-def topk_empty(columns: int, k: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_empty(
+    columns: int, k: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty running top-k lists for ``topk_update``: values -inf, ids -1, payload 0."""
-    return (torch.full((columns, k), float("-inf"), dtype=torch.float64, device=device),
-            torch.full((columns, k), -1, dtype=torch.long, device=device),
-            torch.zeros((columns, k), dtype=torch.long, device=device))
+    return (
+        torch.full((columns, k), float("-inf"), dtype=torch.float64, device=device),
+        torch.full((columns, k), -1, dtype=torch.long, device=device),
+        torch.zeros((columns, k), dtype=torch.long, device=device),
+    )
 
 
 @torch.library.register_fake("pyengine::topk_update")
-def _topk_update_fake(values: torch.Tensor, ids: torch.Tensor, payload: torch.Tensor | None, top_values: torch.Tensor,
-                      top_ids: torch.Tensor, top_payload: torch.Tensor) -> None:
+def _topk_update_fake(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    payload: torch.Tensor | None,
+    top_values: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_payload: torch.Tensor,
+) -> None:
     return None
 
 
 @torch.library.register_fake("pyengine::hierarchical_paths")
-def _hierarchical_paths_fake(activations: list[torch.Tensor], weights: list[torch.Tensor],
-                             max_indices: list[torch.Tensor], geometry: list[int], targets: torch.Tensor,
-                             beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _hierarchical_paths_fake(
+    activations: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    max_indices: list[torch.Tensor],
+    geometry: list[int],
+    targets: torch.Tensor,
+    beam: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (targets.shape[0], targets.shape[1], beam)
     return targets.new_empty((*shape, len(activations))), targets.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("pyengine::occlusion_batch")
-def _occlusion_batch_fake(inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int],
-                          first: int, count: int) -> torch.Tensor:
+def _occlusion_batch_fake(
+    inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int], first: int, count: int
+) -> torch.Tensor:
     return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
 
 
 @torch.library.register_fake("pyengine::occlusion_accumulate")
-def _occlusion_accumulate_fake(sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int],
-                               first: int) -> None:
+def _occlusion_accumulate_fake(
+    sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int], first: int
+) -> None:
     return None
 
 
@@ -145,8 +183,9 @@ def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("pyengine::binned_statistics")
-def _binned_statistics_fake(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                            bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _binned_statistics_fake(
+    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (labels.shape[0], h.shape[1], 2, bins)
     return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
 

@@ -11,8 +11,9 @@ from typing import TextIO
 class Progress:
     """``with Progress(total, "capture") as bar: bar.update(n)``; silent when disabled."""
 
-    def __init__(self, total: int | None, desc: str, *, enabled: bool = True, stream: TextIO | None = None,
-                 delay: float = 1.0) -> None:
+    def __init__(
+        self, total: int | None, desc: str, *, enabled: bool = True, stream: TextIO | None = None, delay: float = 1.0
+    ) -> None:
         self.total = total
         self.desc = desc
         self.enabled = enabled
@@ -27,8 +28,9 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._shown:
             self._draw(final=exc_type is None)
             self.stream.write("\n")

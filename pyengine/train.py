@@ -78,8 +78,9 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 250) -> float:
     return correct / len(data)
 
 
-def train(model: nn.Module, train_data: Dataset, test_data: Dataset, config: TrainConfig, *,
-          progress: bool = True) -> TrainReport:
+def train(
+    model: nn.Module, train_data: Dataset, test_data: Dataset, config: TrainConfig, *, progress: bool = True
+) -> TrainReport:
     """Adam on cross-entropy with a cosine schedule; deterministic for a seed on one machine."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -96,7 +97,7 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset, config: Tra
             order = torch.randperm(len(train_data), generator=generator)
             total = 0.0
             for first in range(0, len(order), config.batch_size):
-                rows = order[first:first + config.batch_size]
+                rows = order[first : first + config.batch_size]
                 loss = nn.functional.cross_entropy(model(inputs[rows]), labels[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -109,12 +110,20 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset, config: Tra
     return TrainReport(accuracy(model, test_data), seconds, False, tuple(losses))
 
 
-def train_cached(model: nn.Module, train_data: Dataset, test_data: Dataset, config: TrainConfig, *,
-                 progress: bool = True) -> TrainReport:
+def train_cached(
+    model: nn.Module, train_data: Dataset, test_data: Dataset, config: TrainConfig, *, progress: bool = True
+) -> TrainReport:
     """Train once per (model, data, config); later calls load the cached weights."""
-    key = json.dumps({"model": type(model).__qualname__, "train": train_data.describe(),
-                      "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
-                      "config": asdict(config), "torch": torch.__version__}, sort_keys=True)
+    key = json.dumps(
+        {
+            "model": type(model).__qualname__,
+            "train": train_data.describe(),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+            "config": asdict(config),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
     path = cache_dir() / f"{type(model).__name__.lower()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         load_weights(model, path)

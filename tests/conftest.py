@@ -49,19 +49,25 @@ def hooks_on(model: nn.Module) -> list[str]:
                 left.append(f"{name or '<root>'}.{attribute}")
     from torch.nn.modules import module as module_globals
 
-    for attribute in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks"):
+    for attribute in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    ):
         if getattr(module_globals, attribute, None):
             left.append(attribute)
     return left
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pyengine`` command."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / "pyengine"), "-q", *args], capture_output=True, text=True, cwd=cwd,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "pyengine"), "-q", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
@@ -94,8 +100,7 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoCNN:
     old = os.environ.get("PYENGINE_CACHE")
     os.environ["PYENGINE_CACHE"] = str(cache)
     try:
-        train_cached(model, Shapes(config.train_size, seed=0), Shapes(config.test_size, seed=1), config,
-                     progress=False)
+        train_cached(model, Shapes(config.train_size, seed=0), Shapes(config.test_size, seed=1), config, progress=False)
     finally:
         if old is None:
             os.environ.pop("PYENGINE_CACHE")

@@ -32,8 +32,12 @@ def test_labels_concepts_and_boxes() -> None:
     # The object is the only saturated colour: its pixels lie inside the box.
     saturation = batch.inputs.max(1).values - batch.inputs.min(1).values
     ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
-    inside = ((xs >= boxes[:, 0, None, None] - 1) & (xs <= boxes[:, 2, None, None] + 1)
-              & (ys >= boxes[:, 1, None, None] - 1) & (ys <= boxes[:, 3, None, None] + 1))
+    inside = (
+        (xs >= boxes[:, 0, None, None] - 1)
+        & (xs <= boxes[:, 2, None, None] + 1)
+        & (ys >= boxes[:, 1, None, None] - 1)
+        & (ys <= boxes[:, 3, None, None] + 1)
+    )
     saturated = saturation > 0.6
     assert float(saturated[~inside].float().mean()) < 5e-3  # background noise only
     assert float(saturated[inside].float().mean()) > 0.2

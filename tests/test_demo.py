@@ -6,13 +6,13 @@ import re
 from pathlib import Path
 
 import pyengine
-
 from conftest import run_cli
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")},
-                     timeout=1200)
+    result = run_cli(
+        "demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")}, timeout=1200
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"held-out accuracy ([0-9.]+)% on 1000 shapes images \(trained in ([0-9.]+) s\)", result.stdout)
     assert match, result.stdout
@@ -22,8 +22,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         striped = {}
         for technique in ("probe-linear", "probe-mlp"):
             _, attrs = reader.result(technique, "demo")
-            striped.update({f"{technique} {key}": value for key, value in attrs.items()
-                            if key.startswith("test_accuracy/") and key.endswith("|texture=striped")})
+            striped.update(
+                {
+                    f"{technique} {key}": value
+                    for key, value in attrs.items()
+                    if key.startswith("test_accuracy/") and key.endswith("|texture=striped")
+                }
+            )
     assert len(striped) == 8  # 4 layers x 2 probes
     assert max(striped.values()) >= 0.9, striped  # the texture concept is decodable from some layer
     with pyengine.StoreReader(tmp_path / "out" / "activations.h5") as reader:

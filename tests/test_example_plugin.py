@@ -16,15 +16,32 @@ EXAMPLE = REPO / "examples" / "pyengine-example-plugin"
 
 @pytest.fixture(scope="module")
 def installed_example() -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                    "--disable-pip-version-check", str(EXAMPLE)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "--disable-pip-version-check",
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,  # -P: not the repo
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True,
+        text=True,  # -P: not the repo
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_discovered_by_the_cli(installed_example: None) -> None:
@@ -50,9 +67,11 @@ def test_runs_through_python_api(installed_example: None) -> None:
 
 def test_runs_through_the_cli(installed_example: None, tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text('out = "r.h5"\n[model]\nname = "demo-cnn"\nargs = { image_size = 16 }\n'
-                      '[data]\nname = "shapes"\nargs = { n = 10, size = 16 }\ninputs = 5\n'
-                      '[[technique]]\nname = "logit-margin"\noptions = { batch_size = 2 }\n')
+    config.write_text(
+        'out = "r.h5"\n[model]\nname = "demo-cnn"\nargs = { image_size = 16 }\n'
+        '[data]\nname = "shapes"\nargs = { n = 10, size = 16 }\ninputs = 5\n'
+        '[[technique]]\nname = "logit-margin"\noptions = { batch_size = 2 }\n'
+    )
     result = run_cli("run", str(config))
     assert result.returncode == 0, result.stderr
     assert "logit-margin/run-001: mean margin" in result.stdout
@@ -66,12 +85,18 @@ def test_load_plugins_restricts_entry_points(installed_example: None) -> None:
     everything = python(listing).stdout.split()
     assert "gram-spectrum" in only_builtins and "logit-margin" not in only_builtins
     assert selected == everything == sorted(only_builtins + ["logit-margin"])
-    assert_user_error(run_cli("plugins", env={"PYENGINE_LOAD_PLUGINS": "nope"}),
-                      "PYENGINE_LOAD_PLUGINS names 'nope', which is not an installed pyengine plugin (installed: example")
+    assert_user_error(
+        run_cli("plugins", env={"PYENGINE_LOAD_PLUGINS": "nope"}),
+        "PYENGINE_LOAD_PLUGINS names 'nope', which is not an installed pyengine plugin (installed: example",
+    )
 
 
 def test_the_plugins_own_tests_pass(installed_example: None) -> None:
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-                            capture_output=True, text=True, cwd=EXAMPLE)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        capture_output=True,
+        text=True,
+        cwd=EXAMPLE,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout

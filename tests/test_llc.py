@@ -10,8 +10,7 @@ import pyengine
 from pyengine.data import TensorDataset
 
 # Stated hyperparameters: full batch, nβ = 20, ε = 2e-3, γ = 1, 8 chains x 2000 draws.
-SETTINGS = dict(nbeta=20.0, epsilon=2e-3, gamma=1.0, chains=8, draws=2000, burn_in=200, batch_size=1000,
-                progress=False)
+SETTINGS = dict(nbeta=20.0, epsilon=2e-3, gamma=1.0, chains=8, draws=2000, burn_in=200, batch_size=1000, progress=False)
 
 
 class QuarticPlusQuadratic(nn.Module):
@@ -66,12 +65,14 @@ def test_seeded_runs_are_reproducible_and_weights_are_restored() -> None:
 
 
 def test_divergence_is_reported(small_cnn: nn.Module, small_shapes: object) -> None:
-    result = pyengine.run("llc", small_cnn, data=small_shapes, epsilon=10.0, chains=1, draws=30, burn_in=0,
-                          progress=False)
+    result = pyengine.run(
+        "llc", small_cnn, data=small_shapes, epsilon=10.0, chains=1, draws=30, burn_in=0, progress=False
+    )
     assert "diverged" in result.warning
     classifier = pyengine.run("llc", small_cnn, data=small_shapes, chains=2, draws=20, burn_in=5, progress=False)
-    assert torch.isfinite(classifier.llc_per_chain).all() and classifier.nbeta == pytest.approx(64 / torch.log(
-        torch.tensor(64.0)).item())
+    assert torch.isfinite(classifier.llc_per_chain).all() and classifier.nbeta == pytest.approx(
+        64 / torch.log(torch.tensor(64.0)).item()
+    )
 
 
 def test_llc_options_are_checked() -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyengine import ops
-
 from conftest import requires_cuda
+from pyengine import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
-def reference(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-              bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's contract, written plainly in float64 torch."""
     values = h.double().cpu()
     low, high = low.double().cpu(), high.double().cpu()
@@ -31,8 +31,9 @@ def reference(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: to
     return counts, sums
 
 
-def assert_matches_reference(h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                             bins: int) -> None:
+def assert_matches_reference(
+    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
+) -> None:
     counts, sums = ops.binned_statistics(h, labels, low, high, bins)
     expected_counts, expected_sums = reference(h, labels, low, high, bins)
     assert torch.equal(counts.cpu(), expected_counts)
@@ -65,8 +66,13 @@ def test_non_contiguous_integer_labels_constant_columns(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_rows(device: str) -> None:
     h = torch.zeros(0, 5, device=device)
-    counts, sums = ops.binned_statistics(h, torch.zeros(1, 0, dtype=torch.bool, device=device),
-                                         torch.zeros(5, device=device), torch.ones(5, device=device), 4)
+    counts, sums = ops.binned_statistics(
+        h,
+        torch.zeros(1, 0, dtype=torch.bool, device=device),
+        torch.zeros(5, device=device),
+        torch.ones(5, device=device),
+        4,
+    )
     assert counts.shape == (1, 5, 2, 4) and float(counts.abs().sum() + sums.abs().sum()) == 0
 
 
@@ -80,8 +86,10 @@ LABELS = torch.zeros(1, 4, dtype=torch.bool)
         ((torch.zeros(4, 2), LABELS[:, :3], torch.zeros(2), torch.ones(2), 4), "expected labels of shape (targets, 4)"),
         ((torch.zeros(4, 2), LABELS, torch.zeros(3), torch.ones(2), 4), "low and high must have shape (2,)"),
         ((torch.zeros(4, 2), LABELS, torch.zeros(2), torch.ones(2), 0), "bins must be a positive integer"),
-        ((torch.zeros(4, 2), torch.zeros(1, 4, dtype=torch.float32), torch.zeros(2), torch.ones(2), 4),
-         "labels has dtype Float"),
+        (
+            (torch.zeros(4, 2), torch.zeros(1, 4, dtype=torch.float32), torch.zeros(2), torch.ones(2), 4),
+            "labels has dtype Float",
+        ),
     ],
 )
 def test_bad_arguments(args: tuple, message: str) -> None:
@@ -94,5 +102,4 @@ def test_bad_arguments(args: tuple, message: str) -> None:
 def test_opcheck(device: str) -> None:
     h = torch.randn(30, 4, device=device)
     labels = torch.rand(2, 30, device=device) < 0.5
-    torch.library.opcheck(torch.ops.pyengine.binned_statistics.default,
-                          (h, labels, h.amin(0), h.amax(0), 5))
+    torch.library.opcheck(torch.ops.pyengine.binned_statistics.default, (h, labels, h.amin(0), h.amax(0), 5))

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyengine import ops
-
 from conftest import requires_cuda
+from pyengine import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -25,8 +24,7 @@ def relative_error(actual: torch.Tensor, expected: np.ndarray) -> float:
 
 
 def fresh(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.zeros(d, d, dtype=torch.float64, device=device),
-            torch.zeros(d, dtype=torch.float64, device=device))
+    return (torch.zeros(d, d, dtype=torch.float64, device=device), torch.zeros(d, dtype=torch.float64, device=device))
 
 
 def assert_streamed_gram_matches_numpy(x: torch.Tensor, split: list[int] | None = None) -> None:
@@ -109,12 +107,18 @@ def test_cpu_result_is_exactly_symmetric_and_thread_independent() -> None:
         (torch.zeros(4, 4, dtype=torch.float32), torch.zeros(3, 4), None, "gram has dtype Float; expected Double"),
         (torch.zeros(5, 5, dtype=torch.float64), torch.zeros(3, 4), None, "expected gram of shape (4, 4)"),
         (torch.zeros(8, 8, dtype=torch.float64)[::2, ::2], torch.zeros(3, 4), None, "gram must be contiguous"),
-        (torch.zeros(4, 4, dtype=torch.float64), torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64), "expected (4,)"),
+        (
+            torch.zeros(4, 4, dtype=torch.float64),
+            torch.zeros(3, 4),
+            torch.zeros(5, dtype=torch.float64),
+            "expected (4,)",
+        ),
         (torch.zeros(4, 4, dtype=torch.float64), torch.zeros(3, 4), torch.zeros(4), "sums has dtype Float"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None,
-                                          message: str) -> None:
+def test_bad_arguments_raise_clear_errors(
+    gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None, message: str
+) -> None:
     with pytest.raises(RuntimeError, match=r"pyengine\.gram_accumulate: .*") as info:
         ops.gram_accumulate(gram, x, sums)
     assert message in str(info.value).splitlines()[0]

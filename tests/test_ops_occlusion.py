@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from pyengine import ops
-
 from conftest import requires_cuda
+from pyengine import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 # (input shape without batch, window, stride): exact tilings, cut-off edges, 1-D, 4-D
@@ -37,8 +36,9 @@ def window_masks(shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, window, stride", GEOMETRIES)
-def test_batch_matches_reference(device: str, dtype: torch.dtype, shape: tuple[int, ...], window: tuple[int, ...],
-                                 stride: tuple[int, ...]) -> None:
+def test_batch_matches_reference(
+    device: str, dtype: torch.dtype, shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
     inputs = torch.randn(3, *shape).to(device, dtype)
     masks = window_masks(shape, window, stride)
@@ -48,13 +48,14 @@ def test_batch_matches_reference(device: str, dtype: torch.dtype, shape: tuple[i
         first, count = 1, len(masks) - 2 if len(masks) > 2 else len(masks) - 1
         out = ops.occlusion_batch(inputs, baseline, window, stride, first, count)
         assert out.shape == (count * 3, *shape) and out.dtype == dtype
-        assert torch.equal(out.view(count, 3, *shape), expected[first:first + count])
+        assert torch.equal(out.view(count, 3, *shape), expected[first : first + count])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape, window, stride", GEOMETRIES)
-def test_accumulate_matches_reference(device: str, shape: tuple[int, ...], window: tuple[int, ...],
-                                      stride: tuple[int, ...]) -> None:
+def test_accumulate_matches_reference(
+    device: str, shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...]
+) -> None:
     torch.manual_seed(1)
     masks = torch.stack(window_masks(shape, window, stride)).double()
     batch, targets = 2, 3
@@ -62,7 +63,7 @@ def test_accumulate_matches_reference(device: str, shape: tuple[int, ...], windo
     expected = torch.einsum("pbt,p...->bt...", drops, masks)
     sums = torch.zeros(batch, targets, *shape, dtype=torch.float64, device=device)
     for first in range(0, len(masks), 3):  # chunks of three windows, the last one shorter
-        ops.occlusion_accumulate(sums, drops[first:first + 3].float().to(device), window, stride, first)
+        ops.occlusion_accumulate(sums, drops[first : first + 3].float().to(device), window, stride, first)
     torch.testing.assert_close(sums.cpu(), expected, rtol=1e-6, atol=1e-6)  # drops went through float32
 
 
@@ -76,16 +77,34 @@ def test_non_contiguous_inputs_and_batch_of_one() -> None:
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("call, fragment", [
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (5, 2), (1, 1), 0, 1), "must fit the input"),
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (2,), (1,), 0, 1), "one entry per input"),
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 8), torch.zeros(3, 8), (3, 2), (1, 3), 0, 1), "never be occluded"),
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (3, 2), (1, 2), 0, 5), "out of range"),
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(2, 4), (3, 2), (1, 2), 0, 1), "baseline has shape"),
-    (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4).double(), (3, 2), (1, 2), 0, 1), "baseline must be"),
-    (lambda: ops.occlusion_accumulate(torch.zeros(2, 1, 4), torch.zeros(1, 2, 1), (2,), (2,), 0), "dtype"),
-    (lambda: ops.occlusion_accumulate(torch.zeros(2, 1, 4).double(), torch.zeros(1, 3, 1), (2,), (2,), 0), "drops has shape"),
-])
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (
+            lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (5, 2), (1, 1), 0, 1),
+            "must fit the input",
+        ),
+        (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (2,), (1,), 0, 1), "one entry per input"),
+        (
+            lambda: ops.occlusion_batch(torch.zeros(2, 3, 8), torch.zeros(3, 8), (3, 2), (1, 3), 0, 1),
+            "never be occluded",
+        ),
+        (lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4), (3, 2), (1, 2), 0, 5), "out of range"),
+        (
+            lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(2, 4), (3, 2), (1, 2), 0, 1),
+            "baseline has shape",
+        ),
+        (
+            lambda: ops.occlusion_batch(torch.zeros(2, 3, 4), torch.zeros(3, 4).double(), (3, 2), (1, 2), 0, 1),
+            "baseline must be",
+        ),
+        (lambda: ops.occlusion_accumulate(torch.zeros(2, 1, 4), torch.zeros(1, 2, 1), (2,), (2,), 0), "dtype"),
+        (
+            lambda: ops.occlusion_accumulate(torch.zeros(2, 1, 4).double(), torch.zeros(1, 3, 1), (2,), (2,), 0),
+            "drops has shape",
+        ),
+    ],
+)
 def test_bad_arguments_name_the_problem(call, fragment: str) -> None:
     with pytest.raises(RuntimeError, match=fragment):
         call()

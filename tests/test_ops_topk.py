@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyengine import ops
-
 from conftest import requires_cuda
+from pyengine import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
@@ -24,7 +23,11 @@ def brute_force(values: torch.Tensor, payload: torch.Tensor, k: int) -> tuple[to
         rows = torch.arange(n)[keep]
         order = torch.sort(column[keep], descending=True, stable=True).indices[:k]
         m = order.numel()
-        top_values[c, :m], top_ids[c, :m], top_payload[c, :m] = column[keep][order], rows[order], payload[rows[order], c]
+        top_values[c, :m], top_ids[c, :m], top_payload[c, :m] = (
+            column[keep][order],
+            rows[order],
+            payload[rows[order], c],
+        )
     return top_values, top_ids, top_payload
 
 
@@ -55,12 +58,18 @@ def test_k_larger_than_the_rows_seen_and_strided_values() -> None:
     torch.testing.assert_close(top[0][:, :8], expected)
 
 
-@pytest.mark.parametrize("call, fragment", [
-    (lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(5), None, *t), "one id per row"),
-    (lambda t: ops.topk_update(torch.zeros(4, 2), torch.arange(4), None, *t), r"must all be \(2, k\)"),
-    (lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(4).int(), None, *t), "ids has dtype"),
-    (lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(4), torch.zeros(4, 2).long(), *t), "payload has shape"),
-])
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(5), None, *t), "one id per row"),
+        (lambda t: ops.topk_update(torch.zeros(4, 2), torch.arange(4), None, *t), r"must all be \(2, k\)"),
+        (lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(4).int(), None, *t), "ids has dtype"),
+        (
+            lambda t: ops.topk_update(torch.zeros(4, 3), torch.arange(4), torch.zeros(4, 2).long(), *t),
+            "payload has shape",
+        ),
+    ],
+)
 def test_bad_arguments_name_the_problem(call, fragment: str) -> None:
     with pytest.raises(RuntimeError, match=fragment):
         call(ops.topk_empty(3, 2))
@@ -69,6 +78,12 @@ def test_bad_arguments_name_the_problem(call, fragment: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device: str) -> None:
     top = ops.topk_empty(3, 4, device)
-    torch.library.opcheck(torch.ops.pyengine.topk_update.default,
-                          (torch.randn(10, 3, device=device), torch.arange(10, device=device),
-                           torch.zeros(10, 3, dtype=torch.long, device=device), *top))
+    torch.library.opcheck(
+        torch.ops.pyengine.topk_update.default,
+        (
+            torch.randn(10, 3, device=device),
+            torch.arange(10, device=device),
+            torch.zeros(10, 3, dtype=torch.long, device=device),
+            *top,
+        ),
+    )

@@ -30,15 +30,16 @@ def test_single_neuron_probes_agree_with_sklearn_neuron_by_neuron() -> None:
     linear_model = pytest.importorskip("sklearn.linear_model")
     metrics = pytest.importorskip("sklearn.metrics")
     h, y = planted_neurons()
-    result = pyengine.run("probe-neurons", IDENTITY, data=TensorDataset(h, concepts={"c": y}), layers=["0"],
-                          c=1.0, progress=False)
+    result = pyengine.run(
+        "probe-neurons", IDENTITY, data=TensorDataset(h, concepts={"c": y}), layers=["0"], c=1.0, progress=False
+    )
     train, test = result.train_rows.numpy(), result.test_rows.numpy()
     assert abs(y[train].float().mean() - y[test].float().mean()) < 0.01  # stratified
     ours = result.test_accuracy["0|c"].numpy()
     for unit in range(h.shape[1]):
         reference = linear_model.LogisticRegression(C=1.0, tol=1e-8, max_iter=1000)
-        reference.fit(h[train, unit:unit + 1].numpy(), y[train].numpy())
-        expected = reference.score(h[test, unit:unit + 1].numpy(), y[test].numpy())
+        reference.fit(h[train, unit : unit + 1].numpy(), y[train].numpy())
+        expected = reference.score(h[test, unit : unit + 1].numpy(), y[test].numpy())
         assert abs(ours[unit] - expected) <= 0.005, (unit, ours[unit], expected)
         assert float(result.weight["0|c"][unit]) == pytest.approx(reference.coef_[0, 0], rel=2e-2, abs=2e-3)
         auc = metrics.roc_auc_score(y[test].numpy(), h[test, unit].numpy() * np.sign(reference.coef_[0, 0]))
@@ -57,8 +58,9 @@ def test_linear_probe_recovers_a_planted_direction() -> None:
     direction = torch.randn(30, generator=g)
     direction /= direction.norm()
     y = (x @ direction > 0).long()
-    result = pyengine.run("probe-linear", IDENTITY, data=TensorDataset(x, concepts={"c": y}), layers=["0"],
-                          l2=1e-4, progress=False)
+    result = pyengine.run(
+        "probe-linear", IDENTITY, data=TensorDataset(x, concepts={"c": y}), layers=["0"], l2=1e-4, progress=False
+    )
     w = result.weights["0|c"]
     assert float(w @ direction / w.norm()) > 0.95
     assert result.test_accuracy["0|c"] > 0.95
@@ -68,8 +70,9 @@ def test_l1_makes_the_linear_probe_sparse() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3000, 40, generator=g)
     y = (x[:, 3] - x[:, 7] > 0).long()
-    result = pyengine.run("probe-linear", IDENTITY, data=TensorDataset(x, concepts={"c": y}), layers=["0"],
-                          l1=0.02, progress=False)
+    result = pyengine.run(
+        "probe-linear", IDENTITY, data=TensorDataset(x, concepts={"c": y}), layers=["0"], l1=0.02, progress=False
+    )
     w = result.weights["0|c"]
     assert set(torch.argsort(w.abs(), descending=True)[:2].tolist()) == {3, 7}
     assert int((w.abs() > 1e-6).sum()) <= 6
@@ -93,8 +96,7 @@ def test_selectivity_is_near_zero_for_a_random_representation(technique: str) ->
     g = torch.Generator().manual_seed(4)
     h = torch.randn(4000, 16, generator=g)
     y = (torch.rand(4000, generator=g) < 0.5).long()
-    result = pyengine.run(technique, IDENTITY, data=TensorDataset(h, concepts={"c": y}), layers=["0"],
-                          progress=False)
+    result = pyengine.run(technique, IDENTITY, data=TensorDataset(h, concepts={"c": y}), layers=["0"], progress=False)
     selectivity = result.selectivity["0|c"]
     values = selectivity.abs().mean() if isinstance(selectivity, torch.Tensor) else abs(selectivity)
     assert float(values) < 0.05
@@ -113,13 +115,28 @@ def test_multiclass_softmax_and_categorical_concepts(small_cnn: nn.Module) -> No
 
 
 def test_store_and_fresh_capture_agree(small_cnn: nn.Module, small_shapes: object, tmp_path: Path) -> None:
-    store = pyengine.capture(small_cnn, small_shapes, ["features.relu2", "classifier.relu4"], tmp_path / "a.h5",
-                             dtype="float32", progress=False)
+    store = pyengine.capture(
+        small_cnn,
+        small_shapes,
+        ["features.relu2", "classifier.relu4"],
+        tmp_path / "a.h5",
+        dtype="float32",
+        progress=False,
+    )
     from_store = pyengine.run("probe-neurons", small_cnn, store=store, concepts=["texture"], progress=False)
-    fresh = pyengine.run("probe-neurons", small_cnn, data=small_shapes, concepts=["texture"],
-                         layers=["features.relu2", "classifier.relu4"], progress=False)
-    assert set(from_store.test_accuracy) == {f"{layer}|texture={t}" for layer in ("features.relu2", "classifier.relu4")
-                                             for t in ("plain", "striped", "dotted")}
+    fresh = pyengine.run(
+        "probe-neurons",
+        small_cnn,
+        data=small_shapes,
+        concepts=["texture"],
+        layers=["features.relu2", "classifier.relu4"],
+        progress=False,
+    )
+    assert set(from_store.test_accuracy) == {
+        f"{layer}|texture={t}"
+        for layer in ("features.relu2", "classifier.relu4")
+        for t in ("plain", "striped", "dotted")
+    }
     for key, values in from_store.test_accuracy.items():
         torch.testing.assert_close(values, fresh.test_accuracy[key], atol=2 / 96, rtol=0)
 

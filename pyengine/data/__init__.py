@@ -13,4 +13,6 @@ __all__ = ["Batch", "Dataset", "Shapes", "TensorDataset", "as_dataset"]
 
 @hookimpl
 def register_datasets(register: Any) -> None:
-    register("shapes", Shapes, summary="synthetic RGB shapes (square/circle/triangle/cross) with texture and colour concepts")
+    register(
+        "shapes", Shapes, summary="synthetic RGB shapes (square/circle/triangle/cross) with texture and colour concepts"
+    )

@@ -57,8 +57,13 @@ class Dataset(ABC):
 class TensorDataset(Dataset):
     """A dataset over tensors already in memory (user arrays)."""
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                 concepts: Mapping[str, torch.Tensor] | None = None, name: str = "tensors") -> None:
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        concepts: Mapping[str, torch.Tensor] | None = None,
+        name: str = "tensors",
+    ) -> None:
         self.inputs = inputs
         n = inputs.shape[0]
         self.labels = labels if labels is not None else torch.full((n,), -1, dtype=torch.long)
@@ -81,8 +86,9 @@ class TensorDataset(Dataset):
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
-        return Batch(self.inputs[index], self.labels[index], index,
-                     {key: value[index] for key, value in self.concepts.items()})
+        return Batch(
+            self.inputs[index], self.labels[index], index, {key: value[index] for key, value in self.concepts.items()}
+        )
 
 
 class TorchDataset(Dataset):

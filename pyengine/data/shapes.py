@@ -68,12 +68,15 @@ class Shapes(Dataset):
         dy = coords.view(1, s, 1) - cy.view(-1, 1, 1)
         r = radius.view(-1, 1, 1)
         arm = 0.35 * r
-        masks = torch.stack([
-            (dx.abs() <= r) & (dy.abs() <= r),
-            dx * dx + dy * dy <= r * r,
-            (dy.abs() <= r) & (dx.abs() <= (dy + r) / 2),
-            ((dx.abs() <= r) & (dy.abs() <= arm)) | ((dy.abs() <= r) & (dx.abs() <= arm)),
-        ], dim=1)
+        masks = torch.stack(
+            [
+                (dx.abs() <= r) & (dy.abs() <= r),
+                dx * dx + dy * dy <= r * r,
+                (dy.abs() <= r) & (dx.abs() <= (dy + r) / 2),
+                ((dx.abs() <= r) & (dy.abs() <= arm)) | ((dy.abs() <= r) & (dx.abs() <= arm)),
+            ],
+            dim=1,
+        )
         mask = masks[torch.arange(len(index)), shape]
 
         p = period.view(-1, 1, 1)
