@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activa
                                                            at::TensorList max_indices, at::IntArrayRef geometry,
                                                            const at::Tensor& targets, int64_t beam) {
   const c10::cuda::CUDAGuard guard(targets.device());
-  PathProblem p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
+  HierarchicalPathsArgs p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(targets.device().index()).stream();
   int64_t max_units = 1, max_candidates = 1;
   for (const auto& s : p.steps) {
