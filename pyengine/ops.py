@@ -26,6 +26,13 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | No
     torch.ops.pyengine.gram_accumulate(gram, x, sums)
 
 
+@torch.library.register_fake("pyengine::gram_accumulate")
+def _gram_accumulate_fake(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
+    torch._check(x.dim() == 2, lambda: "pyengine.gram_accumulate: x must be 2-D")
+    torch._check(gram.shape == (x.shape[1], x.shape[1]), lambda: "pyengine.gram_accumulate: gram must be (d, d)")
+    return None
+
+
 def gram_eigh(
     gram: torch.Tensor, *, n: int | None = None, center_sums: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,15 +56,33 @@ def binned_statistics(
     return counts, sums
 
 
+@torch.library.register_fake("pyengine::binned_statistics")
+def _binned_statistics_fake(
+    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (labels.shape[0], h.shape[1], 2, bins)
+    return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
+
+
 def pack_firing(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Firing patterns of h (n, units) as bitsets: (units, ceil(n / 64)) int64 words, bit
     r % 64 of word r // 64 set when h[r, unit] > threshold. 32x smaller than float32."""
     return torch.ops.pyengine.pack_firing(h, threshold)
 
 
+@torch.library.register_fake("pyengine::pack_firing")
+def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)
+
+
 def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
     """(units, units) int64: rows where exactly one of the two units fires (XOR popcount)."""
     return torch.ops.pyengine.firing_disagreements(bits)
+
+
+@torch.library.register_fake("pyengine::firing_disagreements")
+def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
+    return bits.new_empty((bits.shape[0], bits.shape[0]), dtype=torch.int64)
 
 
 def occlusion_batch(
@@ -77,6 +102,13 @@ def occlusion_batch(
     return torch.ops.pyengine.occlusion_batch(inputs, baseline, list(window), list(stride), first, count)
 
 
+@torch.library.register_fake("pyengine::occlusion_batch")
+def _occlusion_batch_fake(
+    inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int], first: int, count: int
+) -> torch.Tensor:
+    return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
+
+
 def occlusion_accumulate(
     sums: torch.Tensor, drops: torch.Tensor, window: tuple[int, ...], stride: tuple[int, ...], first: int
 ) -> None:
@@ -85,6 +117,13 @@ def occlusion_accumulate(
     sums: contiguous float64 (B, T, *S); drops: (count, B, T) output drops of the windows.
     """
     torch.ops.pyengine.occlusion_accumulate(sums, drops, list(window), list(stride), first)
+
+
+@torch.library.register_fake("pyengine::occlusion_accumulate")
+def _occlusion_accumulate_fake(
+    sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int], first: int
+) -> None:
+    return None
 
 
 def hierarchical_paths(
@@ -107,6 +146,19 @@ def hierarchical_paths(
     return paths, scores
 
 
+@torch.library.register_fake("pyengine::hierarchical_paths")
+def _hierarchical_paths_fake(
+    activations: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    max_indices: list[torch.Tensor],
+    geometry: list[int],
+    targets: torch.Tensor,
+    beam: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (targets.shape[0], targets.shape[1], beam)
+    return targets.new_empty((*shape, len(activations))), targets.new_empty(shape, dtype=torch.float64)
+
+
 def topk_update(
     values: torch.Tensor,
     ids: torch.Tensor,
@@ -122,17 +174,6 @@ def topk_update(
     torch.ops.pyengine.topk_update(values, ids, payload, top_values, top_ids, top_payload)
 
 
-def topk_empty(
-    columns: int, k: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty running top-k lists for ``topk_update``: values -inf, ids -1, payload 0."""
-    return (
-        torch.full((columns, k), float("-inf"), dtype=torch.float64, device=device),
-        torch.full((columns, k), -1, dtype=torch.long, device=device),
-        torch.zeros((columns, k), dtype=torch.long, device=device),
-    )
-
-
 @torch.library.register_fake("pyengine::topk_update")
 def _topk_update_fake(
     values: torch.Tensor,
@@ -145,53 +186,12 @@ def _topk_update_fake(
     return None
 
 
-@torch.library.register_fake("pyengine::hierarchical_paths")
-def _hierarchical_paths_fake(
-    activations: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    max_indices: list[torch.Tensor],
-    geometry: list[int],
-    targets: torch.Tensor,
-    beam: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (targets.shape[0], targets.shape[1], beam)
-    return targets.new_empty((*shape, len(activations))), targets.new_empty(shape, dtype=torch.float64)
-
-
-@torch.library.register_fake("pyengine::occlusion_batch")
-def _occlusion_batch_fake(
-    inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int], first: int, count: int
-) -> torch.Tensor:
-    return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
-
-
-@torch.library.register_fake("pyengine::occlusion_accumulate")
-def _occlusion_accumulate_fake(
-    sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int], first: int
-) -> None:
-    return None
-
-
-@torch.library.register_fake("pyengine::pack_firing")
-def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)
-
-
-@torch.library.register_fake("pyengine::firing_disagreements")
-def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
-    return bits.new_empty((bits.shape[0], bits.shape[0]), dtype=torch.int64)
-
-
-@torch.library.register_fake("pyengine::binned_statistics")
-def _binned_statistics_fake(
-    h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (labels.shape[0], h.shape[1], 2, bins)
-    return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
-
-
-@torch.library.register_fake("pyengine::gram_accumulate")
-def _gram_accumulate_fake(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
-    torch._check(x.dim() == 2, lambda: "pyengine.gram_accumulate: x must be 2-D")
-    torch._check(gram.shape == (x.shape[1], x.shape[1]), lambda: "pyengine.gram_accumulate: gram must be (d, d)")
-    return None
+def topk_empty(
+    columns: int, k: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty running top-k lists for ``topk_update``: values -inf, ids -1, payload 0."""
+    return (
+        torch.full((columns, k), float("-inf"), dtype=torch.float64, device=device),
+        torch.full((columns, k), -1, dtype=torch.long, device=device),
+        torch.zeros((columns, k), dtype=torch.long, device=device),
+    )

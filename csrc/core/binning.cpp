@@ -2,11 +2,11 @@
 // columns go in blocks of eight so that a block's bins stay in cache.
 #include "pyengine/core/binning.h"
 
+#include "pyengine/core/parallel.h"
+
 #include <algorithm>
 #include <cmath>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
 namespace pyengine::core {
 namespace {
@@ -56,18 +56,13 @@ void binned_statistics(const MatrixView& h, const std::uint8_t* labels, std::int
                        const double* low, const double* high, std::int64_t bins, double* counts,
                        double* sums, int num_threads) {
   if (h.rows == 0 || h.cols == 0 || targets == 0) return;
-  const std::int64_t work = h.rows * h.cols * targets;
-  const auto threads = static_cast<std::int64_t>(std::clamp<std::int64_t>(
-      std::min<std::int64_t>(num_threads, h.cols), 1, std::max<std::int64_t>(1, work / (1 << 16))));
+  // A thread needs ~64 Ki updates (rows x targets x its columns) to pay for itself.
+  const std::int64_t grain = std::max<std::int64_t>(1, (1 << 16) / (h.rows * targets));
   visit_dtype(h.dtype, [&](auto tag) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
-    std::vector<std::thread> pool;
-    for (std::int64_t t = 1; t < threads; ++t) {
-      pool.emplace_back(run_columns<T>, std::cref(h), labels, targets, low, high, bins, counts, sums,
-                        h.cols * t / threads, h.cols * (t + 1) / threads);
-    }
-    run_columns<T>(h, labels, targets, low, high, bins, counts, sums, 0, h.cols / threads);
-    for (auto& thread : pool) thread.join();
+    parallel_for(0, h.cols, grain, [&](std::int64_t begin, std::int64_t end) {
+      run_columns<T>(h, labels, targets, low, high, bins, counts, sums, begin, end);
+    }, num_threads);
   });
 }
 

@@ -4,10 +4,10 @@
 #include "pyengine/core/firing.h"
 
 #include "multiversion.h"
+#include "pyengine/core/parallel.h"
 
 #include <algorithm>
 #include <bit>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -66,17 +66,6 @@ std::int64_t xor_popcount(const std::uint64_t* x, const std::uint64_t* y, std::i
   return total;
 }
 
-template <typename F>
-void parallel_for(std::int64_t count, int num_threads, F&& work) {
-  const std::int64_t threads = std::clamp<std::int64_t>(num_threads, 1, std::max<std::int64_t>(1, count));
-  std::vector<std::thread> pool;
-  for (std::int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back([&, t] { work(count * t / threads, count * (t + 1) / threads); });
-  }
-  work(0, count / threads);
-  for (auto& thread : pool) thread.join();
-}
-
 template <typename T>
 void pack_typed(const MatrixView& h, double threshold, std::uint64_t* bits, std::int64_t words,
                 std::int64_t word_begin, std::int64_t word_end) {
@@ -102,9 +91,9 @@ void pack_firing(const MatrixView& h, double threshold, std::uint64_t* bits, std
   if (h.rows == 0 || h.cols == 0) return;
   visit_dtype(h.dtype, [&](auto tag) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
-    parallel_for(words, num_threads, [&](std::int64_t begin, std::int64_t end) {
+    parallel_for(0, words, 1, [&](std::int64_t begin, std::int64_t end) {
       pack_typed<T>(h, threshold, bits, words, begin, end);
-    });
+    }, num_threads);
   });
 }
 
@@ -115,7 +104,7 @@ void firing_disagreements(const std::uint64_t* bits, std::int64_t units, std::in
     for (std::int64_t j = i; j < units; j += kTile) tiles.emplace_back(i, j);
   }
   const bool vector = has_vpopcnt();
-  parallel_for(static_cast<std::int64_t>(tiles.size()), num_threads, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(0, static_cast<std::int64_t>(tiles.size()), 1, [&](std::int64_t begin, std::int64_t end) {
     std::int64_t counts[kTile][kTile];
     const std::uint64_t* zero_row = nullptr;
     std::vector<std::uint64_t> zeros;
@@ -169,7 +158,7 @@ void firing_disagreements(const std::uint64_t* bits, std::int64_t units, std::in
         }
       }
     }
-  });
+  }, num_threads);
   for (std::int64_t i = 0; i < units; ++i) disagreements[i * units + i] = 0;
 }
 

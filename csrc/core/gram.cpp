@@ -8,9 +8,9 @@
 #include "pyengine/core/gram.h"
 
 #include "multiversion.h"
+#include "pyengine/core/parallel.h"
 
 #include <algorithm>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -204,17 +204,10 @@ void run_work(const MatrixView& x, const Work& work) {
 }
 
 void run_all(const MatrixView& x, const std::vector<Work>& works) {
-  if (works.size() == 1) {
-    run_work(x, works[0]);
-    return;
-  }
-  std::vector<std::thread> threads;
-  threads.reserve(works.size() - 1);
-  for (std::size_t t = 1; t < works.size(); ++t) {
-    threads.emplace_back(run_work, std::cref(x), std::cref(works[t]));
-  }
-  run_work(x, works[0]);
-  for (auto& thread : threads) thread.join();
+  const auto count = static_cast<std::int64_t>(works.size());
+  parallel_for(0, count, 1, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t t = begin; t < end; ++t) run_work(x, works[static_cast<std::size_t>(t)]);
+  }, static_cast<int>(count));
 }
 
 }  // namespace

@@ -3,9 +3,10 @@
 // outputs (occluded copies, or one input-target map each), so no locks.
 #include "pyengine/core/occlusion.h"
 
+#include "pyengine/core/parallel.h"
+
 #include <algorithm>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace pyengine::core {
@@ -75,23 +76,6 @@ void for_each_run(const OcclusionGrid& grid, const Box& box, Run&& run) {
   }
 }
 
-template <typename Work>
-void parallel_for(std::int64_t items, int num_threads, std::int64_t min_items_per_thread, Work&& work) {
-  const std::int64_t threads =
-      std::clamp<std::int64_t>(std::min<std::int64_t>(num_threads, items / std::max<std::int64_t>(1, min_items_per_thread)),
-                               1, std::max<std::int64_t>(1, items));
-  if (threads == 1) {
-    work(0, items);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (std::int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back([&work, items, threads, t] { work(items * t / threads, items * (t + 1) / threads); });
-  }
-  work(0, items / threads);
-  for (auto& thread : pool) thread.join();
-}
-
 }  // namespace
 
 void occlusion_fill(const OcclusionGrid& grid, const void* inputs, const void* baseline, bool baseline_per_input,
@@ -104,7 +88,7 @@ void occlusion_fill(const OcclusionGrid& grid, const void* inputs, const void* b
   auto* target = static_cast<unsigned char*>(out);
   // Copies are memory-bound: a thread needs a few hundred KiB of work to pay for itself.
   const std::int64_t min_rows = std::max<std::int64_t>(1, (256 << 10) / row_bytes);
-  parallel_for(count * batch, num_threads, min_rows, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(0, count * batch, min_rows, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t row = begin; row < end; ++row) {
       const std::int64_t p = row / batch;
       const std::int64_t b = row % batch;
@@ -116,7 +100,7 @@ void occlusion_fill(const OcclusionGrid& grid, const void* inputs, const void* b
                     static_cast<std::size_t>(length * element_size));
       });
     }
-  });
+  }, num_threads);
 }
 
 void occlusion_accumulate(const OcclusionGrid& grid, const double* drops, std::int64_t batch, std::int64_t targets,
@@ -125,7 +109,7 @@ void occlusion_accumulate(const OcclusionGrid& grid, const double* drops, std::i
   if (count <= 0 || batch <= 0 || targets <= 0 || elements == 0) return;
   std::vector<Box> boxes(static_cast<std::size_t>(count));
   for (std::int64_t p = 0; p < count; ++p) boxes[static_cast<std::size_t>(p)] = window_box(grid, first + p);
-  parallel_for(batch * targets, num_threads, 1, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(0, batch * targets, 1, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t map = begin; map < end; ++map) {
       double* sum = sums + map * elements;
       for (std::int64_t p = 0; p < count; ++p) {
@@ -136,7 +120,7 @@ void occlusion_accumulate(const OcclusionGrid& grid, const double* drops, std::i
         });
       }
     }
-  });
+  }, num_threads);
 }
 
 }  // namespace pyengine::core

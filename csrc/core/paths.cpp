@@ -2,11 +2,11 @@
 // each keeps a scratch row per layer to sum the effective weights of the candidates.
 #include "pyengine/core/paths.h"
 
+#include "pyengine/core/parallel.h"
 #include "pyengine/core/paths_connect.h"
 
 #include <algorithm>
 #include <limits>
-#include <thread>
 #include <vector>
 
 namespace pyengine::core {
@@ -106,18 +106,13 @@ void hierarchical_paths(const PathStep* steps, std::int64_t layers, const double
                         std::int64_t* paths, double* scores, int num_threads) {
   const std::int64_t pairs = batch * per_input;
   if (pairs == 0 || layers == 0 || beam <= 0) return;
-  const std::int64_t threads = std::clamp<std::int64_t>(num_threads, 1, pairs);
-  auto work = [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(0, pairs, 1, [&](std::int64_t begin, std::int64_t end) {
     Scratch scratch;
     for (std::int64_t pair = begin; pair < end; ++pair) {
       walk(steps, layers, activations, pair / per_input, targets[pair], beam, paths + pair * beam * layers,
            scores + pair * beam, scratch);
     }
-  };
-  std::vector<std::thread> pool;
-  for (std::int64_t t = 1; t < threads; ++t) pool.emplace_back(work, pairs * t / threads, pairs * (t + 1) / threads);
-  work(0, pairs / threads);
-  for (auto& thread : pool) thread.join();
+  }, num_threads);
 }
 
 }  // namespace pyengine::core

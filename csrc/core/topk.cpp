@@ -3,10 +3,10 @@
 // (topk_insert, shared with the CUDA kernel).
 #include "pyengine/core/topk.h"
 
+#include "pyengine/core/parallel.h"
+
 #include <algorithm>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
 namespace pyengine::core {
 namespace {
@@ -32,17 +32,13 @@ void merge_columns(const MatrixView& values, const std::int64_t* ids, const std:
 void topk_update(const MatrixView& values, const std::int64_t* ids, const std::int64_t* payload, std::int64_t k,
                  double* top_values, std::int64_t* top_ids, std::int64_t* top_payload, int num_threads) {
   if (values.rows == 0 || values.cols == 0 || k <= 0) return;
-  const std::int64_t threads = std::clamp<std::int64_t>(
-      std::min<std::int64_t>(num_threads, values.rows * values.cols / (1 << 14)), 1, values.cols);
+  // A thread needs ~16 Ki candidates (rows x its columns) to pay for itself.
+  const std::int64_t grain = std::max<std::int64_t>(1, (1 << 14) / values.rows);
   visit_dtype(values.dtype, [&](auto tag) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
-    std::vector<std::thread> pool;
-    for (std::int64_t t = 1; t < threads; ++t) {
-      pool.emplace_back(merge_columns<T>, std::cref(values), ids, payload, k, top_values, top_ids, top_payload,
-                        values.cols * t / threads, values.cols * (t + 1) / threads);
-    }
-    merge_columns<T>(values, ids, payload, k, top_values, top_ids, top_payload, 0, values.cols / threads);
-    for (auto& thread : pool) thread.join();
+    parallel_for(0, values.cols, grain, [&](std::int64_t begin, std::int64_t end) {
+      merge_columns<T>(values, ids, payload, k, top_values, top_ids, top_payload, begin, end);
+    }, num_threads);
   });
 }
 

@@ -10,9 +10,8 @@
 
 namespace pyengine::ops {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_binned_statistics(
-    const at::Tensor& h, const at::Tensor& labels, const at::Tensor& low, const at::Tensor& high,
-    int64_t bins) {
+BinnedStatisticsArgs prepare_binned_statistics(const at::Tensor& h, const at::Tensor& labels, const at::Tensor& low,
+                                               const at::Tensor& high, int64_t bins) {
   constexpr const char* op = "pyengine.binned_statistics";
   check_tensor(op, h, {"h", 2, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}});
   check_tensor(op, labels, {"labels", 2, {at::kBool, at::kByte, at::kInt, at::kLong}}, &h, "h");
@@ -27,8 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_b
   TORCH_CHECK(bins >= 1, op, ": bins must be a positive integer, got ", bins);
   const auto options = h.options().dtype(at::kDouble);
   const std::vector<int64_t> shape{labels.size(0), d, 2, bins};
-  return {labels.ne(0).to(at::kByte).contiguous(), low.to(at::kDouble).contiguous(),
-          high.to(at::kDouble).contiguous(), at::zeros(shape, options), at::zeros(shape, options)};
+  return {.labels = labels.ne(0).to(at::kByte).contiguous(),
+          .low = low.to(at::kDouble).contiguous(),
+          .high = high.to(at::kDouble).contiguous(),
+          .counts = at::zeros(shape, options),
+          .sums = at::zeros(shape, options)};
 }
 
 namespace {
@@ -36,11 +38,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> binned_statistics_cpu(const at::Tensor& h, const at::Tensor& labels,
                                                          const at::Tensor& low, const at::Tensor& high,
                                                          int64_t bins) {
-  auto [flags, low64, high64, counts, sums] = prepare_binned_statistics(h, labels, low, high, bins);
-  core::binned_statistics(matrix_view(h), flags.data_ptr<uint8_t>(), flags.size(0), low64.data_ptr<double>(),
-                          high64.data_ptr<double>(), bins, counts.data_ptr<double>(), sums.data_ptr<double>(),
-                          at::get_num_threads());
-  return {counts, sums};
+  const BinnedStatisticsArgs args = prepare_binned_statistics(h, labels, low, high, bins);
+  core::binned_statistics(matrix_view(h), args.labels.data_ptr<uint8_t>(), args.labels.size(0),
+                          args.low.data_ptr<double>(), args.high.data_ptr<double>(), bins,
+                          args.counts.data_ptr<double>(), args.sums.data_ptr<double>(), at::get_num_threads());
+  return {args.counts, args.sums};
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "../cuda/binning.cuh"
 #include "binning.h"
 #include "check.h"
+#include "cuda_check.h"
 
 namespace pyengine::ops {
 namespace {
@@ -15,14 +16,13 @@ std::tuple<at::Tensor, at::Tensor> binned_statistics_cuda(const at::Tensor& h, c
                                                           const at::Tensor& low, const at::Tensor& high,
                                                           int64_t bins) {
   const c10::cuda::CUDAGuard guard(h.device());
-  auto [flags, low64, high64, counts, sums] = prepare_binned_statistics(h, labels, low, high, bins);
-  const cudaError_t status = cuda::binned_statistics(
-      matrix_view(h), flags.data_ptr<uint8_t>(), flags.size(0), low64.data_ptr<double>(),
-      high64.data_ptr<double>(), bins, counts.data_ptr<double>(), sums.data_ptr<double>(),
-      c10::cuda::getCurrentCUDAStream(h.device().index()).stream());
-  TORCH_CHECK(status == cudaSuccess, "pyengine.binned_statistics: CUDA launch failed: ",
-              cudaGetErrorString(status));
-  return {counts, sums};
+  const BinnedStatisticsArgs args = prepare_binned_statistics(h, labels, low, high, bins);
+  check_cuda(cuda::binned_statistics(matrix_view(h), args.labels.data_ptr<uint8_t>(), args.labels.size(0),
+                                     args.low.data_ptr<double>(), args.high.data_ptr<double>(), bins,
+                                     args.counts.data_ptr<double>(), args.sums.data_ptr<double>(),
+                                     c10::cuda::getCurrentCUDAStream(h.device().index()).stream()),
+             "pyengine.binned_statistics");
+  return {args.counts, args.sums};
 }
 
 }  // namespace

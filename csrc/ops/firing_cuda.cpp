@@ -6,31 +6,28 @@
 
 #include "../cuda/firing.cuh"
 #include "check.h"
+#include "cuda_check.h"
 #include "firing.h"
 
 namespace pyengine::ops {
 namespace {
 
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
 at::Tensor pack_firing_cuda(const at::Tensor& h, double threshold) {
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor bits = prepare_pack_firing(h);
-  check_launch(cuda::pack_firing(matrix_view(h), threshold, reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()),
-                                 bits.size(1), c10::cuda::getCurrentCUDAStream(h.device().index()).stream()),
-               "pyengine.pack_firing");
+  check_cuda(cuda::pack_firing(matrix_view(h), threshold, reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()),
+                               bits.size(1), c10::cuda::getCurrentCUDAStream(h.device().index()).stream()),
+             "pyengine.pack_firing");
   return bits;
 }
 
 at::Tensor firing_disagreements_cuda(const at::Tensor& bits) {
   const c10::cuda::CUDAGuard guard(bits.device());
   at::Tensor out = prepare_firing_disagreements(bits);
-  check_launch(cuda::firing_disagreements(reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
-                                          bits.size(0), bits.size(1), out.data_ptr<int64_t>(),
-                                          c10::cuda::getCurrentCUDAStream(bits.device().index()).stream()),
-               "pyengine.firing_disagreements");
+  check_cuda(cuda::firing_disagreements(reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
+                                        bits.size(0), bits.size(1), out.data_ptr<int64_t>(),
+                                        c10::cuda::getCurrentCUDAStream(bits.device().index()).stream()),
+             "pyengine.firing_disagreements");
   return out;
 }
 

@@ -6,6 +6,7 @@
 
 #include "../cuda/gram.cuh"
 #include "check.h"
+#include "cuda_check.h"
 #include "gram.h"
 
 namespace pyengine::ops {
@@ -14,12 +15,10 @@ namespace {
 void gram_accumulate_cuda(at::Tensor gram, const at::Tensor& x, std::optional<at::Tensor> sums) {
   check_gram_accumulate(gram, x, sums);
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t status = cuda::gram_accumulate(
-      matrix_view(x), gram.data_ptr<double>(),
-      sums.has_value() ? sums->data_ptr<double>() : nullptr,
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(status == cudaSuccess, "pyengine.gram_accumulate: CUDA launch failed: ",
-              cudaGetErrorString(status));
+  check_cuda(cuda::gram_accumulate(matrix_view(x), gram.data_ptr<double>(),
+                                   sums.has_value() ? sums->data_ptr<double>() : nullptr,
+                                   c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+             "pyengine.gram_accumulate");
 }
 
 }  // namespace

@@ -45,9 +45,9 @@ core::OcclusionGrid checked_grid(const char* op, at::IntArrayRef shape, at::IntA
 
 }  // namespace
 
-std::tuple<core::OcclusionGrid, at::Tensor, at::Tensor, bool, at::Tensor> prepare_occlusion_batch(
-    const at::Tensor& inputs, const at::Tensor& baseline, at::IntArrayRef window, at::IntArrayRef stride,
-    int64_t first, int64_t count) {
+OcclusionBatchArgs prepare_occlusion_batch(const at::Tensor& inputs, const at::Tensor& baseline,
+                                           at::IntArrayRef window, at::IntArrayRef stride, int64_t first,
+                                           int64_t count) {
   constexpr const char* op = "pyengine.occlusion_batch";
   TORCH_CHECK(inputs.defined() && inputs.dim() >= 2, op, ": inputs must be (batch, ...) with at least 2 dimensions");
   const at::IntArrayRef shape = inputs.sizes().slice(1);
@@ -61,13 +61,15 @@ std::tuple<core::OcclusionGrid, at::Tensor, at::Tensor, bool, at::Tensor> prepar
               list_string(shape), " (one for all inputs) or ", shape_string(inputs), " (one per input)");
   std::vector<int64_t> out_shape{count * inputs.size(0)};
   out_shape.insert(out_shape.end(), shape.begin(), shape.end());
-  return {grid, inputs.contiguous(), baseline.contiguous(), per_input, at::empty(out_shape, inputs.options())};
+  return {.grid = grid,
+          .inputs = inputs.contiguous(),
+          .baseline = baseline.contiguous(),
+          .baseline_per_input = per_input,
+          .out = at::empty(out_shape, inputs.options())};
 }
 
-std::tuple<core::OcclusionGrid, at::Tensor> prepare_occlusion_accumulate(const at::Tensor& sums,
-                                                                         const at::Tensor& drops,
-                                                                         at::IntArrayRef window,
-                                                                         at::IntArrayRef stride, int64_t first) {
+OcclusionAccumulateArgs prepare_occlusion_accumulate(const at::Tensor& sums, const at::Tensor& drops,
+                                                     at::IntArrayRef window, at::IntArrayRef stride, int64_t first) {
   constexpr const char* op = "pyengine.occlusion_accumulate";
   TORCH_CHECK(sums.defined() && sums.dim() >= 3, op, ": sums must be (batch, targets, ...) with at least 3 dimensions");
   check_tensor(op, sums, {"sums", sums.dim(), {at::kDouble}, true});
@@ -76,24 +78,25 @@ std::tuple<core::OcclusionGrid, at::Tensor> prepare_occlusion_accumulate(const a
               shape_string(drops), " but sums has shape ", shape_string(sums), "; expected drops (windows, ",
               sums.size(0), ", ", sums.size(1), ")");
   const core::OcclusionGrid grid = checked_grid(op, sums.sizes().slice(2), window, stride, first, drops.size(0));
-  return {grid, drops.to(at::kDouble).contiguous()};
+  return {.grid = grid, .drops = drops.to(at::kDouble).contiguous()};
 }
 
 namespace {
 
 at::Tensor occlusion_batch_cpu(const at::Tensor& inputs, const at::Tensor& baseline, at::IntArrayRef window,
                                at::IntArrayRef stride, int64_t first, int64_t count) {
-  auto [grid, source, fill, per_input, out] = prepare_occlusion_batch(inputs, baseline, window, stride, first, count);
-  core::occlusion_fill(grid, source.data_ptr(), fill.data_ptr(), per_input, source.size(0), source.element_size(),
-                       first, count, out.data_ptr(), at::get_num_threads());
-  return out;
+  const OcclusionBatchArgs args = prepare_occlusion_batch(inputs, baseline, window, stride, first, count);
+  core::occlusion_fill(args.grid, args.inputs.data_ptr(), args.baseline.data_ptr(), args.baseline_per_input,
+                       args.inputs.size(0), args.inputs.element_size(), first, count, args.out.data_ptr(),
+                       at::get_num_threads());
+  return args.out;
 }
 
 void occlusion_accumulate_cpu(const at::Tensor& sums, const at::Tensor& drops, at::IntArrayRef window,
                               at::IntArrayRef stride, int64_t first) {
-  auto [grid, drops64] = prepare_occlusion_accumulate(sums, drops, window, stride, first);
-  core::occlusion_accumulate(grid, drops64.data_ptr<double>(), sums.size(0), sums.size(1), first, drops64.size(0),
-                             sums.data_ptr<double>(), at::get_num_threads());
+  const OcclusionAccumulateArgs args = prepare_occlusion_accumulate(sums, drops, window, stride, first);
+  core::occlusion_accumulate(args.grid, args.drops.data_ptr<double>(), sums.size(0), sums.size(1), first,
+                             args.drops.size(0), sums.data_ptr<double>(), at::get_num_threads());
 }
 
 }  // namespace

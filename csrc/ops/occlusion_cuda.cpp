@@ -6,34 +6,31 @@
 
 #include "../cuda/occlusion.cuh"
 #include "check.h"
+#include "cuda_check.h"
 #include "occlusion.h"
 
 namespace pyengine::ops {
 namespace {
 
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(status));
-}
-
 at::Tensor occlusion_batch_cuda(const at::Tensor& inputs, const at::Tensor& baseline, at::IntArrayRef window,
                                 at::IntArrayRef stride, int64_t first, int64_t count) {
   const c10::cuda::CUDAGuard guard(inputs.device());
-  auto [grid, source, fill, per_input, out] = prepare_occlusion_batch(inputs, baseline, window, stride, first, count);
-  check_launch(cuda::occlusion_fill(grid, source.data_ptr(), fill.data_ptr(), per_input, source.size(0),
-                                    source.element_size(), first, count, out.data_ptr(),
-                                    c10::cuda::getCurrentCUDAStream(inputs.device().index()).stream()),
-               "pyengine.occlusion_batch");
-  return out;
+  const OcclusionBatchArgs args = prepare_occlusion_batch(inputs, baseline, window, stride, first, count);
+  check_cuda(cuda::occlusion_fill(args.grid, args.inputs.data_ptr(), args.baseline.data_ptr(), args.baseline_per_input,
+                                  args.inputs.size(0), args.inputs.element_size(), first, count, args.out.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream(inputs.device().index()).stream()),
+             "pyengine.occlusion_batch");
+  return args.out;
 }
 
 void occlusion_accumulate_cuda(const at::Tensor& sums, const at::Tensor& drops, at::IntArrayRef window,
                                at::IntArrayRef stride, int64_t first) {
   const c10::cuda::CUDAGuard guard(sums.device());
-  auto [grid, drops64] = prepare_occlusion_accumulate(sums, drops, window, stride, first);
-  check_launch(cuda::occlusion_accumulate(grid, drops64.data_ptr<double>(), sums.size(0), sums.size(1), first,
-                                          drops64.size(0), sums.data_ptr<double>(),
-                                          c10::cuda::getCurrentCUDAStream(sums.device().index()).stream()),
-               "pyengine.occlusion_accumulate");
+  const OcclusionAccumulateArgs args = prepare_occlusion_accumulate(sums, drops, window, stride, first);
+  check_cuda(cuda::occlusion_accumulate(args.grid, args.drops.data_ptr<double>(), sums.size(0), sums.size(1), first,
+                                        args.drops.size(0), sums.data_ptr<double>(),
+                                        c10::cuda::getCurrentCUDAStream(sums.device().index()).stream()),
+             "pyengine.occlusion_accumulate");
 }
 
 }  // namespace

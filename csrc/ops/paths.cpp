@@ -45,9 +45,9 @@ core::PathStep decode_step(const int64_t* g, int64_t l) {
 
 }  // namespace
 
-PathProblem prepare_hierarchical_paths(at::TensorList activations, at::TensorList weights,
-                                       at::TensorList max_indices, at::IntArrayRef geometry,
-                                       const at::Tensor& targets, int64_t beam) {
+HierarchicalPathsArgs prepare_hierarchical_paths(at::TensorList activations, at::TensorList weights,
+                                                 at::TensorList max_indices, at::IntArrayRef geometry,
+                                                 const at::Tensor& targets, int64_t beam) {
   const auto layers = static_cast<int64_t>(activations.size());
   TORCH_CHECK(layers >= 1, kOp, ": needs at least one ReLU layer's activations");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers && static_cast<int64_t>(max_indices.size()) == layers &&
@@ -57,7 +57,7 @@ PathProblem prepare_hierarchical_paths(at::TensorList activations, at::TensorLis
   check_tensor(kOp, targets, {"targets", 2, {at::kLong}});
   TORCH_CHECK(beam >= 1, kOp, ": beam must be a positive integer, got ", beam);
   const int64_t batch = targets.size(0);
-  PathProblem problem;
+  HierarchicalPathsArgs problem;
   const at::Device device = targets.device();
   for (int64_t l = 0; l < layers; ++l) {
     core::PathStep s = decode_step(geometry.data() + l * kPathGeometryInts, l);
@@ -103,7 +103,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cpu(at::TensorList activations, at::TensorList weights,
                                                           at::TensorList max_indices, at::IntArrayRef geometry,
                                                           const at::Tensor& targets, int64_t beam) {
-  PathProblem p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
+  HierarchicalPathsArgs p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
   core::hierarchical_paths(p.steps.data(), static_cast<int64_t>(p.steps.size()), p.activations.data(),
                            p.targets.size(0), p.targets.data_ptr<int64_t>(), p.targets.size(1), beam,
                            p.paths.data_ptr<int64_t>(), p.scores.data_ptr<double>(), at::get_num_threads());

@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "../cuda/paths.cuh"
+#include "cuda_check.h"
 #include "paths.h"
 
 namespace pyengine::ops {
@@ -21,8 +22,8 @@ int64_t max_connected(const core::PathStep& s) {
 
 at::Tensor to_device(const void* data, size_t bytes, const at::Tensor& like, cudaStream_t stream) {
   at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-  const cudaError_t status = cudaMemcpyAsync(out.data_ptr(), data, bytes, cudaMemcpyHostToDevice, stream);
-  TORCH_CHECK(status == cudaSuccess, "pyengine.hierarchical_paths: copy to the GPU failed: ", cudaGetErrorString(status));
+  check_cuda(cudaMemcpyAsync(out.data_ptr(), data, bytes, cudaMemcpyHostToDevice, stream),
+             "pyengine.hierarchical_paths", "copy to the GPU");
   return out;
 }
 
@@ -30,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activa
                                                            at::TensorList max_indices, at::IntArrayRef geometry,
                                                            const at::Tensor& targets, int64_t beam) {
   const c10::cuda::CUDAGuard guard(targets.device());
-  PathProblem p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
+  HierarchicalPathsArgs p = prepare_hierarchical_paths(activations, weights, max_indices, geometry, targets, beam);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(targets.device().index()).stream();
   int64_t max_units = 1, max_candidates = 1;
   for (const auto& s : p.steps) {
@@ -45,12 +46,12 @@ std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activa
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(cuda::path_workspace_bytes(pairs, layers, beam, max_units, max_candidates))},
       targets.options().dtype(at::kByte));
-  const cudaError_t status = cuda::hierarchical_paths(
-      reinterpret_cast<const core::PathStep*>(steps.data_ptr()), layers,
-      reinterpret_cast<const double* const*>(pointers.data_ptr()), p.targets.size(0), p.targets.data_ptr<int64_t>(),
-      p.targets.size(1), beam, max_units, max_candidates, workspace.data_ptr(), p.paths.data_ptr<int64_t>(),
-      p.scores.data_ptr<double>(), stream);
-  TORCH_CHECK(status == cudaSuccess, "pyengine.hierarchical_paths: CUDA launch failed: ", cudaGetErrorString(status));
+  check_cuda(cuda::hierarchical_paths(reinterpret_cast<const core::PathStep*>(steps.data_ptr()), layers,
+                                      reinterpret_cast<const double* const*>(pointers.data_ptr()), p.targets.size(0),
+                                      p.targets.data_ptr<int64_t>(), p.targets.size(1), beam, max_units,
+                                      max_candidates, workspace.data_ptr(), p.paths.data_ptr<int64_t>(),
+                                      p.scores.data_ptr<double>(), stream),
+             "pyengine.hierarchical_paths");
   return {p.paths, p.scores};
 }
 

@@ -10,10 +10,9 @@
 
 namespace pyengine::ops {
 
-std::tuple<at::Tensor, at::Tensor> prepare_topk_update(const at::Tensor& values, const at::Tensor& ids,
-                                                       const std::optional<at::Tensor>& payload,
-                                                       const at::Tensor& top_values, const at::Tensor& top_ids,
-                                                       const at::Tensor& top_payload) {
+TopkUpdateArgs prepare_topk_update(const at::Tensor& values, const at::Tensor& ids,
+                                   const std::optional<at::Tensor>& payload, const at::Tensor& top_values,
+                                   const at::Tensor& top_ids, const at::Tensor& top_payload) {
   constexpr const char* op = "pyengine.topk_update";
   check_tensor(op, values, {"values", 2, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}});
   check_tensor(op, ids, {"ids", 1, {at::kLong}}, &values, "values");
@@ -33,15 +32,16 @@ std::tuple<at::Tensor, at::Tensor> prepare_topk_update(const at::Tensor& values,
                 "; expected the shape of values ", shape_string(values));
     extra = payload->contiguous();
   }
-  return {ids.contiguous(), extra};
+  return {.ids = ids.contiguous(), .payload = extra};
 }
 
 namespace {
 
 void topk_update_cpu(const at::Tensor& values, const at::Tensor& ids, const std::optional<at::Tensor>& payload,
                      const at::Tensor& top_values, const at::Tensor& top_ids, const at::Tensor& top_payload) {
-  auto [id, extra] = prepare_topk_update(values, ids, payload, top_values, top_ids, top_payload);
-  core::topk_update(matrix_view(values), id.data_ptr<int64_t>(), extra.defined() ? extra.data_ptr<int64_t>() : nullptr,
+  const TopkUpdateArgs args = prepare_topk_update(values, ids, payload, top_values, top_ids, top_payload);
+  core::topk_update(matrix_view(values), args.ids.data_ptr<int64_t>(),
+                    args.payload.defined() ? args.payload.data_ptr<int64_t>() : nullptr,
                     top_values.size(1), top_values.data_ptr<double>(), top_ids.data_ptr<int64_t>(),
                     top_payload.data_ptr<int64_t>(), at::get_num_threads());
 }

@@ -6,6 +6,7 @@
 
 #include "../cuda/topk.cuh"
 #include "check.h"
+#include "cuda_check.h"
 #include "topk.h"
 
 namespace pyengine::ops {
@@ -14,12 +15,13 @@ namespace {
 void topk_update_cuda(const at::Tensor& values, const at::Tensor& ids, const std::optional<at::Tensor>& payload,
                       const at::Tensor& top_values, const at::Tensor& top_ids, const at::Tensor& top_payload) {
   const c10::cuda::CUDAGuard guard(values.device());
-  auto [id, extra] = prepare_topk_update(values, ids, payload, top_values, top_ids, top_payload);
-  const cudaError_t status = cuda::topk_update(
-      matrix_view(values), id.data_ptr<int64_t>(), extra.defined() ? extra.data_ptr<int64_t>() : nullptr,
-      top_values.size(1), top_values.data_ptr<double>(), top_ids.data_ptr<int64_t>(), top_payload.data_ptr<int64_t>(),
-      c10::cuda::getCurrentCUDAStream(values.device().index()).stream());
-  TORCH_CHECK(status == cudaSuccess, "pyengine.topk_update: CUDA launch failed: ", cudaGetErrorString(status));
+  const TopkUpdateArgs args = prepare_topk_update(values, ids, payload, top_values, top_ids, top_payload);
+  check_cuda(cuda::topk_update(matrix_view(values), args.ids.data_ptr<int64_t>(),
+                               args.payload.defined() ? args.payload.data_ptr<int64_t>() : nullptr, top_values.size(1),
+                               top_values.data_ptr<double>(), top_ids.data_ptr<int64_t>(),
+                               top_payload.data_ptr<int64_t>(),
+                               c10::cuda::getCurrentCUDAStream(values.device().index()).stream()),
+             "pyengine.topk_update");
 }
 
 }  // namespace
