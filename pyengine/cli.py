@@ -63,10 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pending = []
     for (spec, options), run_name in zip(parsed, run_names):
+        technique = host.get_technique(spec.name)
+        # `inputs` go to techniques that explain single inputs; the others analyse the dataset.
+        given_inputs = inputs if technique.explains_inputs or technique.needs_inputs else None
         result = run(
             spec.name,
             model,
-            inputs,
+            given_inputs,
             data=data,
             store=config.data.store if config.data else None,
             device=config.device,

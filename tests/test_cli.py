@@ -102,7 +102,7 @@ def test_capture_and_info(tmp_path: Path) -> None:
         (MODEL + DATA + '[[technique]]\nname = "nope"\n', "unknown technique 'nope'"),
         (
             MODEL + DATA + '[[technique]]\nname = "gram-spectrum"\noptions = { centre = true }\n',
-            "unknown option 'centre'; valid options: layers, center",
+            "unknown option 'centre'; valid options: start, stop, batch_size, layers, center",
         ),
         (
             MODEL + DATA + '[[technique]]\nname = "gram-spectrum"\noptions = { cutoffs = [2] }\n',

@@ -127,9 +127,9 @@ def test_max_patches_from_the_store_equal_a_fresh_pass(small_cnn: nn.Module, sma
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({"layer": "features.conv9"}, "no layer 'features.conv9'"),
-        ({"layer": "features.relu2", "channels": [8]}, "channel 8 is out of range: 'features.relu2' has 8 channels"),
-        ({"k": 97}, "k=97 is larger than the dataset (96 rows)"),
+        ({"layers": "features.conv9"}, "no layer 'features.conv9'"),
+        ({"layers": "features.relu2", "channels": [8]}, "channel 8 is out of range: 'features.relu2' has 8 channels"),
+        ({"k": 97}, "k=97 is larger than the 96 rows scanned"),
     ],
 )
 def test_max_patches_errors(small_cnn: nn.Module, small_shapes: Shapes, options: dict, fragment: str) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_pathwise import cnn, context, mlp
 
 from conftest import requires_cuda
-from pyengine.plugins.pathwise import op_arguments
-from pyengine.plugins.relu_chain import trace_chain
+from pyengine.plugins.pathwise._chain import trace_chain
+from pyengine.plugins.pathwise.paths import op_arguments
+from test_pathwise import cnn, context, mlp
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 

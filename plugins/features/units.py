@@ -197,7 +197,7 @@ class MaxPatches(Technique):
         top, channels, spatial, scanned = self._stream(ctx, layer, options)
         if options.k > scanned:
             raise PyengineError(
-                f"{self.name}: k={options.k} is larger than the rows scanned ({scanned}); expected k <= {scanned}"
+                f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
             )
         values, ids, where = top
         example = self._inputs(ctx, ids[:1, 0]).to(ctx.device)
