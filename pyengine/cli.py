@@ -126,21 +126,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
+    found = host.techniques()
+    if not args.json:
+        for name, technique in found.items():
+            print(f"{name}: {technique.summary}")
+            for item in technique.Options.describe():
+                print(f"    {item.name} = {item.default!r}: {item.doc}")
+        return 0
     rows: list[dict[str, Any]] = []
-    for name, technique in host.techniques().items():
+    for name, technique in found.items():
         options = [
             {"name": o.name, "default": json.loads(json.dumps(o.default, default=str)), "doc": o.doc}
             for o in technique.Options.describe()
         ]
         flags = [flag for flag in ("attribution", "explains_inputs") if getattr(technique, flag)]
         rows.append({"name": name, "summary": technique.summary, "flags": flags, "options": options})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        print(f"{row['name']}: {row['summary']}")
-        for item in row["options"]:
-            print(f"    {item['name']} = {item['default']!r}: {item['doc']}")
+    print(json.dumps(rows, indent=2))
     return 0
 
 

@@ -5,8 +5,8 @@ Two policies live here, the same for every technique:
 - **Rows** (``ctx.rows``): the given ``inputs`` when there are any, else the dataset
   ``data``; for stored activations (``ctx.activations``) a store that holds every
   requested layer comes before the dataset. ``start``/``stop`` pick rows of that source
-  (``stop=0`` or past the end: to the end). What was read is kept in ``ctx.rows_read`` and reported with
-  the result.
+  (``stop=0`` or past the end: to the end). What was read is kept in ``ctx.rows_read``
+  and reported with the result.
 - **Layers** (``ctx.record``): one forward-recording mechanism, see ``pyengine.layers``.
 """
 
