@@ -193,12 +193,12 @@ def test_killed_capture_resumes_bit_for_bit(tmp_path: Path) -> None:
     script.write_text(CAPTURE_SCRIPT)
     interrupted = tmp_path / "resumed.h5"
     for kill_after in (3, 9):  # kill twice, at different points
-        process = run_capture_script(interrupted, script)
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(kill_after)]
-        assert all(line.strip().isdigit() for line in lines), lines
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        with run_capture_script(interrupted, script) as process:
+            assert process.stdout is not None
+            lines = [process.stdout.readline() for _ in range(kill_after)]
+            assert all(line.strip().isdigit() for line in lines), lines
+            process.send_signal(signal.SIGKILL)
+            process.wait()
         assert (tmp_path / "resumed.h5.partial").exists() and not interrupted.exists()
         with pytest.raises(StoreError, match="unfinished capture; run the same capture again to resume it"):
             pyengine.StoreReader(tmp_path / "resumed.h5.partial")
