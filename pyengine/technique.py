@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 import torch
 
 from pyengine.errors import OptionsError, PluginError
+from pyengine.option_types import conform, declared_types
 
 if TYPE_CHECKING:
     from pyengine.context import Context
@@ -49,10 +50,15 @@ class OptionDoc:
 class Options:
     """Base of every technique's options: a frozen dataclass that validates itself.
 
-    Subclasses add fields with defaults and override ``validate`` (raise ``bad_option``).
+    Subclasses add fields with defaults and override ``validate`` (raise ``bad_option``); values
+    are first checked against the declared field types (``pyengine.option_types``).
     """
 
     def __post_init__(self) -> None:
+        declared = declared_types(type(self))
+        for f in fields(self):
+            if f.name in declared:  # the declared type first (a bool is a bool), then the option's own checks
+                self._set(f.name, conform(f.name, getattr(self, f.name), declared[f.name]))
         self.validate()
 
     def validate(self) -> None:

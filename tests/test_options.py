@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -76,3 +77,35 @@ def test_technique_flags_are_declared() -> None:
     assert {"occlusion", "saliency", "guided-backprop", "integrated-gradients", "grad-cam", "smoothgrad"} <= flagged
     assert "faithfulness" not in flagged and "gram-spectrum" not in flagged
     assert torch.is_tensor(normalise_target([0, 1]))
+
+
+@pytest.mark.parametrize(
+    "name, options, fragment",
+    [
+        ("gram-spectrum", {"cutoffs": "1e-6"}, "option cutoffs='1e-6' is invalid: expected a list of numbers"),
+        ("gram-spectrum", {"center": "no"}, "option center='no' is invalid: expected true or false"),
+        ("gram-spectrum", {"batch_size": 2.5}, "option batch_size=2.5 is invalid: expected an integer"),
+        ("probe-linear", {"split": [0.5, 0.5]}, "option split=[0.5, 0.5] is invalid: expected a list of 3 numbers"),
+        ("max-patches", {"channels": [1, "2"]}, "option channels=[1, '2'] is invalid: expected a list of integers"),
+        ("smoothgrad", {"base_options": [1]}, "option base_options=[1] is invalid: expected a table"),
+    ],
+)
+def test_declared_types_are_enforced(name: str, options: dict, fragment: str) -> None:
+    with pytest.raises(pyengine.OptionsError, match=re.escape(f"{name}: {fragment}")):
+        pyengine.techniques()[name].options(**options)
+
+
+def test_one_item_is_a_list_of_one() -> None:
+    assert pyengine.techniques()["gram-spectrum"].options(cutoffs=1e-6).cutoffs == (1e-6,)
+    assert pyengine.techniques()["max-patches"].options(channels=3).channels == (3,)
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_every_flag_refuses_a_string(name: str) -> None:
+    technique = pyengine.techniques()[name]
+    flags = [f.name for f in fields(technique.Options) if f.type in ("bool", bool)]
+    if not flags:
+        pytest.skip(f"{name} has no true/false option")
+    for flag in flags:
+        with pytest.raises(pyengine.OptionsError, match=f"option {flag}='no' is invalid: expected true or false"):
+            technique.options(**{flag: "no"})
