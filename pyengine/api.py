@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ def resolve_model(model: nn.Module | str) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if isinstance(model, str):
-        return host.get_entry("model", model).factory()
+        return host.build_seeded(host.get_entry("model", model).factory)
     raise PyengineError(f"model={type(model).__name__} is invalid: expected an nn.Module or a registered model name")
 
 
@@ -40,13 +41,15 @@ def run(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    accept_other_model: bool = False,
     **options: Any,
 ) -> Result:
     """Run technique ``name`` on ``model``; ``options`` are the technique's options.
 
     ``data`` is a dataset to analyse, ``store`` an activation store to read from, ``save``
     a results file to add the result to (under ``/results/<name>/<run_name>``).
-    ``device`` moves the model there (default: where the model already is).
+    ``device`` moves the model there (default: where the model already is). A store captured
+    from other weights is an error unless ``accept_other_model``.
     """
     technique_class = host.get_technique(name)
     parsed = technique_class.options(**options)
@@ -60,8 +63,16 @@ def run(
         raise PyengineError(f"{name} needs data: pass data=<dataset> or store=<activations .h5>")
 
     if save is not None:
+        check_output_path(save)
         run_name = reserve_run_name(save, name, run_name)
     reader = StoreReader(store) if isinstance(store, (str, os.PathLike)) else store
+    try:
+        if reader is not None and not accept_other_model:
+            check_same_model(reader, model)
+    except BaseException:
+        if reader is not store and reader is not None:
+            reader.close()
+        raise
     ctx = Context(
         model=model,
         device=target,
@@ -82,6 +93,26 @@ def run(
     if save is not None:
         write_results(save, [stored_result(name, run_name, parsed, result)], meta=model_meta(model))
     return result
+
+
+def check_output_path(path: str | os.PathLike[str]) -> None:
+    """A results file can be written at ``path``: checked before any work."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise PyengineError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PyengineError(f"cannot write {path}: the folder {folder} is not writable")
+
+
+def check_same_model(reader: StoreReader, model: nn.Module) -> None:
+    """The store was captured from these weights (SHA-256 of the state dict)."""
+    stored = str(reader.meta.get("model_param_hash", ""))
+    current = param_hash(model)
+    if stored and stored != current:
+        raise PyengineError(
+            f"{reader.path.name} was captured from other weights (sha256 {stored[:12]}..., this model "
+            f"{current[:12]}...); pass accept_other_model=True to use it anyway"
+        )
 
 
 def execute(technique_class: type[Technique], ctx: Context, options: Options) -> Result:

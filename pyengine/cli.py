@@ -40,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyengine.api import model_meta, run, stored_result
+    from pyengine.api import check_output_path, model_meta, run, stored_result
     from pyengine.config import build_dataset, build_model, load_config
     from pyengine.context import resolve_device
     from pyengine.store import StoreReader, reserve_run_name, write_results
@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     parsed = [(spec, host.get_technique(spec.name).options(**spec.options)) for spec in config.techniques]
     if config.data and config.data.store is not None:
         StoreReader(config.data.store).close()
+    check_output_path(config.out)
     run_names: list[str] = []
     for spec, _ in parsed:
         taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}

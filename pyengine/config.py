@@ -160,7 +160,7 @@ def import_callable(reference: str) -> Any:
 def build_model(spec: ModelSpec) -> nn.Module:
     factory = host.get_entry("model", spec.name).factory if spec.name else import_callable(spec.factory)
     try:
-        model = factory(**spec.args)
+        model = host.build_seeded(factory, **spec.args)
     except TypeError as error:
         raise PyengineError(f"model arguments {dict(spec.args)} rejected: {error}") from None
     if not isinstance(model, nn.Module):

@@ -126,15 +126,17 @@ def _stored_blocks(
         first = last
 
 
-def _row_range(start: int, stop: int, size: int, what: str, technique: str) -> int:
-    """The end of rows ``start .. stop`` of a source of ``size`` rows (``stop`` 0 or past the end: the end)."""
+def _row_range(start: int, stop: int, size: int, what: str, technique: str) -> tuple[int, str]:
+    """The end of rows ``start .. stop`` of a source of ``size`` rows and their description;
+    ``stop`` 0 or past the end means the end (and the description says so)."""
     end = min(stop or size, size)
     if not 0 <= start < end:
         raise PyengineError(
             f"{technique}: rows start={start}, stop={stop} select nothing of the {size} rows of "
             f"{what}; expected 0 <= start < {size}"
         )
-    return end
+    clipped = f"; stop={stop} is past the end" if stop > size else ""
+    return end, f"rows {start}-{end - 1} of {what} ({size} rows{clipped})"
 
 
 @dataclass
@@ -200,9 +202,9 @@ class Context:
         technique = technique or "this technique"
         if self.inputs is not None:
             inputs = self.inputs
-            end = _row_range(start, stop, inputs.shape[0], "the given inputs", technique)
+            end, description = _row_range(start, stop, inputs.shape[0], "the given inputs", technique)
             source = RowSource(
-                f"rows {start}-{end - 1} of the {inputs.shape[0]} given inputs",
+                description,
                 end - start,
                 lambda: (
                     Rows(index, x.to(self.device))
@@ -211,9 +213,9 @@ class Context:
             )
         elif self.data is not None:
             data = self.data
-            end = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique)
+            end, description = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique)
             source = RowSource(
-                f"rows {start}-{end - 1} of dataset {data.name!r} ({len(data)} rows)",
+                description,
                 end - start,
                 lambda: (
                     Rows(b.index, b.inputs.to(self.device), b.labels, b.concepts, b.boxes)
@@ -243,8 +245,8 @@ class Context:
         layers = tuple(layers)
         store = self.store
         if self.inputs is None and store is not None and all(layer in store.layers for layer in layers):
-            end = _row_range(start, stop, len(store), f"store {store.path.name}", technique or "this technique")
-            description = f"rows {start}-{end - 1} of store {store.path.name} ({len(store)} rows)"
+            what, technique = f"store {store.path.name}", technique or "this technique"
+            end, description = _row_range(start, stop, len(store), what, technique)
             self.rows_read = f"{end - start} {description}"
             return ActivationSource(
                 description,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+import torch
 
 from pyengine import hookspecs
 from pyengine.errors import NotFoundError, PluginError
@@ -60,6 +61,17 @@ def load_plugins() -> None:
         if pm.get_plugin(module_name) is None:
             pm.register(importlib.import_module(module_name), name=module_name)
     _loaded = True
+
+
+MODEL_SEED = 0
+
+
+def build_seeded(factory: Callable[..., Any], **kwargs: Any) -> Any:
+    """``factory(**kwargs)`` under a fixed seed: a model built by name without weights is the same
+    model every time (so a killed capture can resume, two runs compare). The caller's RNG is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MODEL_SEED)
+        return factory(**kwargs)
 
 
 @dataclass(frozen=True)
