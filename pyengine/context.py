@@ -126,6 +126,16 @@ def _stored_blocks(
         first = last
 
 
+def finite(inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The inputs, if every value is finite; else an error naming the first bad row."""
+    if inputs.is_floating_point() or inputs.is_complex():
+        bad = ~torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            row = int(index[int(bad.nonzero()[0, 0])])
+            raise PyengineError(f"input row {row} contains NaN or Inf; expected finite inputs")
+    return inputs
+
+
 def _row_range(start: int, stop: int, size: int, what: str, technique: str) -> tuple[int, str]:
     """The end of rows ``start .. stop`` of a source of ``size`` rows and their description;
     ``stop`` 0 or past the end means the end (and the description says so)."""
@@ -207,7 +217,7 @@ class Context:
                 description,
                 end - start,
                 lambda: (
-                    Rows(index, x.to(self.device))
+                    Rows(index, finite(x, index).to(self.device))
                     for x, index in zip(inputs[start:end].split(batch_size), torch.arange(start, end).split(batch_size))
                 ),
             )
@@ -218,7 +228,7 @@ class Context:
                 description,
                 end - start,
                 lambda: (
-                    Rows(b.index, b.inputs.to(self.device), b.labels, b.concepts, b.boxes)
+                    Rows(b.index, finite(b.inputs, b.index).to(self.device), b.labels, b.concepts, b.boxes)
                     for b in data.batches(batch_size, start, end)
                 ),
                 dict(data.concept_names),

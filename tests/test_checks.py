@@ -58,3 +58,20 @@ def test_cli_checks_the_output_folder_first(tmp_path: Path) -> None:
         '[data]\nname = "shapes"\nargs = { n = 8, size = 16 }\n[[technique]]\nname = "gram-spectrum"\n'
     )
     assert_user_error(run_cli("run", str(config), cwd=tmp_path), "the folder")
+
+
+@pytest.mark.parametrize("name", ["saliency", "occlusion", "gram-spectrum"])
+def test_nan_inputs_are_an_error_naming_the_row(name: str, small_cnn) -> None:
+    x = torch.rand(5, 3, 16, 16)
+    x[3, 1, 2, 2] = float("nan")
+    with pytest.raises(PyengineError, match="input row 3 contains NaN or Inf"):
+        pyengine.run(name, small_cnn, x, progress=False)
+
+
+def test_probe_linear_says_when_it_stops_at_the_iteration_limit(small_cnn, small_shapes) -> None:
+    options = dict(data=small_shapes, layers=["classifier.relu4"], concepts=["texture=striped"], progress=False)
+    short = pyengine.run("probe-linear", small_cnn, iterations=3, **options)
+    assert "stopped at iterations=3 before converging" in short.warning and short.iterations["classifier.relu4"] == 3
+    full = pyengine.run("probe-linear", small_cnn, iterations=20000, **options)
+    assert full.warning == "" and full.iterations["classifier.relu4"] < 20000
+    assert full.gradient_norm["classifier.relu4"] < short.gradient_norm["classifier.relu4"]

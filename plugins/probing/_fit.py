@@ -171,6 +171,17 @@ def _top_singular_value_squared(x: torch.Tensor, iterations: int = 30) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class LinearFit:
+    """A fitted linear probe and how the fit ended."""
+
+    weight: torch.Tensor  # (K, d)
+    bias: torch.Tensor  # (K,)
+    iterations: int  # FISTA steps taken
+    converged: bool  # stopped on the tolerance, not on the iteration limit
+    gradient_norm: float  # norm of the proximal-gradient step at the result (0 at the optimum)
+
+
 def fit_linear(
     x: torch.Tensor,
     targets: torch.Tensor,
@@ -180,12 +191,13 @@ def fit_linear(
     l2: float = 0.0,
     iterations: int = 500,
     tolerance: float = 1e-7,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear probe on standardised features x (N, d), by FISTA.
+) -> LinearFit:
+    """A linear probe on standardised features x (N, d), by FISTA, stopped when a step changes the
+    parameters by less than ``tolerance`` (relative) or after ``iterations`` steps.
 
     Binary multi-label: targets (N, K) in {0, 1}, loss = mean BCE. Multi-class: targets
     (N,) class indices, loss = mean cross-entropy (K = targets.max() + 1). Penalty:
-    l1·|W|₁ + l2/2·|W|². Returns W (K, d) and b (K,).
+    l1·|W|₁ + l2/2·|W|². Returns W (K, d), b (K,) and how the fit ended.
     """
     n, d = x.shape
     k = int(targets.max()) + 1 if multiclass else targets.shape[1]
@@ -207,17 +219,23 @@ def fit_linear(
         g[:, :d] += l2 * p[:, :d]
         return g
 
-    for _ in range(iterations):
-        updated = momentum - step * gradient(momentum)
+    def proximal_step(p: torch.Tensor) -> torch.Tensor:
+        updated = p - step * gradient(p)
         weights = updated[:, :d]
         updated[:, :d] = weights.sign() * (weights.abs() - step * l1).clamp(min=0)  # prox of L1 (not b)
+        return updated
+
+    taken, converged = 0, False
+    while taken < iterations and not converged:
+        taken += 1
+        updated = proximal_step(momentum)
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         change = float((updated - params).norm() / max(float(params.norm()), 1e-12))
         momentum = updated + ((t - 1) / t_next) * (updated - params)
         params, t = updated, t_next
-        if change < tolerance:
-            break
-    return params[:, :d], params[:, d]
+        converged = change < tolerance
+    mapping = float((params - proximal_step(params)).norm() / step)
+    return LinearFit(params[:, :d], params[:, d], taken, converged, mapping)
 
 
 def fit_mlp(

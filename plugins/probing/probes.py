@@ -20,6 +20,7 @@ import torch
 from pyengine.context import Context
 from pyengine.plugins.probing._data import ProbeData, ProbeOptions, collect, iter_pairs, standardise
 from pyengine.plugins.probing._fit import (
+    LinearFit,
     accuracy_per_column,
     auc_per_column,
     control_labels,
@@ -243,16 +244,32 @@ class ProbeLinearResult(ProbeResult):
     weights: dict[str, torch.Tensor]  # "layer|concept" -> (units,) in activation units
     bias: dict[str, torch.Tensor]
     top_units: dict[str, str]  # "layer|concept" -> "u1 (w1), u2 (w2), ..."
+    iterations: dict[str, int]  # per layer: the most FISTA steps any of its fits took
+    gradient_norm: dict[str, float]  # per layer: the largest proximal-gradient norm left (0 = optimum)
+    warning: str = ""  # fits that stopped at the iteration limit
 
     def lines(self) -> list[str]:
-        return [
+        lines = [
             f"{key}: test {self.test_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}; "
             f"top units {self.top_units[key]}"
             for key in self.test_accuracy
         ]
+        return lines + ([f"WARNING: {self.warning}"] if self.warning else [])
 
     def summary(self) -> str:
-        return _best_layer_per_concept(self.test_accuracy)
+        text = _best_layer_per_concept(self.test_accuracy)
+        return text + (f"; WARNING: {self.warning}" if self.warning else "")
+
+
+def _limit_warning(ended: dict[str, list[LinearFit]], limit: int) -> str:
+    """Which layers' fits hit the iteration limit, and how far from the optimum they stopped."""
+    short = {
+        layer: max(f.gradient_norm for f in fits) for layer, fits in ended.items() if any(not f.converged for f in fits)
+    }
+    if not short:
+        return ""
+    listed = ", ".join(f"{layer} (gradient norm {norm:.2g})" for layer, norm in short.items())
+    return f"the fits of {listed} stopped at iterations={limit} before converging; raise iterations"
 
 
 def _describe_top(weights: torch.Tensor, top: int) -> str:
@@ -271,28 +288,21 @@ class ProbeLinear(Technique):
         accuracy, control, weights, bias, top = {}, {}, {}, {}, {}
         train, test = data.split.train, data.split.test
         binary = [c for c in data.targets if c.split("=", 1)[0] not in options.multiclass]
+        ended: dict[str, list[LinearFit]] = {layer: [] for layer in data.features}
+
+        def fit(x: torch.Tensor, y: torch.Tensor, *, multiclass: bool) -> LinearFit:
+            return fit_linear(x, y, multiclass=multiclass, l1=options.l1, l2=options.l2, iterations=options.iterations)
+
         for layer, x in data.features.items():
             z, mean, std = standardise(x.double(), train)
             fits = []
             if binary:
                 targets = torch.stack([data.targets[c] for c in binary], 1).double()
                 controls = torch.stack([data.controls[c] for c in binary], 1).double()
-                w, b = fit_linear(
-                    z[train],
-                    targets[train],
-                    multiclass=False,
-                    l1=options.l1,
-                    l2=options.l2,
-                    iterations=options.iterations,
-                )
-                wc, bc = fit_linear(
-                    z[train],
-                    controls[train],
-                    multiclass=False,
-                    l1=options.l1,
-                    l2=options.l2,
-                    iterations=options.iterations,
-                )
+                probe = fit(z[train], targets[train], multiclass=False)
+                probe_control = fit(z[train], controls[train], multiclass=False)
+                ended[layer] += [probe, probe_control]
+                w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
                 hit = ((z[test] @ w.T + b) > 0) == targets[test].bool()
                 hit_control = ((z[test] @ wc.T + bc) > 0) == controls[test].bool()
                 fits += [
@@ -304,17 +314,10 @@ class ProbeLinear(Technique):
                     raise bad_option("multiclass", concept, f"a categorical concept: {', '.join(data.categorical)}")
                 codes = data.categorical[concept]
                 shuffled = control_labels(codes, data.types, data.seed + 1000).to(codes.device)
-                w, b = fit_linear(
-                    z[train], codes[train], multiclass=True, l1=options.l1, l2=options.l2, iterations=options.iterations
-                )
-                wc, bc = fit_linear(
-                    z[train],
-                    shuffled[train],
-                    multiclass=True,
-                    l1=options.l1,
-                    l2=options.l2,
-                    iterations=options.iterations,
-                )
+                probe = fit(z[train], codes[train], multiclass=True)
+                probe_control = fit(z[train], shuffled[train], multiclass=True)
+                ended[layer] += [probe, probe_control]
+                w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
                 acc = float(((z[test] @ w.T + b).argmax(1) == codes[test]).double().mean())
                 acc_control = float(((z[test] @ wc.T + bc).argmax(1) == shuffled[test]).double().mean())
                 for k in range(w.shape[0]):
@@ -341,6 +344,9 @@ class ProbeLinear(Technique):
             weights=weights,
             bias=bias,
             top_units=top,
+            iterations={layer: max(f.iterations for f in fits) for layer, fits in ended.items()},
+            gradient_norm={layer: max(f.gradient_norm for f in fits) for layer, fits in ended.items()},
+            warning=_limit_warning(ended, options.iterations),
             figures=(figure, figure_selectivity),
         )
 
