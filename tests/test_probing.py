@@ -151,3 +151,21 @@ def test_probe_options_are_checked() -> None:
         pyengine.run("probe-neurons", IDENTITY, data=data, layers=["0"], labels={"u": torch.zeros(10)}, progress=False)
     with pytest.raises(pyengine.OptionsError, match="option reduce='median' is invalid"):
         pyengine.run("probe-linear", IDENTITY, data=data, reduce="median")
+
+
+def test_the_best_neuron_is_ranked_by_auc_not_by_the_base_rate() -> None:
+    """20 % positives: neuron 0 is noise and neuron 1 weakly signals the concept; both probes
+    predict the majority class everywhere (accuracy = the base rate, a tie), but only neuron 1
+    ranks positives above negatives."""
+    generator = torch.Generator().manual_seed(0)
+    y = (torch.rand(3000, generator=generator) < 0.2).long()
+    noise = torch.randn(3000, generator=generator)
+    weak = 0.5 * y.float() + torch.randn(3000, generator=generator)
+    h = torch.stack([noise, weak], 1)
+    result = pyengine.run(
+        "probe-neurons", IDENTITY, data=TensorDataset(h, concepts={"c": y}), layers=["0"], progress=False
+    )
+    accuracy = result.test_accuracy["0|c"]
+    base_rate = 1 - float(y[result.test_rows].float().mean())
+    assert abs(float(accuracy[0]) - base_rate) < 0.01 and abs(float(accuracy[1]) - base_rate) < 0.02
+    assert result.best_neuron["c"] == "0#1" and float(result.auc["0|c"][1]) > 0.6 > float(result.auc["0|c"][0])

@@ -109,9 +109,9 @@ class ProbeNeuronsResult(ProbeResult):
     weight: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor]
     threshold: dict[str, torch.Tensor]  # −b/w: the activation at which the probe flips
-    ranking: dict[str, torch.Tensor]  # neuron indices, best test accuracy first
-    best_accuracy: dict[str, float]  # concept -> best single-neuron test accuracy
-    best_neuron: dict[str, str]  # concept -> "layer#unit"
+    ranking: dict[str, torch.Tensor]  # neuron indices, best test AUC first (not accuracy: no base-rate wins)
+    best_accuracy: dict[str, float]  # concept -> test accuracy of the best neuron (by AUC)
+    best_neuron: dict[str, str]  # concept -> "layer#unit" with the best test AUC
     top_neurons: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
@@ -164,26 +164,32 @@ class ProbeNeurons(Technique):
             fields["weight"][key] = w.float().cpu()
             fields["bias"][key] = b.float().cpu()
             fields["threshold"][key] = torch.where(w != 0, -b / w, torch.full_like(w, float("inf"))).float().cpu()
-            fields["ranking"][key] = torch.argsort(test.cpu(), descending=True, stable=True)
+            # Ranked by test AUC: threshold-free, so a neuron cannot win by predicting the majority class.
+            fields["ranking"][key] = torch.argsort(fields["auc"][key].nan_to_num(0.5), descending=True, stable=True)
 
         layers, concepts = list(data.features), list(data.targets)
         best_accuracy, best_neuron, lines, histograms = {}, {}, [], []
         for concept in concepts:
             candidates = [
-                (float(fields["test_accuracy"][_key(layer, concept)][unit]), layer, int(unit))
+                (float(fields["auc"][_key(layer, concept)][unit].nan_to_num(0.5)), layer, int(unit))
                 for layer in layers
                 for unit in fields["ranking"][_key(layer, concept)][: options.top]
             ]
             candidates.sort(key=lambda item: -item[0])
-            accuracy, layer, unit = candidates[0]
-            best_accuracy[concept], best_neuron[concept] = accuracy, f"{layer}#{unit}"
+            _, layer, unit = candidates[0]
+            best_accuracy[concept] = float(fields["test_accuracy"][_key(layer, concept)][unit])
+            best_neuron[concept] = f"{layer}#{unit}"
             listed = ", ".join(
-                f"{lay}#{u} acc {acc:.3f} sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
+                f"{lay}#{u} acc {float(fields['test_accuracy'][_key(lay, concept)][u]):.3f} AUC {auc:.3f} "
+                f"sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
                 f"{'above' if float(fields['weight'][_key(lay, concept)][u]) >= 0 else 'below'} "
                 f"{float(fields['threshold'][_key(lay, concept)][u]):.3g}"
-                for acc, lay, u in candidates[: options.top]
+                for auc, lay, u in candidates[: options.top]
             )
-            lines.append(f"{concept} (neuron, test accuracy, selectivity, activation that signals it): {listed}")
+            lines.append(
+                f"{concept} (neuron, test accuracy, test AUC — the ranking —, selectivity, activation that "
+                f"signals it): {listed}"
+            )
             key = _key(layer, concept)
             histograms.append(
                 _histogram_figure(
