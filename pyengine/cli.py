@@ -63,23 +63,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = data.batch(range(min(given, len(data)))).inputs if data is not None and given else None
 
     pending = []
-    for (spec, options), run_name in zip(parsed, run_names):
-        technique = host.get_technique(spec.name)
-        # `inputs` go to techniques that explain single inputs; the others analyse the dataset.
-        given_inputs = inputs if technique.explains_inputs or technique.needs_inputs else None
-        result = run(
-            spec.name,
-            model,
-            given_inputs,
-            data=data,
-            store=config.data.store if config.data else None,
-            device=config.device,
-            seed=config.seed,
-            progress=not args.quiet,
-            **spec.options,
-        )
-        pending.append(stored_result(spec.name, run_name, options, result))
-        print(f"{spec.name}/{run_name}: {result.summary()}")
+    try:
+        for (spec, options), run_name in zip(parsed, run_names):
+            technique = host.get_technique(spec.name)
+            # `inputs` go to techniques that explain single inputs; the others analyse the dataset.
+            given_inputs = inputs if technique.explains_inputs or technique.needs_inputs else None
+            result = run(
+                spec.name,
+                model,
+                given_inputs,
+                data=data,
+                store=config.data.store if config.data else None,
+                device=config.device,
+                seed=config.seed,
+                progress=not args.quiet,
+                **spec.options,
+            )
+            pending.append(stored_result(spec.name, run_name, options, result))
+            print(f"{spec.name}/{run_name}: {result.summary()}")
+    except KeyboardInterrupt:
+        if not pending:
+            print("pyengine: interrupted before any technique finished; nothing written", file=sys.stderr)
+            return 130
+        write_results(config.out, pending, meta=model_meta(model))
+        done = ", ".join(f"{p.technique}/{p.run}" for p in pending)
+        print(f"pyengine: interrupted; the finished results are in {config.out}: {done}", file=sys.stderr)
+        return 130
     write_results(config.out, pending, meta=model_meta(model))
     print(f"wrote {config.out}")
     return 0
@@ -96,20 +105,28 @@ def cmd_capture(args: argparse.Namespace) -> int:
     model = build_model(spec)
     data = build_dataset(args.data, _key_values(args.data_arg, "--data-arg"))
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
-    path = capture(
-        model,
-        data,
-        layers,
-        args.out,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        compression=args.compression,
-        device=args.device,
-        start=args.start,
-        stop=args.stop,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    try:
+        path = capture(
+            model,
+            data,
+            layers,
+            args.out,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            compression=args.compression,
+            device=args.device,
+            start=args.start,
+            stop=args.stop,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"pyengine: interrupted; {args.out}.partial keeps the rows captured so far: run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"wrote {path}")
     return 0
 

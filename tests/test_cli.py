@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 import pyengine
-from conftest import assert_user_error, run_cli
+from conftest import BIN, assert_user_error, run_cli
 from pyengine.models import DemoCNN
 
 MODEL = '[model]\nname = "demo-cnn"\nargs = { width = 4, image_size = 16 }\n'
@@ -239,3 +241,21 @@ def test_run_probes_from_a_config(tmp_path: Path) -> None:
         arrays, attrs = reader.result("probe-linear", "run-001")
     assert "weights/features.relu1|colour=red" in arrays
     assert json.loads(attrs["options"])["l1"] == 0.01
+
+
+def test_ctrl_c_keeps_the_finished_results(tmp_path: Path) -> None:
+    """SIGINT while the second technique runs: the first one's result is written, and said so."""
+    slow = '[[technique]]\nname = "llc"\noptions = { draws = 100000, burn_in = 0 }\n'
+    config = write_config(tmp_path, 'out = "res.h5"\n' + MODEL + DATA + TECHNIQUE + slow)
+    with subprocess.Popen(
+        [str(BIN / "pyengine"), "-q", "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith("gram-spectrum/run-001:"), first
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; the finished results are in" in stderr and "gram-spectrum/run-001" in stderr
+    with pyengine.StoreReader(tmp_path / "res.h5") as reader:
+        assert reader.results() == [("gram-spectrum", "run-001")]
