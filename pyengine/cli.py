@@ -60,7 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}
         run_names.append(reserve_run_name(config.out, spec.name, spec.run, taken))
     given = config.data.inputs if config.data else 0
-    inputs = data.batch(range(min(given, len(data)))).inputs if data is not None and given else None
+    if data is not None and given > len(data):
+        raise PyengineError(f"data.inputs={given} is larger than the {len(data)} rows of dataset {data.name!r}")
+    inputs = data.batch(range(given)).inputs if data is not None and given else None
 
     pending = []
     try:

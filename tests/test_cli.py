@@ -120,6 +120,10 @@ def test_capture_and_info(tmp_path: Path) -> None:
         (MODEL + DATA + TECHNIQUE + "colour = 1\n", "unknown key 'colour'"),
         (MODEL + DATA, "no [[technique]] entries"),
         (MODEL + DATA.replace("inputs = 4", "inputs = -1") + TECHNIQUE, "data.inputs=-1 is invalid"),
+        (
+            MODEL + DATA.replace("inputs = 4", "inputs = 500") + TECHNIQUE,
+            "data.inputs=500 is larger than the 40 rows of dataset 'shapes'",
+        ),
         (MODEL + DATA + (TECHNIQUE + 'run = "a"\n') * 2, "result gram-spectrum/a exists; choose another run name"),
         (
             'device = "gpu7"\n' + MODEL + DATA + TECHNIQUE,
