@@ -9,8 +9,13 @@ Layout (schema 1)::
     /activations/<module.path>  (N, ...) chunked ~1 MiB, lzf or gzip, float16 or float32
     /results/<technique>/<run>  datasets + attrs (``options`` as JSON)
 
+Every dataset chunk carries a fletcher32 checksum (HDF5's built-in filter): a damaged chunk
+fails its read, and every read error is a one-line StoreError naming the file and dataset.
+
 Captures write ``X.h5.partial`` in SWMR mode, flushed after every batch, and rename it to
-``X.h5`` when complete; a killed capture resumes from the last flushed batch.
+``X.h5`` when complete; a killed capture resumes from the last flushed batch. One capture
+writes a store at a time (``pyengine._lock``); ``StoreReader(partial, running_ok=True)``
+reads a running capture's rows so far.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,13 +36,15 @@ import numpy as np
 import torch
 
 from pyengine._h5clear import clear_consistency_flags
-from pyengine.errors import StoreError
+from pyengine._lock import running_pid, writer_name
+from pyengine.errors import PyengineError, StoreError
 
 FORMAT = "pyengine"
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
 COMPRESSIONS = ("lzf", "gzip", "none")
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32}
+CHECKSUMS = True  # fletcher32 on every dataset written; False only to measure its cost
 
 
 def _version() -> str:
@@ -59,8 +67,36 @@ def _open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:
         raise StoreError(f"{path}: not a readable HDF5 file ({reason}); expected a pyengine store") from None
 
 
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn h5py's errors on a damaged file (bad checksum, bad metadata) into one-line StoreErrors."""
+    try:
+        yield
+    except PyengineError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        reason = " ".join(str(text).split()) or type(error).__name__
+        raise StoreError(f"{path}: cannot read {what} ({reason}); the file is damaged") from None
+
+
+def _checksum(shape: tuple[int, ...] = (1,)) -> dict[str, bool]:
+    """fletcher32 for a new dataset of ``shape`` (it is chunked: needs a dimension and an element)."""
+    return {"fletcher32": True} if CHECKSUMS and len(shape) > 0 and 0 not in shape else {}
+
+
+def _get(file: h5py.File, name: str) -> Any:
+    """``file[name]``, None when there is no such link; unlike ``file.get``, a damaged object raises."""
+    return file[name] if name in file else None
+
+
 def _check_meta(file: h5py.File, path: Path) -> dict[str, Any]:
-    meta = file.get("meta")
+    with _reading(path, "/meta"):
+        return _parse_meta(file, path)
+
+
+def _parse_meta(file: h5py.File, path: Path) -> dict[str, Any]:
+    meta = _get(file, "meta")
     if meta is None or meta.attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: not a pyengine store (no /meta with format='pyengine'); written by another tool?")
     version = int(meta.attrs.get("schema_version", -1))
@@ -115,7 +151,8 @@ class ActivationWriter:
         partial = partial_path(path)
         if not partial.exists():
             return None
-        clear_consistency_flags(partial)
+        with _reading(partial, "the superblock"):
+            clear_consistency_flags(partial)
         file = _open_h5(partial, "r+", libver="latest")
         try:
             found = _check_meta(file, partial)["config"]
@@ -154,6 +191,7 @@ class ActivationWriter:
             filters = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
         elif compression == "lzf":
             filters = {"compression": "lzf"}
+        filters.update(_checksum())
         stored = STORED_DTYPES[dtype]
         with _open_h5(staging, "w", libver="latest") as file:
             _write_meta(file, meta, config)
@@ -169,11 +207,18 @@ class ActivationWriter:
                     **filters,
                 )
             for name in ("index", "labels"):
-                file.create_dataset(f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64)
+                file.create_dataset(
+                    f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64, **_checksum()
+                )
             file.require_group("concepts")
             for name, categories in concepts.items():
                 dataset = file.create_dataset(
-                    f"concepts/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64
+                    f"concepts/{name}",
+                    shape=(0,),
+                    maxshape=(None,),
+                    chunks=(65536,),
+                    dtype=np.int64,
+                    **_checksum(),
                 )
                 dataset.attrs["categories"] = json.dumps(list(categories))
         os.replace(staging, partial)
@@ -218,13 +263,21 @@ class ActivationWriter:
 
 
 class StoreReader:
-    """Read access to a store; layers are streamed in chunks, never loaded whole."""
+    """Read access to a store; layers are streamed in chunks, never loaded whole.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    A ``X.h5.partial`` is refused unless ``running_ok=True`` and a live capture is writing it:
+    then it opens read-only (SWMR) with the rows written so far; ``writer_pid`` names the writer.
+    Errors from a damaged file are one-line StoreErrors naming the file and the dataset.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, running_ok: bool = False) -> None:
         self.path = Path(path)
+        self.writer_pid: int | None = None
         if self.path.name.endswith(".partial"):
-            raise StoreError(f"{self.path} is an unfinished capture; run the same capture again to resume it")
-        self.file = _open_h5(self.path, "r")
+            self.writer_pid = _running_writer(self.path, running_ok)
+            self.file = _open_h5(self.path, "r", libver="latest", swmr=True)
+        else:
+            self.file = _open_h5(self.path, "r")
         try:
             self.meta = _check_meta(self.file, self.path)
         except BaseException:
@@ -242,22 +295,27 @@ class StoreReader:
             self.file.close()
 
     def __len__(self) -> int:
-        return int(self.file["inputs/index"].shape[0]) if "inputs/index" in self.file else 0
+        with _reading(self.path, "/inputs/index"):
+            return int(self.file["inputs/index"].shape[0]) if "inputs/index" in self.file else 0
 
     @property
     def layers(self) -> list[str]:
-        group = self.file.get("activations")
-        return list(group.keys()) if group is not None else []
+        with _reading(self.path, "/activations"):
+            group = _get(self.file, "activations")
+            return list(group.keys()) if group is not None else []
 
     def _layer(self, layer: str) -> h5py.Dataset:
         if layer not in self.layers:
             raise StoreError(
                 f"{self.path}: no activations for layer {layer!r}; stored layers: {', '.join(self.layers) or 'none'}"
             )
-        return self.file[f"activations/{layer}"]
+        with _reading(self.path, f"/activations/{layer}"):
+            return self.file[f"activations/{layer}"]
 
     def shape(self, layer: str) -> tuple[int, ...]:
-        return tuple(self._layer(layer).shape)
+        dataset = self._layer(layer)
+        with _reading(self.path, f"/activations/{layer}"):
+            return tuple(dataset.shape)
 
     def iter_layer(
         self,
@@ -271,16 +329,20 @@ class StoreReader:
     ) -> Iterator[torch.Tensor]:
         """Yield ``layer`` in consecutive row blocks (default: the HDF5 chunk rows)."""
         dataset = self._layer(layer)
-        stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
-        step = rows or (dataset.chunks[0] if dataset.chunks else 1024)
+        with _reading(self.path, f"/activations/{layer}"):
+            stop = dataset.shape[0] if stop is None else min(stop, dataset.shape[0])
+            step = rows or (dataset.chunks[0] if dataset.chunks else 1024)
         for first in range(start, stop, step):
-            block = dataset[first : min(first + step, stop)]
+            last = min(first + step, stop)
+            with _reading(self.path, f"/activations/{layer} rows {first}-{last - 1}"):
+                block = dataset[first:last]
             yield torch.from_numpy(block).to(device=device, dtype=dtype)
 
     def _vector(self, name: str, start: int, stop: int | None) -> torch.Tensor:
-        if name not in self.file or not isinstance(self.file[name], h5py.Dataset) or self.file[name].ndim != 1:
-            raise StoreError(f"{self.path}: no 1-D array {name!r}")
-        return torch.from_numpy(self.file[name][start:stop])
+        with _reading(self.path, f"/{name}"):
+            if name not in self.file or not isinstance(self.file[name], h5py.Dataset) or self.file[name].ndim != 1:
+                raise StoreError(f"{self.path}: no 1-D array {name!r}")
+            return torch.from_numpy(self.file[name][start:stop])
 
     def index(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(N,) the dataset row of each stored row."""
@@ -299,51 +361,68 @@ class StoreReader:
     @property
     def concepts(self) -> dict[str, list[str]]:
         """Concept name -> category names (empty for 0/1 or numeric concepts)."""
-        group = self.file.get("concepts")
-        return {name: json.loads(ds.attrs.get("categories", "[]")) for name, ds in (group or {}).items()}
+        with _reading(self.path, "/concepts"):
+            group = _get(self.file, "concepts")
+            return {name: json.loads(ds.attrs.get("categories", "[]")) for name, ds in (group or {}).items()}
 
     def results(self) -> list[tuple[str, str]]:
-        group = self.file.get("results")
-        if group is None:
-            return []
-        return [(technique, run) for technique in group for run in group[technique] if not run.endswith(".partial")]
+        with _reading(self.path, "/results"):
+            group = _get(self.file, "results")
+            if group is None:
+                return []
+            return [(technique, run) for technique in group for run in group[technique] if not run.endswith(".partial")]
 
     def result(self, technique: str, run: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Arrays and attributes of one stored result."""
         key = f"results/{technique}/{run}"
-        if key not in self.file:
-            raise StoreError(f"{self.path}: no result {technique}/{run}")
+        with _reading(self.path, f"/{key}"):
+            if key not in self.file:
+                raise StoreError(f"{self.path}: no result {technique}/{run}")
+            names: list[str] = []
+            self.file[key].visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.file[key].attrs.items()}
         arrays: dict[str, torch.Tensor] = {}
-        self.file[key].visititems(
-            lambda name, obj: (
-                arrays.__setitem__(name, torch.from_numpy(np.asarray(obj[()])))
-                if isinstance(obj, h5py.Dataset)
-                else None
-            )
-        )
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in self.file[key].attrs.items()}
+        for name in names:
+            with _reading(self.path, f"/{key}/{name}"):
+                arrays[name] = torch.from_numpy(np.asarray(self.file[f"{key}/{name}"][()]))
         return arrays, attrs
 
     def describe(self) -> dict[str, Any]:
         """What ``pyengine info`` prints."""
         layers = {}
         for name in self.layers:
-            dataset = self.file[f"activations/{name}"]
-            layers[name] = {
-                "shape": list(dataset.shape),
-                "dtype": str(dataset.dtype),
-                "chunks": list(dataset.chunks or ()),
-                "compression": dataset.compression,
-            }
+            dataset = self._layer(name)
+            with _reading(self.path, f"/activations/{name}"):
+                layers[name] = {
+                    "shape": list(dataset.shape),
+                    "dtype": str(dataset.dtype),
+                    "chunks": list(dataset.chunks or ()),
+                    "compression": dataset.compression,
+                    "checksums": bool(dataset.fletcher32),
+                }
         meta = {k: v for k, v in self.meta.items()}
         return {
             "path": str(self.path),
+            "running_pid": self.writer_pid,
             "rows": len(self),
             "meta": meta,
             "layers": layers,
             "concepts": self.concepts,
             "results": [f"{t}/{r}" for t, r in self.results()],
         }
+
+
+def _running_writer(partial: Path, running_ok: bool) -> int:
+    """The pid of the live capture writing ``partial``; a StoreError when none is or it is not wanted."""
+    pid = running_pid(partial.with_name(partial.name.removesuffix(".partial")))
+    if pid is None:
+        raise StoreError(f"{partial} is an unfinished capture; run the same capture again to resume it")
+    if not running_ok:
+        raise StoreError(
+            f"{partial} is being written by a running capture ({writer_name(pid)}); "
+            "read it when it is done, or open it with running_ok=True for the rows written so far"
+        )
+    return pid
 
 
 @dataclass(frozen=True)
@@ -380,7 +459,8 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
                 group = file.create_group(group_name)
                 for name, value in pending.arrays.items():
                     data = value.detach().cpu()
-                    group.create_dataset(name, data=(data.float() if data.dtype == torch.bfloat16 else data).numpy())
+                    array = (data.float() if data.dtype == torch.bfloat16 else data).numpy()
+                    group.create_dataset(name, data=array, **_checksum(array.shape))
                 for name, value in pending.attrs.items():
                     group.attrs[name] = value
         os.replace(staging, target)
