@@ -16,6 +16,11 @@ Captures write ``X.h5.partial`` in SWMR mode, flushed after every batch, and ren
 ``X.h5`` when complete; a killed capture resumes from the last flushed batch. One capture
 writes a store at a time (``pyengine._lock``); ``StoreReader(partial, running_ok=True)``
 reads a running capture's rows so far.
+
+Write errors (a full disk, EIO, a quota, a file removed underneath) are StoreErrors naming
+the file and the cause. Nothing gets its final name unless every write and flush succeeded,
+the file closed cleanly and it re-opens with the rows and layers it should hold; a file
+whose write failed is removed, as it cannot be trusted (see ``_discard``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
@@ -55,6 +61,98 @@ def _version() -> str:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+# What h5py raises when HDF5 fails to read or write (RuntimeError: e.g. a failed flush).
+H5_ERRORS = (OSError, RuntimeError)
+
+
+def _cause(error: BaseException) -> str:
+    """The reason in an OS or HDF5 error, e.g. 'No space left on device', not HDF5's stack."""
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    text = str(error)
+    found = re.search(r"error message = '([^']*)'", text)
+    if found:
+        return found.group(1)
+    found = re.search(r"errno = (\d+)", text)
+    if found and int(found.group(1)) > 0:
+        return os.strerror(int(found.group(1)))
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _discard(file: h5py.File) -> None:
+    """Close a file that is being thrown away because a write to it failed.
+
+    HDF5 retries the failed writes when the file closes; if that fails too, the library
+    keeps a half-destroyed file handle and the process segfaults later (at the latest at
+    exit). So the file's descriptor is first pointed at an anonymous in-memory file: the
+    retried writes land there, the close succeeds and the handle is released. Errors are
+    swallowed: the caller reports the first one and removes the file.
+    """
+    try:
+        if not file.id.valid:
+            return
+        descriptor = file.id.get_vfd_handle()
+    except H5_ERRORS:
+        descriptor = None
+    if isinstance(descriptor, int) and descriptor >= 0:
+        try:
+            sink = (
+                os.memfd_create("pyengine-discard") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_RDWR)
+            )
+            try:
+                os.dup2(sink, descriptor)
+            finally:
+                os.close(sink)
+        except OSError:
+            pass
+    try:
+        file.close()
+    except H5_ERRORS:
+        pass
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _write_failure(what: str, path: Path, error: BaseException) -> StoreError:
+    return StoreError(
+        f"{what}: writing {path} failed: {_cause(error)}; "
+        f"removed {path.name}, which cannot be trusted after a failed write"
+    )
+
+
+@contextmanager
+def _writing(path: Path, mode: str, what: str) -> Iterator[h5py.File]:
+    """Open ``path`` to write; flushed and closed on success, discarded and removed on any error.
+
+    HDF5 and OS errors become one StoreError naming ``what``, the file and the cause.
+    """
+    try:
+        file = h5py.File(path, mode, libver="latest")
+    except H5_ERRORS as error:
+        _remove(path)
+        raise _write_failure(what, path, error) from None
+    try:
+        yield file
+        file.flush()
+    except BaseException as error:
+        _discard(file)
+        _remove(path)
+        if isinstance(error, H5_ERRORS):
+            raise _write_failure(what, path, error) from None
+        raise
+    try:
+        file.close()  # after a flush that succeeded; if this fails, HDF5 may keep a broken handle
+    except H5_ERRORS as error:
+        _remove(path)
+        raise _write_failure(what, path, error) from None
 
 
 def _open_h5(path: Path, mode: str, **kwargs: Any) -> h5py.File:
@@ -129,6 +227,36 @@ def chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
     return max(1, CHUNK_BYTES // row_bytes)
 
 
+def _check_capture(path: Path, rows: int) -> str | None:
+    """Why the closed capture at ``path`` is not complete, or None: re-open and check it.
+
+    Checks the rows written (and the configured range when the config has one), that every
+    configured layer and every array is there with that many rows, and reads the last rows
+    of each array back (HDF5 reports chunks that never landed when it reads them).
+    """
+    try:
+        with h5py.File(path, "r") as file:
+            config = json.loads(file["meta"].attrs.get("config", "{}"))
+            found = int(file["inputs/index"].shape[0])
+            if found != rows:
+                return f"holds {found} rows where {rows} were written"
+            start, stop = config.get("start"), config.get("stop")
+            if isinstance(start, int) and isinstance(stop, int) and stop - start != rows:
+                return f"holds {rows} rows where the capture range has {stop - start}"
+            layers = list(file["activations"])
+            if "layers" in config and layers != list(config["layers"]):
+                return f"holds layers {layers} where {config['layers']} were captured"
+            for group in ("activations", "concepts", "inputs"):
+                for name, dataset in file[group].items():
+                    if dataset.shape[0] != rows:
+                        return f"holds {dataset.shape[0]} rows of /{group}/{name} where {rows} were written"
+                    step = dataset.chunks[0] if dataset.chunks else 1
+                    _ = dataset[max(0, rows - step) : rows]
+    except (*H5_ERRORS, KeyError, ValueError) as error:
+        return f"does not re-open complete ({_cause(error)})"
+    return None
+
+
 class ActivationWriter:
     """Appends captured batches to ``X.h5.partial``; ``finish()`` renames it to ``X.h5``."""
 
@@ -136,6 +264,7 @@ class ActivationWriter:
         self.path = path
         self.file = file
         self.rows_done = int(file["inputs/index"].shape[0])
+        self._released = False  # closed, or given up after an error: never touch the handle again
 
     @staticmethod
     def finished_config(path: Path) -> dict[str, Any] | None:
@@ -193,7 +322,7 @@ class ActivationWriter:
             filters = {"compression": "lzf"}
         filters.update(_checksum())
         stored = STORED_DTYPES[dtype]
-        with _open_h5(staging, "w", libver="latest") as file:
+        with _writing(staging, "w", f"capture to {path}") as file:
             _write_meta(file, meta, config)
             file.create_group("activations", track_order=True)
             for name, row_shape in layers.items():
@@ -221,9 +350,18 @@ class ActivationWriter:
                     **_checksum(),
                 )
                 dataset.attrs["categories"] = json.dumps(list(categories))
-        os.replace(staging, partial)
+        try:
+            os.replace(staging, partial)
+        except OSError as error:
+            _remove(staging)
+            raise _write_failure(f"capture to {path}", partial, error) from None
         file = _open_h5(partial, "r+", libver="latest")
-        file.swmr_mode = True
+        try:
+            file.swmr_mode = True
+        except H5_ERRORS as error:
+            _discard(file)
+            _remove(partial)
+            raise _write_failure(f"capture to {path}", partial, error) from None
         return cls(path, file)
 
     def append(
@@ -233,32 +371,77 @@ class ActivationWriter:
         concepts: Mapping[str, torch.Tensor],
         activations: Mapping[str, torch.Tensor],
     ) -> None:
-        """Write one batch; /inputs/index grows last, so its length is the rows done."""
+        """Write one batch; /inputs/index grows last, so its length is the rows done.
+
+        A write or flush error removes the partial file (see ``_fail``) and raises StoreError.
+        """
         n = self.rows_done
         rows = int(index.shape[0])
-
-        def put(dataset: h5py.Dataset, values: torch.Tensor) -> None:
-            dataset.resize(n + rows, axis=0)
+        blocks = [(f"activations/{name}", values) for name, values in activations.items()]
+        blocks += [(f"concepts/{name}", values) for name, values in concepts.items()]
+        blocks += [("inputs/labels", labels), ("inputs/index", index)]
+        try:  # the datasets stay open until the flush, which reports their write errors (see write_results)
+            datasets = [self.file[name] for name, _ in blocks]
+        except H5_ERRORS as error:
+            raise self._fail(error) from None
+        arrays: list[np.ndarray] = []
+        for dataset, (_, values) in zip(datasets, blocks):
             stored = torch.from_numpy(np.empty(0, dtype=dataset.dtype)).dtype  # cast in torch: no numpy warnings
-            dataset[n : n + rows] = values.detach().to("cpu", stored).numpy()
-
-        for name, values in activations.items():
-            put(self.file[f"activations/{name}"], values)
-        for name, values in concepts.items():
-            put(self.file[f"concepts/{name}"], values)
-        put(self.file["inputs/labels"], labels)
-        put(self.file["inputs/index"], index)
-        self.file.flush()
+            arrays.append(values.detach().to("cpu", stored).numpy())
+        try:
+            for dataset, array in zip(datasets, arrays):
+                dataset.resize(n + rows, axis=0)
+                dataset[n : n + rows] = array
+            self.file.flush()
+        except H5_ERRORS as error:
+            raise self._fail(error) from None
         self.rows_done = n + rows
 
+    def _fail(self, error: BaseException) -> StoreError:
+        """After a failed write: release the file and remove it.
+
+        HDF5 updates its chunk index in place while new chunks go to the end of the file, so a
+        failed write can leave rows written before it pointing at data that never landed: the
+        partial file cannot be trusted, and resuming from it could store wrong values.
+        """
+        self._released = True
+        _discard(self.file)
+        partial = partial_path(self.path)
+        _remove(partial)
+        return _write_failure(f"capture to {self.path} stopped after {self.rows_done} rows", partial, error)
+
     def finish(self) -> Path:
-        self.file.close()
-        os.replace(partial_path(self.path), self.path)
+        """Flush, close, check the file re-opens complete, then rename it to its final name."""
+        partial = partial_path(self.path)
+        try:
+            self.file.flush()
+        except H5_ERRORS as error:
+            raise self._fail(error) from None
+        self._released = True
+        try:
+            self.file.close()
+        except H5_ERRORS as error:
+            _remove(partial)
+            raise _write_failure(f"capture to {self.path}", partial, error) from None
+        problem = _check_capture(partial, self.rows_done)
+        if problem:
+            _remove(partial)
+            raise StoreError(
+                f"capture to {self.path}: {partial} {problem}; removed it, as it cannot be trusted; capture again"
+            )
+        try:
+            os.replace(partial, self.path)
+        except OSError as error:
+            raise StoreError(
+                f"capture to {self.path}: renaming {partial.name} to {self.path.name} failed: {_cause(error)}; "
+                f"the complete capture stays in {partial}: run the same capture again to finish it"
+            ) from None
         return self.path
 
     def close(self) -> None:
         """Stop without finishing: the partial file stays, ready to resume."""
-        if self.file.id.valid:
+        if not self._released and self.file.id.valid:
+            self._released = True
             self.file.close()
 
 
@@ -438,16 +621,25 @@ class PendingResult:
 def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult], *, meta: Mapping[str, Any]) -> None:
     """Add results to a results file atomically: copy to ``.partial``, write, rename.
 
-    Either every result lands or none does; an existing file must be a pyengine store.
+    Either every result lands or none does; an existing file must be a pyengine store. A
+    write error leaves ``path`` as it was, removes the copy and raises one StoreError.
     """
     target = Path(path)
     staging = partial_path(target)
+    what = f"results not written to {target} (it is unchanged)"
     if target.exists():
         with _open_h5(target, "r") as file:
             _check_meta(file, target)
-        shutil.copyfile(target, staging)
+        try:
+            shutil.copyfile(target, staging)
+        except OSError as error:
+            _remove(staging)
+            raise _write_failure(what, staging, error) from None
     try:
-        with _open_h5(staging, "a", libver="latest") as file:
+        # Datasets stay open until the flush: a dataset closed earlier writes its cached data
+        # while h5py drops it, where a write error is only printed ("Exception ignored").
+        kept: list[h5py.Dataset] = []
+        with _writing(staging, "a", what) as file:
             if "meta" not in file:
                 _write_meta(file, meta, {})
             for pending in results:
@@ -460,13 +652,32 @@ def write_results(path: str | os.PathLike[str], results: Sequence[PendingResult]
                 for name, value in pending.arrays.items():
                     data = value.detach().cpu()
                     array = (data.float() if data.dtype == torch.bfloat16 else data).numpy()
-                    group.create_dataset(name, data=array, **_checksum(array.shape))
+                    kept.append(group.create_dataset(name, data=array, **_checksum(array.shape)))
                 for name, value in pending.attrs.items():
                     group.attrs[name] = value
-        os.replace(staging, target)
+        problem = _check_results(staging, [(pending.technique, pending.run) for pending in results])
+        if problem:
+            raise StoreError(f"{what}: {staging} {problem}; removed it, as it cannot be trusted")
+        try:
+            os.replace(staging, target)
+        except OSError as error:
+            raise _write_failure(what, staging, error) from None
     except BaseException:
-        staging.unlink(missing_ok=True)
+        _remove(staging)
         raise
+
+
+def _check_results(path: Path, names: Sequence[tuple[str, str]]) -> str | None:
+    """Why the closed results file at ``path`` lacks a result, or None: re-open and check it."""
+    try:
+        with h5py.File(path, "r") as file:
+            _check_meta(file, path)
+            for technique, run in names:
+                if f"results/{technique}/{run}" not in file:
+                    return f"lacks result {technique}/{run}"
+    except (*H5_ERRORS, KeyError, ValueError, StoreError) as error:
+        return f"does not re-open complete ({_cause(error)})"
+    return None
 
 
 def reserve_run_name(path: str | os.PathLike[str], technique: str, run: str = "", taken: Set[str] = frozenset()) -> str:
