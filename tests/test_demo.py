@@ -36,7 +36,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "gram-spectrum" in page and "held-out accuracy" in page
     assert "Best single-neuron test accuracy per layer" in page and "activations by concept" in page
-    assert "texture=striped (neuron, test accuracy, selectivity, activation that signals it): " in page
+    assert "texture=striped (neuron, test accuracy, test AUC — the ranking —, selectivity, activation that signals it): " in page
     for layer in ("features.relu1", "features.relu2", "features.relu3"):
         assert f"Feature visualization of {layer}" in page and f"{layer} channel 3: top 9 patches" in page
     assert list((tmp_path / "cache").glob("democnn-*.pt"))
