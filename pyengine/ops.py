@@ -76,6 +76,7 @@ def _binned_statistics_fake(
     h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _one_device("binned_statistics", h=h, labels=labels, low=low, high=high)
+    torch._check(h.dim() == 2 and labels.dim() == 2, lambda: "pyengine.binned_statistics: h and labels must be 2-D")
     shape = (labels.shape[0], h.shape[1], 2, bins)
     return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
 
@@ -88,6 +89,7 @@ def pack_firing(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 @torch.library.register_fake("pyengine::pack_firing")
 def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    torch._check(h.dim() == 2, lambda: "pyengine.pack_firing: h must be 2-D (rows, units)")
     return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)
 
 
@@ -98,6 +100,7 @@ def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("pyengine::firing_disagreements")
 def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
+    torch._check(bits.dim() == 2, lambda: "pyengine.firing_disagreements: bits must be 2-D (units, words)")
     return bits.new_empty((bits.shape[0], bits.shape[0]), dtype=torch.int64)
 
 
@@ -123,6 +126,7 @@ def _occlusion_batch_fake(
     inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int], first: int, count: int
 ) -> torch.Tensor:
     _one_device("occlusion_batch", inputs=inputs, baseline=baseline)
+    torch._check(inputs.dim() >= 2, lambda: "pyengine.occlusion_batch: inputs must be (B, *S)")
     return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
 
 
