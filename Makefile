@@ -5,6 +5,7 @@
 #   make dev        an editable install: tests and tools see edits to pyengine/ and plugins/
 #                   without a reinstall (C++ edits still need `make dev` again)
 #   make lint / make typecheck   the gates alone
+#   make fuzz       the ops fuzz at length (FUZZ_EXAMPLES=5000 random examples, one child process)
 #   make bench      the benchmarks (ratios against anchors measured in the same run)
 #   make gpu-check  on a CUDA machine, with $(PYTHON)'s torch (no venv): build with CUDA, the CUDA tests,
 #                   every benchmark with --device cuda, one summary table; without a GPU it says so and exits 0
@@ -16,12 +17,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setuptools
 RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
-TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7"
+TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7" "hypothesis>=6"
 GATE_DEPS := "ruff==0.17.6" "mypy==2.4.1"
 SOURCES := pyengine plugins tests benchmarks examples
 CUDA_ARCH ?= 90
+FUZZ_EXAMPLES ?= 5000
 
-.PHONY: all setup build dev lint typecheck test demo bench nvcc-check gpu-check clean
+.PHONY: all setup build dev lint typecheck test fuzz demo bench nvcc-check gpu-check clean
 
 all: test
 
@@ -60,6 +62,10 @@ nvcc-check:
 
 test: lint typecheck build nvcc-check
 	$(VENV)/bin/pytest
+
+# The ops fuzz (tests/ops_fuzz.py, in one child process) at length, with a fresh random seed.
+fuzz: build
+	PYENGINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PYENGINE_FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_ops_safety.py -k fuzz
 
 demo: build
 	$(VENV)/bin/pyengine demo --out demo-out

@@ -89,7 +89,7 @@ def clear_consistency_flags(path: str | os.PathLike[str]) -> bool:
         block = bytearray(handle.read(body_size + 4))
         (stored,) = struct.unpack_from("<I", block, body_size)
         if lookup3(bytes(block[:body_size])) != stored:
-            raise ValueError(f"{os.fspath(path)}: HDF5 superblock checksum does not match")
+            raise ValueError("HDF5 superblock checksum does not match")
         block[11] = 0
         struct.pack_into("<I", block, body_size, lookup3(bytes(block[:body_size])))
         handle.seek(0)

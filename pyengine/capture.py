@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyengine._lock import CaptureLock
 from pyengine.context import resolve_device
 from pyengine.data.base import Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
@@ -87,7 +88,8 @@ def capture(
     """Run ``dataset`` through ``model`` and store the outputs of ``layers`` at ``path``.
 
     Returns the path of the complete store. An interrupted capture with the same
-    configuration is resumed; a complete one is returned as is.
+    configuration is resumed; a complete one is returned as is. One capture writes a store
+    at a time: a second one, while the first runs, is a StoreError naming the first's pid.
     """
     data: Dataset = as_dataset(dataset)
     path = Path(path)
@@ -106,7 +108,43 @@ def capture(
         "start": start,
         "stop": stop,
     }
+    with CaptureLock(path):  # before anything reads, removes or resumes the store's files
+        return _capture_locked(
+            model,
+            data,
+            layers,
+            path,
+            config,
+            batch_size=batch_size,
+            dtype=dtype,
+            compression=compression,
+            device=device,
+            start=start,
+            stop=stop,
+            overwrite=overwrite,
+            progress=progress,
+            on_batch=on_batch,
+        )
 
+
+def _capture_locked(
+    model: nn.Module,
+    data: Dataset,
+    layers: Sequence[str],
+    path: Path,
+    config: dict[str, Any],
+    *,
+    batch_size: int,
+    dtype: str,
+    compression: str,
+    device: torch.device,
+    start: int,
+    stop: int,
+    overwrite: bool,
+    progress: bool,
+    on_batch: Callable[[int], None] | None,
+) -> Path:
+    """The body of ``capture``, run while holding the store's lock."""
     if overwrite:
         path.unlink(missing_ok=True)
         partial_path(path).unlink(missing_ok=True)

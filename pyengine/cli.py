@@ -168,12 +168,19 @@ def cmd_techniques(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from pyengine.store import StoreReader
 
-    with StoreReader(args.file) as reader:
+    with StoreReader(args.file, running_ok=True) as reader:
         info = reader.describe()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     meta = info["meta"]
+    if info["running_pid"] is not None:
+        config = meta.get("config", {})
+        total = int(config.get("stop", 0)) - int(config.get("start", 0))
+        print(
+            f"{info['path']}: capture in progress (pid {info['running_pid'] or '?'}): "
+            f"{info['rows']} of {total} rows written so far"
+        )
     print(
         f"{info['path']}: pyengine store schema {meta.get('schema_version')} (pyengine {meta.get('pyengine_version')})"
     )

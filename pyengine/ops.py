@@ -12,6 +12,20 @@ import pyengine._C as _C
 HAS_CUDA: bool = bool(_C.has_cuda)
 
 
+def _one_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Fake kernels also run for meta tensors, and a meta tensor among CPU or CUDA ones
+    routes the whole call here: mixed devices must fail as in the native kernels, not pass
+    as a silent no-op."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise RuntimeError(
+                f"pyengine.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
 def build_info() -> dict[str, object]:
     """How the native extension was built (version, C++ standard, pybind11, CUDA)."""
     return dict(_C.build_info())
@@ -28,6 +42,7 @@ def gram_accumulate(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | No
 
 @torch.library.register_fake("pyengine::gram_accumulate")
 def _gram_accumulate_fake(gram: torch.Tensor, x: torch.Tensor, sums: torch.Tensor | None = None) -> None:
+    _one_device("gram_accumulate", x=x, gram=gram, sums=sums)
     torch._check(x.dim() == 2, lambda: "pyengine.gram_accumulate: x must be 2-D")
     torch._check(gram.shape == (x.shape[1], x.shape[1]), lambda: "pyengine.gram_accumulate: gram must be (d, d)")
     return None
@@ -60,6 +75,8 @@ def binned_statistics(
 def _binned_statistics_fake(
     h: torch.Tensor, labels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bins: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _one_device("binned_statistics", h=h, labels=labels, low=low, high=high)
+    torch._check(h.dim() == 2 and labels.dim() == 2, lambda: "pyengine.binned_statistics: h and labels must be 2-D")
     shape = (labels.shape[0], h.shape[1], 2, bins)
     return h.new_empty(shape, dtype=torch.float64), h.new_empty(shape, dtype=torch.float64)
 
@@ -72,6 +89,7 @@ def pack_firing(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 @torch.library.register_fake("pyengine::pack_firing")
 def _pack_firing_fake(h: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    torch._check(h.dim() == 2, lambda: "pyengine.pack_firing: h must be 2-D (rows, units)")
     return h.new_empty((h.shape[1], (h.shape[0] + 63) // 64), dtype=torch.int64)
 
 
@@ -82,6 +100,7 @@ def firing_disagreements(bits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("pyengine::firing_disagreements")
 def _firing_disagreements_fake(bits: torch.Tensor) -> torch.Tensor:
+    torch._check(bits.dim() == 2, lambda: "pyengine.firing_disagreements: bits must be 2-D (units, words)")
     return bits.new_empty((bits.shape[0], bits.shape[0]), dtype=torch.int64)
 
 
@@ -106,6 +125,8 @@ def occlusion_batch(
 def _occlusion_batch_fake(
     inputs: torch.Tensor, baseline: torch.Tensor, window: list[int], stride: list[int], first: int, count: int
 ) -> torch.Tensor:
+    _one_device("occlusion_batch", inputs=inputs, baseline=baseline)
+    torch._check(inputs.dim() >= 2, lambda: "pyengine.occlusion_batch: inputs must be (B, *S)")
     return inputs.new_empty((count * inputs.shape[0], *inputs.shape[1:]))
 
 
@@ -123,6 +144,7 @@ def occlusion_accumulate(
 def _occlusion_accumulate_fake(
     sums: torch.Tensor, drops: torch.Tensor, window: list[int], stride: list[int], first: int
 ) -> None:
+    _one_device("occlusion_accumulate", sums=sums, drops=drops)
     return None
 
 
@@ -155,6 +177,9 @@ def _hierarchical_paths_fake(
     targets: torch.Tensor,
     beam: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    lists = {"activations": activations, "weights": weights, "max_indices": max_indices}
+    named = {f"{kind}[{i}]": t for kind, ts in lists.items() for i, t in enumerate(ts)}
+    _one_device("hierarchical_paths", targets=targets, **named)
     shape = (targets.shape[0], targets.shape[1], beam)
     return targets.new_empty((*shape, len(activations))), targets.new_empty(shape, dtype=torch.float64)
 
@@ -183,6 +208,15 @@ def _topk_update_fake(
     top_ids: torch.Tensor,
     top_payload: torch.Tensor,
 ) -> None:
+    _one_device(
+        "topk_update",
+        values=values,
+        ids=ids,
+        payload=payload,
+        top_values=top_values,
+        top_ids=top_ids,
+        top_payload=top_payload,
+    )
     return None
 
 

@@ -24,6 +24,7 @@ BinnedStatisticsArgs prepare_binned_statistics(const at::Tensor& h, const at::Te
   TORCH_CHECK(low.size(0) == d && high.size(0) == d, op, ": low and high must have shape (", d,
               ",), one value per column of h; got ", shape_string(low), " and ", shape_string(high));
   TORCH_CHECK(bins >= 1, op, ": bins must be a positive integer, got ", bins);
+  checked_product(op, "output size in bytes (targets * d * 2 * bins * 8)", {labels.size(0), d, 2, bins, 8});
   const auto options = h.options().dtype(at::kDouble);
   const std::vector<int64_t> shape{labels.size(0), d, 2, bins};
   return {.labels = labels.ne(0).to(at::kByte).contiguous(),

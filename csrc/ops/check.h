@@ -4,11 +4,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "pyengine/core/matrix.h"
 
@@ -34,6 +36,8 @@ inline void check_tensor(const char* op, const at::Tensor& t, const TensorSpec& 
                          const at::Tensor* reference = nullptr,
                          const char* reference_name = nullptr) {
   TORCH_CHECK(t.defined(), op, ": ", spec.name, " is undefined; expected a tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", spec.name, " has layout ", t.layout(),
+              "; expected a dense (strided) tensor");
   TORCH_CHECK(t.dim() == spec.dim, op, ": ", spec.name, " must be ", spec.dim,
               "-D, got shape ", shape_string(t));
   bool dtype_ok = false;
@@ -51,6 +55,56 @@ inline void check_tensor(const char* op, const at::Tensor& t, const TensorSpec& 
                 " but ", reference_name, " is on ", reference->device(),
                 "; all tensors must be on one device");
   }
+}
+
+// Overflow-safe size arithmetic: every size product, sum or range end a kernel relies on
+// goes through these, so a wrapped int64 never passes a size check or reaches a pointer.
+inline int64_t checked_mul(const char* op, const std::string& what, int64_t a, int64_t b) {
+  int64_t out = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &out), op, ": ", what, " overflows int64 (", a, " * ", b, ")");
+  return out;
+}
+
+inline int64_t checked_add(const char* op, const std::string& what, int64_t a, int64_t b) {
+  int64_t out = 0;
+  TORCH_CHECK(!c10::add_overflows(a, b, &out), op, ": ", what, " overflows int64 (", a, " + ", b, ")");
+  return out;
+}
+
+inline int64_t checked_product(const char* op, const std::string& what, std::initializer_list<int64_t> factors) {
+  int64_t out = 1;
+  for (const int64_t f : factors) out = checked_mul(op, what, out, f);
+  return out;
+}
+
+inline int64_t checked_numel(const char* op, const std::string& what, at::IntArrayRef factors) {
+  int64_t out = 1;
+  for (const int64_t f : factors) out = checked_mul(op, what, out, f);
+  return out;
+}
+
+// Whether two strided tensors may share memory: the same storage and overlapping byte
+// spans (conservative for interleaved views, exact for the usual slices and aliases).
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // the furthest element, in elements (torch strides are non-negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto* begin = static_cast<const char*>(t.data_ptr());
+    return std::pair{begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+// `written` is modified in place, so it must not share memory with `other` (an input or
+// another output): the kernel would read values it has already overwritten.
+inline void check_no_alias(const char* op, const char* written_name, const at::Tensor& written,
+                           const char* other_name, const at::Tensor& other) {
+  TORCH_CHECK(!may_share_memory(written, other), op, ": ", written_name, " shares memory with ", other_name,
+              "; expected separate tensors (", written_name, " is written in place)");
 }
 
 inline core::DType core_dtype(at::ScalarType type) {

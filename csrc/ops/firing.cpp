@@ -11,12 +11,17 @@
 namespace pyengine::ops {
 
 at::Tensor prepare_pack_firing(const at::Tensor& h) {
-  check_tensor("pyengine.pack_firing", h, {"h", 2, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}});
-  return at::zeros({h.size(1), (h.size(0) + 63) / 64}, h.options().dtype(at::kLong));
+  constexpr const char* op = "pyengine.pack_firing";
+  check_tensor(op, h, {"h", 2, {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}});
+  const int64_t words = h.size(0) / 64 + (h.size(0) % 64 != 0 ? 1 : 0);  // ceil(rows / 64) without overflow
+  checked_product(op, "output size in bytes (units * words * 8)", {h.size(1), words, 8});
+  return at::zeros({h.size(1), words}, h.options().dtype(at::kLong));
 }
 
 at::Tensor prepare_firing_disagreements(const at::Tensor& bits) {
-  check_tensor("pyengine.firing_disagreements", bits, {"bits", 2, {at::kLong}, true});
+  constexpr const char* op = "pyengine.firing_disagreements";
+  check_tensor(op, bits, {"bits", 2, {at::kLong}, true});
+  checked_product(op, "output size in bytes (units * units * 8)", {bits.size(0), bits.size(0), 8});
   return at::zeros({bits.size(0), bits.size(0)}, bits.options());
 }
 

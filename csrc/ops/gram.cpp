@@ -23,7 +23,10 @@ void check_gram_accumulate(const at::Tensor& gram, const at::Tensor& x,
     check_tensor(op, *sums, {"sums", 1, {at::kDouble}, true}, &x, "x");
     TORCH_CHECK(sums->size(0) == d, op, ": sums has shape ", shape_string(*sums),
                 " but x has ", d, " columns; expected (", d, ",)");
+    check_no_alias(op, "sums", *sums, "x", x);
+    check_no_alias(op, "gram", gram, "sums", *sums);
   }
+  check_no_alias(op, "gram", gram, "x", x);
 }
 
 namespace {

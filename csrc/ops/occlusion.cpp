@@ -37,9 +37,13 @@ core::OcclusionGrid checked_grid(const char* op, at::IntArrayRef shape, at::IntA
                 " is larger than window ", list_string(window),
                 " in a dimension the window does not cover, so some inputs would never be occluded");
   }
+  checked_numel(op, "input size (product of the non-batch dimensions)", shape);
   const core::OcclusionGrid grid = core::make_occlusion_grid(dims, shape.data(), window.data(), stride.data());
-  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= grid.windows(), op, ": windows [", first, ", ",
-              first + count, ") are out of range; this sweep has ", grid.windows(), " windows");
+  const int64_t windows = checked_numel(op, "number of windows", at::IntArrayRef(grid.counts, dims));
+  // first + count is never formed before both are known to fit: no wrapped windows.
+  TORCH_CHECK(first >= 0 && count >= 0 && first <= windows && count <= windows - first, op, ": windows first = ",
+              first, ", count = ", count, " are out of range; expected 0 <= first <= first + count <= ", windows,
+              " (the windows of this sweep)");
   return grid;
 }
 
@@ -59,7 +63,11 @@ OcclusionBatchArgs prepare_occlusion_batch(const at::Tensor& inputs, const at::T
   const bool per_input = baseline.dim() == inputs.dim() && baseline.sizes() == inputs.sizes();
   TORCH_CHECK(shared || per_input, op, ": baseline has shape ", shape_string(baseline), "; expected ",
               list_string(shape), " (one for all inputs) or ", shape_string(inputs), " (one per input)");
-  std::vector<int64_t> out_shape{count * inputs.size(0)};
+  TORCH_CHECK(inputs.layout() == at::kStrided && baseline.layout() == at::kStrided, op,
+              ": inputs and baseline must be dense (strided) tensors");
+  const int64_t rows = checked_mul(op, "output rows (count * batch)", count, inputs.size(0));
+  checked_product(op, "output size in bytes", {rows, grid.elements(), static_cast<int64_t>(inputs.element_size())});
+  std::vector<int64_t> out_shape{rows};
   out_shape.insert(out_shape.end(), shape.begin(), shape.end());
   return {.grid = grid,
           .inputs = inputs.contiguous(),
@@ -77,6 +85,7 @@ OcclusionAccumulateArgs prepare_occlusion_accumulate(const at::Tensor& sums, con
   TORCH_CHECK(drops.size(1) == sums.size(0) && drops.size(2) == sums.size(1), op, ": drops has shape ",
               shape_string(drops), " but sums has shape ", shape_string(sums), "; expected drops (windows, ",
               sums.size(0), ", ", sums.size(1), ")");
+  check_no_alias(op, "sums", sums, "drops", drops);
   const core::OcclusionGrid grid = checked_grid(op, sums.sizes().slice(2), window, stride, first, drops.size(0));
   return {.grid = grid, .drops = drops.to(at::kDouble).contiguous()};
 }

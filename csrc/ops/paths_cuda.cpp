@@ -7,23 +7,45 @@
 #include <algorithm>
 
 #include "../cuda/paths.cuh"
+#include "check.h"
 #include "cuda_check.h"
 #include "paths.h"
 
 namespace pyengine::ops {
 namespace {
 
+constexpr const char* kOp = "pyengine.hierarchical_paths";
+
+// a * b, or `cap` when the product is larger (or overflows int64); a, b, cap >= 0.
+int64_t capped_mul(int64_t a, int64_t b, int64_t cap) {
+  int64_t out = 0;
+  return c10::mul_overflows(a, b, &out) || out > cap ? cap : out;
+}
+
 // The most units one target unit of step s connects to (the candidate list's capacity).
 int64_t max_connected(const core::PathStep& s) {
+  const int64_t cap = s.in.size();
   const int64_t pooled = s.pool == core::PoolKind::Avg ? s.pool_kernel[0] * s.pool_kernel[1] : 1;
-  const int64_t reads = s.map == core::MapKind::Dense ? s.mid.size() : s.mid.c * s.kernel[0] * s.kernel[1];
-  return std::min(reads * pooled, s.in.size());
+  const int64_t reads =
+      s.map == core::MapKind::Dense ? s.mid.size() : capped_mul(capped_mul(s.mid.c, s.kernel[0], cap), s.kernel[1], cap);
+  return capped_mul(reads, pooled, cap);
+}
+
+// path_workspace_bytes' terms, overflow-checked (with room for its 256-byte alignment).
+void check_workspace_size(int64_t pairs, int64_t layers, int64_t beam, int64_t max_units, int64_t max_candidates) {
+  const char* what = "the GPU workspace size";
+  int64_t per_pair = checked_mul(kOp, what, max_units, 9);  // weight (8 bytes) and seen (1 byte)
+  per_pair = checked_add(kOp, what, per_pair, checked_mul(kOp, what, max_candidates, 8));
+  per_pair = checked_add(kOp, what, per_pair, checked_product(kOp, what, {beam, max_candidates, 16}));
+  per_pair = checked_add(kOp, what, per_pair, checked_mul(kOp, what, beam, 16));
+  per_pair = checked_add(kOp, what, per_pair, checked_product(kOp, what, {beam, layers, 16}));
+  checked_add(kOp, what, checked_mul(kOp, what, pairs, per_pair), 7 * 256);
 }
 
 at::Tensor to_device(const void* data, size_t bytes, const at::Tensor& like, cudaStream_t stream) {
   at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   check_cuda(cudaMemcpyAsync(out.data_ptr(), data, bytes, cudaMemcpyHostToDevice, stream),
-             "pyengine.hierarchical_paths", "copy to the GPU");
+             kOp, "copy to the GPU");
   return out;
 }
 
@@ -42,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activa
   const at::Tensor steps = to_device(p.steps.data(), p.steps.size() * sizeof(core::PathStep), targets, stream);
   const at::Tensor pointers =
       to_device(p.activations.data(), p.activations.size() * sizeof(const double*), targets, stream);
-  const int64_t pairs = p.targets.size(0) * p.targets.size(1);
+  const int64_t pairs = p.targets.size(0) * p.targets.size(1);  // the size of targets
+  check_workspace_size(pairs, layers, beam, max_units, max_candidates);
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(cuda::path_workspace_bytes(pairs, layers, beam, max_units, max_candidates))},
       targets.options().dtype(at::kByte));
@@ -51,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> hierarchical_paths_cuda(at::TensorList activa
                                       p.targets.data_ptr<int64_t>(), p.targets.size(1), beam, max_units,
                                       max_candidates, workspace.data_ptr(), p.paths.data_ptr<int64_t>(),
                                       p.scores.data_ptr<double>(), stream),
-             "pyengine.hierarchical_paths");
+             kOp);
   return {p.paths, p.scores};
 }
 

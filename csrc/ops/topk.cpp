@@ -32,6 +32,16 @@ TopkUpdateArgs prepare_topk_update(const at::Tensor& values, const at::Tensor& i
                 "; expected the shape of values ", shape_string(values));
     extra = payload->contiguous();
   }
+  // The running lists are written in place: none may share memory with another argument.
+  const std::pair<const char*, const at::Tensor*> written[] = {
+      {"top_values", &top_values}, {"top_ids", &top_ids}, {"top_payload", &top_payload}};
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"values", &values}, {"ids", &ids}, {"payload", &extra}};
+  for (size_t i = 0; i < 3; ++i) {
+    for (const auto& [name, tensor] : inputs) check_no_alias(op, written[i].first, *written[i].second, name, *tensor);
+    for (size_t j = i + 1; j < 3; ++j) {
+      check_no_alias(op, written[i].first, *written[i].second, written[j].first, *written[j].second);
+    }
+  }
   return {.ids = ids.contiguous(), .payload = extra};
 }
 
