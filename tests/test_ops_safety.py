@@ -102,7 +102,7 @@ CRASHES = {
 
 
 def run_child(code: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=timeout)
 
 
 def outcome(result: subprocess.CompletedProcess[str]) -> str:

@@ -123,7 +123,19 @@ CAPTURE_ARGS = [
 def test_injected_write_error_through_the_cli(tmp_path: Path, call: int) -> None:
     out = tmp_path / "acts.h5"
     result = subprocess.run(
-        [sys.executable, "-c", INJECTED_CLI, str(call), "-q", *CAPTURE_ARGS, "--data-arg", "n=96", "--out", str(out)],
+        [
+            sys.executable,
+            "-P",
+            "-c",
+            INJECTED_CLI,
+            str(call),
+            "-q",
+            *CAPTURE_ARGS,
+            "--data-arg",
+            "n=96",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -240,7 +252,7 @@ def test_write_results_onto_a_full_disk(small_disk: Path) -> None:
 
     def write(run: str, values: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", WRITE_RESULTS, str(target), run, str(values)],
+            [sys.executable, "-P", "-c", WRITE_RESULTS, str(target), run, str(values)],
             capture_output=True,
             text=True,
             timeout=300,
