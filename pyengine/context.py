@@ -136,17 +136,24 @@ def finite(inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-def _row_range(start: int, stop: int, size: int, what: str, technique: str) -> tuple[int, str]:
-    """The end of rows ``start .. stop`` of a source of ``size`` rows and their description;
-    ``stop`` 0 or past the end means the end (and the description says so)."""
-    end = min(stop or size, size)
+def _row_range(start: int, stop: int, size: int, what: str, technique: str, at_most: int = 0) -> tuple[int, str]:
+    """The end of rows ``start .. stop`` of a source of ``size`` rows and their description.
+    ``stop`` 0 means the end, or ``start + at_most`` when the technique limits its default
+    extent; a ``stop`` past the end is an error, never a silent clip."""
+    if stop > size:
+        raise PyengineError(
+            f"{technique}: stop={stop} is past the end of the {size} rows of {what}; "
+            f"expected stop <= {size} (or 0: to the end)"
+        )
+    limited = stop == 0 and at_most and start + at_most < size
+    end = start + at_most if limited else (stop or size)
     if not 0 <= start < end:
         raise PyengineError(
             f"{technique}: rows start={start}, stop={stop} select nothing of the {size} rows of "
             f"{what}; expected 0 <= start < {size}"
         )
-    clipped = f"; stop={stop} is past the end" if stop > size else ""
-    return end, f"rows {start}-{end - 1} of {what} ({size} rows{clipped})"
+    note = f"; the first {at_most} by default, set stop to change it" if limited else ""
+    return end, f"rows {start}-{end - 1} of {what} ({size} rows{note})"
 
 
 @dataclass
@@ -207,12 +214,15 @@ class Context:
 
     # --- rows --------------------------------------------------------------------------------
 
-    def rows(self, batch_size: int, *, start: int = 0, stop: int = 0, technique: str = "") -> RowSource:
-        """Rows to analyse: the given inputs, else the dataset (see the module doc)."""
+    def rows(
+        self, batch_size: int, *, start: int = 0, stop: int = 0, at_most: int = 0, technique: str = ""
+    ) -> RowSource:
+        """Rows to analyse: the given inputs, else the dataset (see the module doc). With
+        ``stop`` 0, ``at_most`` (if set) limits how many rows from ``start`` are read."""
         technique = technique or "this technique"
         if self.inputs is not None:
             inputs = self.inputs
-            end, description = _row_range(start, stop, inputs.shape[0], "the given inputs", technique)
+            end, description = _row_range(start, stop, inputs.shape[0], "the given inputs", technique, at_most)
             source = RowSource(
                 description,
                 end - start,
@@ -223,7 +233,7 @@ class Context:
             )
         elif self.data is not None:
             data = self.data
-            end, description = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique)
+            end, description = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique, at_most)
             source = RowSource(
                 description,
                 end - start,
@@ -248,7 +258,14 @@ class Context:
         return self.inputs.to(self.device)
 
     def activations(
-        self, layers: Sequence[str], *, batch_size: int, start: int = 0, stop: int = 0, technique: str = ""
+        self,
+        layers: Sequence[str],
+        *,
+        batch_size: int,
+        start: int = 0,
+        stop: int = 0,
+        at_most: int = 0,
+        technique: str = "",
     ) -> ActivationSource:
         """Blocks of (rows, {layer: activations}): streamed from the store when it holds every
         layer (and no inputs are given), else from a recorded pass over ``ctx.rows``."""
@@ -256,7 +273,7 @@ class Context:
         store = self.store
         if self.inputs is None and store is not None and all(layer in store.layers for layer in layers):
             what, technique = f"store {store.path.name}", technique or "this technique"
-            end, description = _row_range(start, stop, len(store), what, technique)
+            end, description = _row_range(start, stop, len(store), what, technique, at_most)
             self.rows_read = f"{end - start} {description}"
             return ActivationSource(
                 description,
@@ -264,7 +281,7 @@ class Context:
                 lambda: _stored_blocks(store, layers, batch_size, start, end, self.device),
                 {k: tuple(v) for k, v in store.concepts.items()},
             )
-        source = self.rows(batch_size, start=start, stop=stop, technique=technique)
+        source = self.rows(batch_size, start=start, stop=stop, at_most=at_most, technique=technique)
 
         def recorded() -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
             with self.record(layers) as seen, torch.no_grad():

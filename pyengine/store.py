@@ -288,7 +288,7 @@ class ActivationWriter:
             if found != json.loads(json.dumps(config, sort_keys=True)):
                 raise StoreError(
                     f"{partial} holds an interrupted capture with a different configuration; "
-                    "delete it or pass overwrite=True"
+                    "delete it or replace it (overwrite=True; on the CLI: --overwrite)"
                 )
             writer = cls(path, file)
             for group in ("activations", "concepts", "inputs"):

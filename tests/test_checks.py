@@ -44,9 +44,17 @@ def test_models_built_by_name_are_the_same_every_time() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
 
 
-def test_a_stop_past_the_end_is_reported(small_cnn, small_shapes) -> None:
-    result = pyengine.run("gram-spectrum", small_cnn, data=small_shapes, stop=500, progress=False)
-    assert result.rows == f"96 rows 0-95 of dataset '{small_shapes.name}' (96 rows; stop=500 is past the end)"
+def test_a_stop_past_the_end_is_an_error_not_a_clip(small_cnn, small_shapes) -> None:
+    with pytest.raises(
+        PyengineError, match=r"stop=500 is past the end of the 96 rows of dataset .*expected stop <= 96"
+    ):
+        pyengine.run("gram-spectrum", small_cnn, data=small_shapes, stop=500, progress=False)
+    result = pyengine.run("activations", small_cnn, data=small_shapes, progress=False)
+    assert result.rows.endswith(
+        f"rows 0-3 of dataset '{small_shapes.name}' (96 rows; the first 4 by default, set stop to change it)"
+    )
+    result = pyengine.run("activations", small_cnn, small_shapes.batch(range(3)).inputs, progress=False)
+    assert result.rows == "3 rows 0-2 of the given inputs (3 rows)"
     with pytest.raises(PyengineError, match="rows start=200, stop=0 select nothing of the 96 rows"):
         pyengine.run("gram-spectrum", small_cnn, data=small_shapes, start=200, progress=False)
 

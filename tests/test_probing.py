@@ -89,6 +89,17 @@ def test_mlp_solves_xor_that_no_linear_probe_can() -> None:
     assert linear.test_accuracy["0|xor"] < 0.6
     assert mlp.test_accuracy["0|xor"] > 0.95
     assert mlp.selectivity["0|xor"] > 0.35
+    assert 0 < mlp.epochs_run["0|xor"] < 100 and not mlp.warning  # stopped early, on the validation loss
+
+
+def test_mlp_probe_says_when_it_hit_the_epoch_limit() -> None:
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3000, 8, generator=g)
+    data = TensorDataset(h, concepts={"xor": ((h[:, 0] > 0) ^ (h[:, 1] > 0)).long()})
+    mlp = pyengine.run("probe-mlp", IDENTITY, data=data, layers=["0"], epochs=2, progress=False)
+    assert mlp.epochs_run == {"0|xor": 2}
+    assert mlp.warning == "1 probe(s) still improved on validation at epochs=2 (0|xor); raise epochs"
+    assert "WARNING: 1 probe(s)" in mlp.summary()
 
 
 @pytest.mark.parametrize("technique", ["probe-neurons", "probe-linear"])

@@ -103,9 +103,12 @@ def area_under(curves: torch.Tensor) -> torch.Tensor:
     return torch.trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), dim=1)
 
 
+DEFAULT_IMAGES = 200  # images scored when stop is 0
+
+
 @dataclass(frozen=True)
 class FaithfulnessOptions(RowOptions):
-    stop: int = option(200, "end of the images scored (exclusive); 0: to the end")
+    stop: int = option(0, f"end of the images scored (exclusive); 0: the first {DEFAULT_IMAGES} (or all, if fewer)")
     batch_size: int = option(50, "images per attribution call")
     techniques: tuple[str, ...] = option((), "attribution techniques scored; default: every registered one")
     technique_options: dict[str, dict[str, Any]] = option({}, "technique name -> its options")
@@ -232,7 +235,9 @@ class Faithfulness(Technique):
     def _rows(
         self, ctx: Context, options: FaithfulnessOptions
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name).all()
+        rows = ctx.rows(
+            options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_IMAGES, technique=self.name
+        ).all()
         inputs = rows.require_inputs()
         targets = resolve_targets(options.target, ctx.model, inputs, rows.labels, 0)[:, 0]
         return inputs, targets, rows.boxes

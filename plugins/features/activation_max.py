@@ -31,9 +31,14 @@ OBJECTIVE_FORMS = (
 )
 
 
+ROWS_SEARCHED = 1000  # rows searched for the best input when stop is 0
+
+
 @dataclass(frozen=True)
 class ActivationMaxOptions(RowOptions):
-    stop: int = option(1000, "end of the rows searched for each objective's best input; 0: to the end")
+    stop: int = option(
+        0, f"end of the rows searched for each objective's best input; 0: the first {ROWS_SEARCHED} (or all)"
+    )
     compare: bool = option(True, "find each objective's best input among rows start..stop (the data's, or inputs)")
     objectives: tuple[dict[str, Any], ...] = option(
         (), "what to maximise: " + OBJECTIVE_FORMS + "; default: every channel of `layers`"
@@ -249,7 +254,9 @@ class ActivationMaximization(Technique):
 
     def _example(self, ctx: Context, options: ActivationMaxOptions) -> torch.Tensor:
         """The first block of rows: the image shape and value range."""
-        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        rows = ctx.rows(
+            options.batch_size, start=options.start, stop=options.stop, at_most=ROWS_SEARCHED, technique=self.name
+        )
         return next(iter(rows)).require_inputs().cpu()
 
     def _channel_objectives(
@@ -278,7 +285,9 @@ class ActivationMaximization(Technique):
         if not options.compare:
             return best
         best.fill_(float("-inf"))
-        rows = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+        rows = ctx.rows(
+            options.batch_size, start=options.start, stop=options.stop, at_most=ROWS_SEARCHED, technique=self.name
+        )
         with torch.no_grad():
             for block in rows:
                 acts, out = self._forward(ctx, layers, block.require_inputs(), grad=False)

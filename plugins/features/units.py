@@ -75,9 +75,12 @@ class Filters(Technique):
 # --- activations ------------------------------------------------------------------------------
 
 
+ROWS_SHOWN = 4  # rows shown when stop is 0
+
+
 @dataclass(frozen=True)
 class ActivationsOptions(RowOptions):
-    stop: int = option(4, "end of the rows shown (exclusive); 0: to the end")
+    stop: int = option(0, f"end of the rows shown (exclusive); 0: the first {ROWS_SHOWN} (or all, if fewer)")
     layers: tuple[str, ...] = option((), "one layer; default: the first conv layer's output after its ReLU")
     max_channels: int = option(32, "channels shown per input")
 
@@ -113,7 +116,12 @@ class Activations(Technique):
     def run(self, ctx: Context, options: ActivationsOptions) -> ActivationsResult:
         layer = options.layers[0] if options.layers else after_relu(ctx.model, conv_layers(ctx.model, self.name)[0])
         blocks = ctx.activations(
-            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+            (layer,),
+            batch_size=options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            at_most=ROWS_SHOWN,
+            technique=self.name,
         )
         maps = torch.cat([values[layer].float().cpu() for _, values in blocks])
         per_channel = maps.transpose(0, 1).reshape(maps.shape[1], -1)

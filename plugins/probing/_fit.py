@@ -251,15 +251,18 @@ def fit_mlp(
     weight_decay: float,
     batch_size: int,
     seed: int,
-) -> nn.Module:
-    """A binary probe d -> hidden -> 1 with ReLU; keeps the weights of the best val loss."""
+) -> tuple[nn.Module, int, bool]:
+    """A binary probe d -> hidden -> 1 with ReLU; keeps the weights of the best val loss.
+    Returns it, the epochs run, and whether training stopped early (``patience`` epochs
+    without a better validation loss) rather than at the ``epochs`` limit."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(x_train.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1)).to(x_train.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
-    best, best_state, waited = float("inf"), None, 0
+    best, best_state, waited, run, stopped = float("inf"), None, 0, 0, False
     for _ in range(epochs):
+        run += 1
         model.train()
         order = torch.randperm(x_train.shape[0], generator=generator).to(x_train.device)
         for first in range(0, order.numel(), batch_size):
@@ -277,7 +280,8 @@ def fit_mlp(
         else:
             waited += 1
             if waited >= patience:
+                stopped = True
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return model.eval()
+    return model.eval(), run, stopped

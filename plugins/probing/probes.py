@@ -381,15 +381,19 @@ class ProbeMLPResult(ProbeResult):
     test_accuracy: dict[str, float]
     control_accuracy: dict[str, float]
     selectivity: dict[str, float]
+    epochs_run: dict[str, int]  # per layer/concept probe: epochs trained before stopping
+    warning: str = ""  # probes whose validation loss still improved at the epoch limit
 
     def lines(self) -> list[str]:
-        return [
+        lines = [
             f"{key}: test {acc:.3f}, control {self.control_accuracy[key]:.3f}, selectivity {self.selectivity[key]:+.3f}"
             for key, acc in self.test_accuracy.items()
         ]
+        return lines + ([f"WARNING: {self.warning}"] if self.warning else [])
 
     def summary(self) -> str:
-        return _best_layer_per_concept(self.test_accuracy)
+        text = _best_layer_per_concept(self.test_accuracy)
+        return text + (f"; WARNING: {self.warning}" if self.warning else "")
 
 
 class ProbeMLP(Technique):
@@ -400,10 +404,11 @@ class ProbeMLP(Technique):
 
     def _fit_and_score(
         self, data: ProbeData, z: torch.Tensor, y: torch.Tensor, options: ProbeMLPOptions, seed: int
-    ) -> float:
+    ) -> tuple[float, int, bool]:
+        """Test accuracy, epochs run, and whether early stopping ended the training."""
         x_train, x_val, x_test = data.train_val_test(z)
         y_train, y_val, y_test = data.train_val_test(y)
-        model = fit_mlp(
+        model, epochs, stopped = fit_mlp(
             x_train,
             y_train,
             x_val,
@@ -417,20 +422,24 @@ class ProbeMLP(Technique):
             seed=seed,
         )
         with torch.no_grad():
-            return float(((model(x_test).squeeze(1) > 0) == y_test.bool()).float().mean())
+            return float(((model(x_test).squeeze(1) > 0) == y_test.bool()).float().mean()), epochs, stopped
 
     def run(self, ctx: Context, options: ProbeMLPOptions) -> ProbeMLPResult:
         data = collect(ctx, options)
-        accuracy, control = {}, {}
+        accuracy, control, epochs_run, at_limit = {}, {}, {}, []
         standardised = {layer: standardise(x, data.split.train)[0] for layer, x in data.features.items()}
         pairs = list(iter_pairs(data))
         with ctx.progress(len(pairs), "probe-mlp") as bar:
             for k, (layer, concept, _, y) in enumerate(pairs):
                 key = _key(layer, concept)
-                accuracy[key] = self._fit_and_score(data, standardised[layer], y, options, ctx.seed + k)
-                control[key] = self._fit_and_score(
+                accuracy[key], epochs_run[key], stopped = self._fit_and_score(
+                    data, standardised[layer], y, options, ctx.seed + k
+                )
+                control[key], _, _ = self._fit_and_score(
                     data, standardised[layer], data.controls[concept], options, ctx.seed + k
                 )
+                if not stopped:
+                    at_limit.append(key)
                 bar.update()
         selectivity = {key: accuracy[key] - control[key] for key in accuracy}
         layers, concepts = list(data.features), list(data.targets)
@@ -439,5 +448,12 @@ class ProbeMLP(Technique):
             test_accuracy=accuracy,
             control_accuracy=control,
             selectivity=selectivity,
+            epochs_run=epochs_run,
+            warning=(
+                f"{len(at_limit)} probe(s) still improved on validation at epochs={options.epochs} "
+                f"({', '.join(at_limit[:3])}{', ...' if len(at_limit) > 3 else ''}); raise epochs"
+                if at_limit
+                else ""
+            ),
             figures=(_per_layer_figure("MLP probe test accuracy per layer", accuracy, layers, concepts, "accuracy"),),
         )
