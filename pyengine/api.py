@@ -117,7 +117,7 @@ def check_same_model(reader: StoreReader, model: nn.Module) -> None:
 
 def execute(technique_class: type[Technique], ctx: Context, options: Options) -> Result:
     """Run one technique on a context: the single entry behind ``pyengine.run`` and ``ctx.run``.
-    The result says which rows were analysed."""
+    The result says which rows were analysed and which defaults were chosen."""
     result = technique_class().run(ctx, options)
     if not isinstance(result, Result):
         raise PluginError(
@@ -125,6 +125,9 @@ def execute(technique_class: type[Technique], ctx: Context, options: Options) ->
         )
     if ctx.rows_read and not result.rows:
         result = dataclasses.replace(result, rows=ctx.rows_read)
+    if ctx.defaults_chosen and not result.defaults:
+        chosen = "; ".join(f"{option}={value}" for option, value in ctx.defaults_chosen.items())
+        result = dataclasses.replace(result, defaults=chosen)
     return result
 
 

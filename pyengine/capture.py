@@ -153,7 +153,8 @@ def _capture_locked(
         if finished == config:
             return path
         raise StoreError(
-            f"{path} exists with a different capture configuration; choose another path or replace it (overwrite=True; on the CLI: --overwrite)"
+            f"{path} exists with a different capture configuration; choose another path or replace it "
+            "(overwrite=True; on the CLI: --overwrite)"
         )
 
     writer = ActivationWriter.resume(path, config)

@@ -169,6 +169,7 @@ class Context:
     show_progress: bool = True
     rng: torch.Generator = field(init=False)
     rows_read: str = field(init=False, default="")
+    defaults_chosen: dict[str, str] = field(init=False, default_factory=dict)  # option -> what and why
 
     def __post_init__(self) -> None:
         self.rng = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -187,13 +188,46 @@ class Context:
         """Module paths of every ``nn.ReLU`` in the model."""
         return layer_api.relu_layers(self.model)
 
+    def example(self, technique: str) -> torch.Tensor:
+        """One input row (the first given input, else the data's first row), on the device."""
+        if self.inputs is not None:
+            return self.inputs[:1].to(self.device)
+        if self.data is not None and len(self.data):
+            return self.data.batch([0]).inputs.to(self.device)
+        raise PyengineError(f"{technique}: no layers given and no inputs or data to find them from; pass layers=[...]")
+
     def default_layers(self, technique: str, *, from_store: bool = True) -> tuple[str, ...]:
-        """The stored layers (when ``from_store``), else every ReLU module; an error if none."""
-        stored = tuple(self.store.layers) if from_store and self.store is not None else ()
-        found = stored or self.relu_layers()
+        """The stored layers (when ``from_store``), else every call of a nonlinearity module
+        (ReLU, GELU, SiLU, ...) in a forward pass; an error if there is none."""
+        if from_store and self.store is not None and self.store.layers:
+            self.defaults_chosen["layers"] = f"the {len(self.store.layers)} layers of {self.store.path.name}"
+            return tuple(self.store.layers)
+        found = layer_api.nonlinearity_outputs(self.model, self.example(technique))
         if not found:
-            raise PyengineError(f"{technique}: no layers given and the model has no nn.ReLU modules; pass layers=[...]")
+            kinds = ", ".join(kind.__name__ for kind in layer_api.NONLINEARITIES[:4])
+            raise PyengineError(
+                f"{technique}: no layers given and the model runs no nonlinearity module ({kinds}, ...); "
+                "pass layers=[...]"
+            )
+        shown = ", ".join(found[:4]) + (f", ... ({len(found)} in all)" if len(found) > 4 else "")
+        self.defaults_chosen["layers"] = f"{shown} (every nonlinearity's output)"
         return found
+
+    def spatial_layer(self, technique: str) -> str:
+        """The default layer of spatial techniques (grad-cam, max-patches, ...): the last
+        (N, C, H, W) output that every path to the output goes through."""
+        layer = layer_api.last_spatial_cut(self.model, self.example(technique), technique)
+        self.defaults_chosen["layers"] = f"{layer} (the last (N, C, H, W) output every path to the output goes through)"
+        return layer
+
+    def first_block(self, technique: str) -> str:
+        """The first convolution's output after its normalisation and nonlinearity."""
+        with torch.no_grad():
+            layer = layer_api.first_block_output(self.model, self.example(technique), technique)
+        self.defaults_chosen["layers"] = (
+            f"{layer} (the first convolution's output after its normalisation/nonlinearity)"
+        )
+        return layer
 
     def record(
         self, layers: Sequence[str], *, grad: bool = False, edit: Mapping[str, layer_api.Edit] | None = None

@@ -2,9 +2,10 @@
 
 A layer reference names a value inside a forward pass::
 
-    "features.relu2"        the output of that module (its last call)
+    "features.relu2"        the output of that module (which must run once per pass)
     "blocks.0.attn[0]"      element 0 of a tuple/list output
-    "layer1.0.relu@1"       the output of the module's second call (0-based; -1 = last)
+    "layer4.2.relu#3"       the output of the module's third call (1-based), for a module
+                            run several times per pass; without it such a module is an error
 
 ``record`` captures referenced values while the model runs; ``trace`` lists every leaf
 module call in order. Both are scoped: every hook is removed when the block ends.
@@ -25,7 +26,9 @@ from torch.utils.hooks import RemovableHandle
 
 from pyengine.errors import NotFoundError, PyengineError
 
-_REFERENCE = re.compile(r"^(?P<path>[^\[\]@\s]+)(?:\[(?P<element>\d+)\])?(?:@(?P<call>-?\d+))?$")
+_REFERENCE = re.compile(
+    r"^(?P<path>[^\[\]#@\s]+)(?:#(?P<call>\d+))?(?:\[(?P<element>\d+)\])?(?:#(?P<call_after>\d+))?$"
+)
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,22 +76,23 @@ class LayerRef:
 
     path: str
     element: int | None = None  # element of a tuple/list output; None: the output itself
-    call: int = -1  # which call of a module run several times per pass (0-based; -1: the last)
+    call: int | None = None  # which call (1-based) of a module run several times per pass
 
     @classmethod
     def parse(cls, text: str) -> LayerRef:
         match = _REFERENCE.match(text) if isinstance(text, str) else None
-        if match is None:
+        call = (match["call"] or match["call_after"]) if match else None
+        if match is None or (match["call"] and match["call_after"]) or call == "0" or (call or "").startswith("0"):
             raise PyengineError(
-                f"layer {text!r} is invalid: expected a module path, optionally with [element] "
-                "and @call, e.g. 'layer1.0.relu' or 'blocks.0.attn[0]@1'"
+                f"layer {text!r} is invalid: expected a module path, optionally with #call (1-based) "
+                "and [element], e.g. 'layer1.0.relu', 'layer4.2.relu#3' or 'blocks.0.attn[0]'"
             )
-        element, call = match["element"], match["call"]
-        return cls(match["path"], int(element) if element is not None else None, int(call) if call else -1)
+        element = match["element"]
+        return cls(match["path"], int(element) if element is not None else None, int(call) if call else None)
 
     def __str__(self) -> str:
-        text = self.path + (f"[{self.element}]" if self.element is not None else "")
-        return text + (f"@{self.call}" if self.call != -1 else "")
+        text = self.path + (f"#{self.call}" if self.call is not None else "")
+        return text + (f"[{self.element}]" if self.element is not None else "")
 
     def select(self, output: Any) -> torch.Tensor:
         """The referenced tensor inside a module's output."""
@@ -118,28 +122,37 @@ class _Slot:
     calls: int = 0
     value: torch.Tensor | None = None
     version: int = 0
+    watched: torch.Tensor | None = None  # the tensor the model goes on with, checked for in-place changes
+    copy: bool | None = None  # copy the value? None: not known yet (the first pass copies and finds out)
 
 
 class Recording(Mapping[str, torch.Tensor]):
     """The values recorded in the latest forward pass, by the names they were asked for."""
 
-    def __init__(self, slots: dict[str, _Slot], grad: bool) -> None:
-        self._slots, self._grad = slots, grad
+    def __init__(self, slots: dict[str, _Slot]) -> None:
+        self._slots = slots
 
     def __getitem__(self, name: str) -> torch.Tensor:
         slot = self._slots[name]
-        if slot.value is None:
-            ran = (
-                f"ran {slot.calls} time(s) in the last forward pass"
-                if slot.calls
-                else "did not run in the forward pass"
-            )
-            raise PyengineError(f"layer {name!r} {ran}; nothing recorded")
-        if self._grad and slot.value._version != slot.version:
+        if slot.calls > 1 and slot.reference.call is None:
             raise PyengineError(
-                f"layer {name!r}: its output was changed in place after the module returned it "
-                "(e.g. an in-place add or ReLU); record the module that produces the final value"
+                f"layer {name!r}: module {slot.reference.path!r} ran {slot.calls} times in one forward pass; "
+                f"name the call, e.g. '{slot.reference.path}#{slot.calls}' for the last (1 to {slot.calls})"
             )
+        if slot.value is None:
+            ran = f"ran {slot.calls} time(s) per pass" if slot.calls else "did not run in the forward pass"
+            raise PyengineError(f"layer {name!r}: the module {ran}; nothing recorded")
+        watched = slot.watched
+        if watched is not None and watched._version != slot.version:
+            if slot.copy is None:  # found out on the first pass; its value is a copy
+                slot.copy = True
+            elif not slot.copy:
+                raise PyengineError(
+                    f"layer {name!r}: its output was changed in place after the module returned it, "
+                    "in this pass but not the first; record the module that produces the final value"
+                )
+        elif slot.copy is None:
+            slot.copy = False
         return slot.value
 
     def __iter__(self) -> Iterator[str]:
@@ -159,10 +172,13 @@ def record(
 ) -> Iterator[Recording]:
     """Record ``layers`` (references, see module doc) during forward passes of ``model``.
 
-    Without ``grad`` values are detached copies, so later in-place changes by the model do not
-    reach them; with ``grad`` they stay in the autograd graph (a value that needs no gradient,
-    in a frozen model, becomes a leaf that does, so gradients toward it always exist). ``edit`` maps a layer to a
-    function that replaces its value in the forward pass (every matching call).
+    A recorded value is what the module returned, even when the model changes that tensor in
+    place afterwards (``out += identity``, an in-place ReLU): the first pass copies each value
+    and watches whether the model changes it; later passes copy only the values that changed.
+    Without ``grad`` values are detached; with ``grad`` they stay in the autograd graph (the
+    model goes on with a copy when it changes the value in place), and a value that needs no
+    gradient, in a frozen model, becomes a leaf that does. ``edit`` maps a layer to a function
+    that replaces its value in the forward pass (at the referenced call).
     """
     if isinstance(layers, str):
         raise PyengineError(f"layers={layers!r} is invalid: expected a list of layer references")
@@ -179,24 +195,31 @@ def record(
 
     def reset(module: nn.Module, args: Any) -> None:
         for slot in slots.values():
-            slot.calls, slot.value = 0, None
+            slot.calls, slot.value, slot.watched = 0, None, None
 
     def make_hook(entries: list[tuple[str, _Slot]]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             for name, slot in entries:
-                call, slot.calls = slot.calls, slot.calls + 1
-                wanted = slot.reference.call
-                if wanted != -1 and call != wanted:
+                slot.calls += 1
+                if slot.calls != (slot.reference.call or 1):
                     continue
                 value = slot.reference.select(output)
                 if edit and name in edit:
                     value = edit[name](value)
                     output = _replace(output, slot.reference.element, value)
-                if grad and torch.is_grad_enabled() and not value.requires_grad and value.is_floating_point():
-                    value = value.detach().requires_grad_(True)  # differentiable even in a frozen model
-                    output = _replace(output, slot.reference.element, value)
-                slot.value = value if grad else value.detach().clone()
-                slot.version = value._version
+                copy = slot.copy is not False
+                if grad and torch.is_grad_enabled():
+                    if not value.requires_grad and value.is_floating_point():
+                        value = value.detach().requires_grad_(True)  # differentiable even in a frozen model
+                        output = _replace(output, slot.reference.element, value)
+                    slot.value, slot.watched = value, value
+                    if copy:  # the model goes on with a copy; the recorded value stays as returned
+                        slot.watched = value.clone()
+                        output = _replace(output, slot.reference.element, slot.watched)
+                else:
+                    slot.watched = value.detach()
+                    slot.value = slot.watched.clone() if copy else slot.watched
+                slot.version = slot.watched._version
             return output
 
         return hook
@@ -205,12 +228,12 @@ def record(
         scope.forward_pre(model, reset)
         for key, entries in by_module.items():
             scope.forward(modules[key], make_hook(entries))
-        yield Recording(slots, grad)
+        yield Recording(slots)
     for name, slot in slots.items():
-        if slot.reference.call >= 0 and slot.value is None and slot.calls:
+        if slot.reference.call is not None and slot.value is None and slot.calls:
             raise PyengineError(
                 f"layer {name!r}: the module ran {slot.calls} time(s) per pass; "
-                f"call {slot.reference.call} does not exist"
+                f"call #{slot.reference.call} does not exist"
             )
 
 
@@ -266,6 +289,138 @@ def trace(model: nn.Module, *, until: nn.Module | None = None, also: Sequence[nn
             yield traced
         except _Reached:
             pass
+
+
+# --- default layers, found from one traced forward pass ---------------------------------------
+
+NONLINEARITIES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Softplus, nn.Tanh,
+)  # fmt: skip
+"""Hidden-unit nonlinearities (gates such as Sigmoid/Hardsigmoid are not units' outputs)."""
+
+PER_POSITION: tuple[type[nn.Module], ...] = (
+    *NONLINEARITIES, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity,
+)  # fmt: skip
+"""Modules that act on each position of their input independently (same shape out)."""
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One module call of a traced pass: its reference, module, input and output."""
+
+    reference: str  # "path", or "path#k" for a module that ran several times
+    module: nn.Module
+    leaf: bool
+    first_input: Any
+    output: Any
+    node: Any  # the output's autograd node (None without gradients)
+
+
+@dataclass(frozen=True)
+class TracedPass:
+    """One forward pass: its module calls, in the order they finished, and its autograd graph."""
+
+    calls: list[ModuleCall]
+    input: torch.Tensor
+    output: Any
+
+    def separates(self, node: Any) -> bool:
+        """Every path from the output back to the input goes through autograd ``node``."""
+        root = _first_tensor(self.output)
+        if root is None or root.grad_fn is None or not self.input.requires_grad:
+            return False
+        target = self.input.view_as(self.input).grad_fn.next_functions[0][0]  # the input's AccumulateGrad
+        stack, visited = [root.grad_fn], {id(node)}
+        while stack:
+            current = stack.pop()
+            if current is None or id(current) in visited:
+                continue
+            if current is target:
+                return False
+            visited.add(id(current))
+            stack.extend(next_node for next_node, _ in current.next_functions)
+        return True
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
+    """Every module call (containers too, in the order they finish) of one forward pass of
+    ``example``, with references that name the call of modules run several times."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    raw: list[tuple[str, nn.Module, Any, Any]] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        raw.append((names[id(module)], module, args[0] if args else None, output))
+
+    x = example.detach().clone()
+    if x.is_floating_point():
+        x.requires_grad_(True)
+    with HookScope() as scope, torch.enable_grad():
+        for module in model.modules():
+            if id(module) in names:
+                scope.forward(module, hook)
+        output = model(x)
+    counts: dict[str, int] = {}
+    for name, *_ in raw:
+        counts[name] = counts.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    calls = []
+    for name, module, first_input, value in raw:
+        seen[name] = seen.get(name, 0) + 1
+        reference = name if counts[name] == 1 else f"{name}#{seen[name]}"
+        node = value.grad_fn if isinstance(value, torch.Tensor) else None
+        leaf = not any(True for _ in module.children())
+        calls.append(ModuleCall(reference, module, leaf, first_input, value, node))
+    return TracedPass(calls, x, output)
+
+
+def nonlinearity_outputs(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
+    """References to every call of a nonlinearity module (ReLU, GELU, SiLU, ...) in a pass."""
+    return tuple(c.reference for c in traced_pass(model, example).calls if isinstance(c.module, NONLINEARITIES))
+
+
+def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) -> str:
+    """The last (N, C, H, W) output with H*W > 1 that every path from the input to the output
+    goes through (a ResNet's ``layer4``, not a conv inside its last block; the outermost module
+    when several return the same value); an error naming why when there is none."""
+    if not example.is_floating_point():
+        raise PyengineError(f"{technique}: no default layer for {example.dtype} inputs; pass layers=<module path>")
+    traced = traced_pass(model, example)
+    spatial = [
+        c
+        for c in traced.calls
+        if isinstance(c.output, torch.Tensor) and c.output.dim() == 4 and c.output.shape[-2:].numel() > 1 and c.node
+    ]
+    for call in reversed(spatial):
+        if traced.separates(call.node):
+            return call.reference
+    raise PyengineError(
+        f"{technique}: {type(model).__name__} has no (N, C, H, W) layer that every path to the output goes "
+        "through; pass layers=<module path>"
+    )
+
+
+def first_block_output(model: nn.Module, example: torch.Tensor, technique: str) -> str:
+    """The first convolution's output after the per-position modules applied to it in turn
+    (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``)."""
+    calls = [c for c in traced_pass(model, example).calls if c.leaf]
+    convs = [k for k, c in enumerate(calls) if isinstance(c.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not convs:
+        raise PyengineError(f"{technique}: {type(model).__name__} runs no convolution; pass layers=<module path>")
+    chosen = calls[convs[0]]
+    for call in calls[convs[0] + 1 :]:
+        if not isinstance(call.module, PER_POSITION) or call.first_input is not chosen.output:
+            break
+        chosen = call
+    return chosen.reference
 
 
 def conv_layers(model: nn.Module, technique: str, kinds: tuple[type[nn.Module], ...] = (nn.Conv2d,)) -> list[str]:

@@ -177,11 +177,13 @@ class Result:
 
     Fields holding tensors (or str -> tensor mappings) are stored as HDF5 datasets,
     scalar fields (or str -> scalar mappings) as attributes. Only the host writes them.
-    ``rows`` is filled by the host: which rows were analysed, how many, from where.
+    ``rows`` and ``defaults`` are filled by the host: which rows were analysed, how many, from
+    where; and the defaults chosen for options left unset (e.g. the layers found in the model).
     """
 
     figures: tuple[Figure, ...] = ()
     rows: str = ""
+    defaults: str = ""
 
     def arrays(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

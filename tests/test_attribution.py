@@ -120,7 +120,9 @@ def test_grad_cam_equals_captum_before_upsampling() -> None:
             assert_equal_maps(res.layer_attributions, theirs)
             upsampled = captum_attr.LayerAttribution.interpolate(theirs, (16, 16), interpolate_mode="bilinear")
             assert_equal_maps(res.attributions, upsampled.expand_as(x))
-    assert run("grad-cam", model, x, target=0).layer == "features.relu3"  # the last conv, after its ReLU
+    default = run("grad-cam", model, x, target=0)
+    assert default.layer == "features"  # the last (N, C, H, W) output: after the last pool, as pytorch-grad-cam's VGG
+    assert default.defaults.startswith("layers=features (the last (N, C, H, W) output")
 
 
 @needs_captum

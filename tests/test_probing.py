@@ -45,8 +45,8 @@ def test_single_neuron_probes_agree_with_sklearn_neuron_by_neuron() -> None:
         auc = metrics.roc_auc_score(y[test].numpy(), h[test, unit].numpy() * np.sign(reference.coef_[0, 0]))
         assert float(result.auc["0|c"][unit]) == pytest.approx(auc, abs=1e-6)
     assert ours[4] > 0.9 and ours[20] > 0.9 and ours[5:20].max() < 0.7
-    assert result.best_neuron["c"] in ("0#4", "0#20")
-    assert "0#20 acc" in result.lines()[0] and "above" in result.lines()[0]
+    assert result.best_neuron["c"] in ("0:4", "0:20")
+    assert "0:20 acc" in result.lines()[0] and "above" in result.lines()[0]
     threshold = float(result.threshold["0|c"][20])
     predicted = h[test, 20] > threshold
     assert float((predicted == y[test].bool()).float().mean()) == pytest.approx(float(ours[20]), abs=1e-6)
@@ -179,4 +179,4 @@ def test_the_best_neuron_is_ranked_by_auc_not_by_the_base_rate() -> None:
     accuracy = result.test_accuracy["0|c"]
     base_rate = 1 - float(y[result.test_rows].float().mean())
     assert abs(float(accuracy[0]) - base_rate) < 0.01 and abs(float(accuracy[1]) - base_rate) < 0.02
-    assert result.best_neuron["c"] == "0#1" and float(result.auc["0|c"][1]) > 0.6 > float(result.auc["0|c"][0])
+    assert result.best_neuron["c"] == "0:1" and float(result.auc["0|c"][1]) > 0.6 > float(result.auc["0|c"][0])

@@ -29,7 +29,6 @@ from pyengine.attribution import (
 )
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.layers import after_relu, conv_layers
 from pyengine.technique import Technique, bad_option, layer_tuple, option
 
 REDUCTIONS = ("none", "max", "sum", "mean")
@@ -276,7 +275,7 @@ class IntegratedGradients(GradientTechnique):
 @dataclass(frozen=True)
 class GradCamOptions(AttributionOptions):
     layers: tuple[str, ...] = option(
-        (), "one conv layer; default: the last nn.Conv1d/2d (after its ReLU, if one follows)"
+        (), "one (N, C, H, W) layer; default: the last such output every path to the output goes through"
     )
     relu: bool = option(True, "keep positive evidence only (Selvaraju et al.); Captum's default is False")
     interpolate: str = option("bilinear", "upsampling to the input size: bilinear, nearest, bicubic")
@@ -292,11 +291,6 @@ class GradCamOptions(AttributionOptions):
 class GradCamResult(AttributionResult):
     layer: str
     layer_attributions: torch.Tensor  # (B, 1, h, w) before upsampling
-
-
-def default_conv_layer(model: nn.Module) -> str:
-    """The last nn.Conv1d/2d — taken after its ReLU when an nn.ReLU module directly follows it."""
-    return after_relu(model, conv_layers(model, "grad-cam", (nn.Conv1d, nn.Conv2d))[-1])
 
 
 def grad_cam(ctx: Context, layer_name: str, x: torch.Tensor, t: torch.Tensor, relu: bool) -> torch.Tensor:
@@ -323,8 +317,9 @@ class GradCam(GradientTechnique):
     def attributor(
         self, ctx: Context, options: GradCamOptions, layer_maps: list[torch.Tensor] | None = None
     ) -> Attribute:
-        layer_name = options.layers[0] if options.layers else default_conv_layer(ctx.model)
+        layer_name = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer_name)
+        self.layer = layer_name
         size = PassSize(ctx, options)
 
         def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -358,7 +353,7 @@ class GradCam(GradientTechnique):
             index,
             shown,
             GradCamResult,
-            layer=options.layers[0] if options.layers else default_conv_layer(ctx.model),
+            layer=self.layer,
             layer_attributions=cams,
         )
 

@@ -189,7 +189,7 @@ class InteractionBasis(Technique):
         top_edges = tuple(
             f"strongest edges {key}: "
             + ", ".join(
-                f"{layer_pair(key)[0]}#{i} → {layer_pair(key)[1]}#{j} ({float(w[j, i]):.3g})" for j, i in _largest(w, 5)
+                f"{layer_pair(key)[0]}:{i} → {layer_pair(key)[1]}:{j} ({float(w[j, i]):.3g})" for j, i in _largest(w, 5)
             )
             for key, w in edges.items()
         )

@@ -21,7 +21,6 @@ from torch import nn
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import gaussian_blur, image_grid, upscale
-from pyengine.layers import conv_layers
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
 OBJECTIVE_FORMS = (
@@ -45,8 +44,8 @@ class ActivationMaxOptions(RowOptions):
     )
     layers: tuple[str, ...] = option(
         (),
-        "one layer for the default objectives; default: the last Conv2d's output "
-        "(before its ReLU, so that gradients flow where the unit is off)",
+        "one layer for the default objectives; default: the last (N, C, H, W) output every path to the "
+        "output goes through",
     )
     channels: tuple[int, ...] = option((), "channels for the default objectives; default: all")
     steps: int = option(128, "optimisation steps")
@@ -129,7 +128,7 @@ def build_objective(spec: dict[str, Any], ctx: Context) -> tuple[str, Objective,
         return f"{layer} direction", along, {layer}
     if "unit" in spec:
         u = int(spec["unit"])
-        return f"{layer}#{u}", lambda acts, out: acts[layer].flatten(1)[:, u], {layer}
+        return f"{layer}:{u}", lambda acts, out: acts[layer].flatten(1)[:, u], {layer}
     if "channel" in spec:
         c = int(spec["channel"])
         if "y" in spec and "x" in spec:
@@ -262,7 +261,7 @@ class ActivationMaximization(Technique):
     def _channel_objectives(
         self, ctx: Context, options: ActivationMaxOptions, example: torch.Tensor
     ) -> list[dict[str, Any]]:
-        layer = options.layers[0] if options.layers else conv_layers(ctx.model, self.name)[-1]
+        layer = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         acts, _ = self._forward(ctx, [layer], example[:1].to(ctx.device), grad=False)
         width = acts[layer].shape[1]
         channels = options.channels or tuple(range(width))

@@ -16,15 +16,9 @@ from pyengine.attribution import GuidedReLUs
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, normalise_each, upscale
-from pyengine.layers import after_relu, conv_layers
+from pyengine.layers import conv_layers
 from pyengine.plugins.features._receptive import ReceptiveField, receptive_field
 from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, layer_tuple, option
-
-
-def last_conv_output(model: nn.Module, technique: str) -> str:
-    """The last nn.Conv2d, or the nn.ReLU right after it."""
-    return after_relu(model, conv_layers(model, technique)[-1])
-
 
 # --- filters ----------------------------------------------------------------------------------
 
@@ -81,7 +75,9 @@ ROWS_SHOWN = 4  # rows shown when stop is 0
 @dataclass(frozen=True)
 class ActivationsOptions(RowOptions):
     stop: int = option(0, f"end of the rows shown (exclusive); 0: the first {ROWS_SHOWN} (or all, if fewer)")
-    layers: tuple[str, ...] = option((), "one layer; default: the first conv layer's output after its ReLU")
+    layers: tuple[str, ...] = option(
+        (), "one layer; default: the first conv's output after its normalisation and nonlinearity"
+    )
     max_channels: int = option(32, "channels shown per input")
 
     def validate(self) -> None:
@@ -114,7 +110,7 @@ class Activations(Technique):
     explains_inputs: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: ActivationsOptions) -> ActivationsResult:
-        layer = options.layers[0] if options.layers else after_relu(ctx.model, conv_layers(ctx.model, self.name)[0])
+        layer = options.layers[0] if options.layers else ctx.first_block(self.name)
         blocks = ctx.activations(
             (layer,),
             batch_size=options.batch_size,
@@ -156,7 +152,9 @@ class Activations(Technique):
 @dataclass(frozen=True)
 class MaxPatchesOptions(RowOptions):
     batch_size: int = option(256, "rows per step")
-    layers: tuple[str, ...] = option((), "one layer; default: the last conv layer (after its ReLU)")
+    layers: tuple[str, ...] = option(
+        (), "one layer; default: the last (N, C, H, W) output every path to the output goes through"
+    )
     channels: tuple[int, ...] = option((), "channels (units, for dense layers) to rank inputs for; default: all")
     k: int = option(9, "top inputs kept per channel")
     guided: bool = option(False, "pair each patch with its guided-backprop map toward the unit")
@@ -200,7 +198,7 @@ class MaxPatches(Technique):
     def run(self, ctx: Context, options: MaxPatchesOptions) -> MaxPatchesResult:
         if ctx.data is None and ctx.inputs is None:
             raise PyengineError(f"{self.name} needs the inputs (to crop patches): pass data=<dataset> or inputs")
-        layer = options.layers[0] if options.layers else last_conv_output(ctx.model, self.name)
+        layer = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer)
         top, channels, spatial, scanned = self._stream(ctx, layer, options)
         if options.k > scanned:

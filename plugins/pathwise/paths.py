@@ -311,7 +311,7 @@ class HierarchicalResult(Result):
     path_output_share: float  # mean (W^path·x + b^path) / f over inputs and targets
 
     def summary(self) -> str:
-        first = ", ".join(f"{layer}#{int(u)}" for layer, u in zip(self.layers, self.paths[0, 0, 0]))
+        first = ", ".join(f"{layer}:{int(u)}" for layer, u in zip(self.layers, self.paths[0, 0, 0]))
         return (
             f"{self.paths.shape[0]} inputs x {self.paths.shape[1]} targets, beam {self.paths.shape[2]}: "
             f"input 0 -> {first}; the best path alone carries {self.path_output_share:.2e} of the output on average"

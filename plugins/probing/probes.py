@@ -178,9 +178,9 @@ class ProbeNeurons(Technique):
             candidates.sort(key=lambda item: -item[0])
             _, layer, unit = candidates[0]
             best_accuracy[concept] = float(fields["test_accuracy"][_key(layer, concept)][unit])
-            best_neuron[concept] = f"{layer}#{unit}"
+            best_neuron[concept] = f"{layer}:{unit}"
             listed = ", ".join(
-                f"{lay}#{u} acc {float(fields['test_accuracy'][_key(lay, concept)][u]):.3f} AUC {auc:.3f} "
+                f"{lay}:{u} acc {float(fields['test_accuracy'][_key(lay, concept)][u]):.3f} AUC {auc:.3f} "
                 f"sel {float(fields['selectivity'][_key(lay, concept)][u]):+.3f} "
                 f"{'above' if float(fields['weight'][_key(lay, concept)][u]) >= 0 else 'below'} "
                 f"{float(fields['threshold'][_key(lay, concept)][u]):.3g}"
@@ -193,7 +193,7 @@ class ProbeNeurons(Technique):
             key = _key(layer, concept)
             histograms.append(
                 _histogram_figure(
-                    f"{concept}: {layer}#{unit} activations by concept",
+                    f"{concept}: {layer}:{unit} activations by concept",
                     data.features[layer][:, unit],
                     data.targets[concept],
                     float(fields["threshold"][key][unit]),
