@@ -495,7 +495,10 @@ def init_signal(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``images`` (a cumulative average); return eval()."""
+    """Set every BatchNorm's running statistics to those of ``images``; return the model in eval mode.
+
+    One forward with only the BatchNorms in train mode (dropout stays off) and ``momentum=None`` (a
+    cumulative average, so exactly this batch's statistics); each BatchNorm's momentum is restored after."""
     model.eval()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
