@@ -306,6 +306,10 @@ PER_POSITION: tuple[type[nn.Module], ...] = (
 """Modules that act on each position of their input independently (same shape out)."""
 
 
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
 @dataclass(frozen=True)
 class ModuleCall:
     """One module call of a traced pass: its reference, module, input and output."""
@@ -397,7 +401,12 @@ def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) ->
     spatial = [
         c
         for c in traced.calls
-        if isinstance(c.output, torch.Tensor) and c.output.dim() == 4 and c.output.shape[-2:].numel() > 1 and c.node
+        if isinstance(c.output, torch.Tensor)
+        and c.output.dim() == 4
+        and c.output.shape[-2:].numel() > 1
+        and c.node is not None
+        and not isinstance(c.module, _ADAPTIVE_POOLS)  # the classifier's pooling, which may even upsample
+        and not isinstance(c.module, _TRANSPARENT)  # name the module that computed the value
     ]
     for call in reversed(spatial):
         if traced.separates(call.node):
@@ -410,16 +419,22 @@ def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) ->
 
 def first_block_output(model: nn.Module, example: torch.Tensor, technique: str) -> str:
     """The first convolution's output after the per-position modules applied to it in turn
-    (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``)."""
-    calls = [c for c in traced_pass(model, example).calls if c.leaf]
-    convs = [k for k, c in enumerate(calls) if isinstance(c.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``), named by
+    the outermost module that returns that value (torchvision's ``features.0`` block)."""
+    calls = traced_pass(model, example).calls
+    convs = [k for k, c in enumerate(calls) if c.leaf and isinstance(c.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if not convs:
         raise PyengineError(f"{technique}: {type(model).__name__} runs no convolution; pass layers=<module path>")
     chosen = calls[convs[0]]
     for call in calls[convs[0] + 1 :]:
-        if not isinstance(call.module, PER_POSITION) or call.first_input is not chosen.output:
+        if call.leaf and isinstance(call.module, _TRANSPARENT):
+            continue
+        if call.leaf and isinstance(call.module, PER_POSITION) and call.first_input is chosen.output:
+            chosen = call  # the next normalisation or nonlinearity (in place or not)
+        elif not call.leaf and call.output is chosen.output:
+            chosen = call  # a block returning that value
+        elif call.leaf:
             break
-        chosen = call
     return chosen.reference
 
 
