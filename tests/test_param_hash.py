@@ -181,7 +181,7 @@ def test_batchnorm_model_hashes_captures_and_saves(tmp_path: Path) -> None:
     digest = param_hash(model)
     assert len(digest) == 64 and digest == param_hash(resnet())
     x = images(6)
-    path = pyengine.capture(model, x, ["layer1.0.relu", "layer1.1"], tmp_path / "acts.h5", progress=False)
+    path = pyengine.capture(model, x, ["layer1.0.relu#2", "layer1.1"], tmp_path / "acts.h5", progress=False)
     with h5py.File(path, "r") as f:
         assert f["meta"].attrs["model_param_hash"] == digest
     result = pyengine.run("gram-spectrum", model, store=path, layers="layer1.1", save=tmp_path / "r.h5", progress=False)
