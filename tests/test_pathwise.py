@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from collections import OrderedDict
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vision_models import build, calibrate, init_signal, zoo_images
+from vision_models import VGG, ResNet, build, calibrate, init_signal, make_vgg_layers, zoo_images
 
 import pyengine
 from conftest import hooks_on, requires_cuda
@@ -488,8 +489,16 @@ class Wrapped(nn.Module):
         return self.fc2(self.how(self.relu(self.fc1(x))))
 
 
-def twice_if_positive(h: torch.Tensor) -> torch.Tensor:
-    return torch.relu(h) if h.sum().item() > 0 else h
+class EveryOtherCall(nn.Module):
+    """A stateful forward: an extra ReLU on every other call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.relu(h) if self.calls % 2 else h
 
 
 @pytest.mark.parametrize(
@@ -503,7 +512,9 @@ def twice_if_positive(h: torch.Tensor) -> torch.Tensor:
         (Wrapped(lambda h: h / h.sum(1, keepdim=True)), "runs div, which divides by an input-dependent tensor"),
         (Wrapped(lambda h: h.clamp(max=1)), "the forward of Wrapped runs clamp, which pathwise analysis cannot model"),
         (Wrapped(lambda h: nn.functional.dropout(h, 0.5, training=True)), "runs dropout, in training mode"),
-        (Wrapped(twice_if_positive),
+        (Wrapped(lambda h: torch.relu(h) if h.sum().item() > 0 else h), "the forward of Wrapped runs item, which "
+         "reads input-dependent values into Python (the pass could branch on them)"),
+        (Wrapped(EveryOtherCall()),
          "ran 1 ReLU and 0 max pool calls on a second pass over the same inputs, 2 and 0 on the first"),
     ],
 )  # fmt: skip
@@ -555,6 +566,8 @@ class TwoHeads(nn.Module):
         (build("resnet50", 32), "ReLU layer 'layer1.0.relu#3' takes input from 'relu', 'layer1.0.relu#2'; the top"),
         (ResidualMLP(), "ReLU layer 'relu#2' takes input from the input, 'relu#1'; the top-down walk"),
         (TwoHeads(), "the output takes input from 'relu:0', 'relu:1'; the top-down walk needs a plain chain"),
+        (build("vgg16_bn", 32), "before 'classifier.1': expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d (and an "
+         "eval-mode BatchNorm) between ReLU layers, found max_pool2d -> adaptive_avg_pool2d -> flatten -> linear"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2)),
          "after the last ReLU: expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d (and an eval-mode BatchNorm) "
          "between ReLU layers, found linear -> linear"),
@@ -563,7 +576,7 @@ class TwoHeads(nn.Module):
 def test_hierarchical_refuses_what_path_linear_models(model: nn.Module, fragment: str) -> None:
     """Residual, branching and other non-chain ReLU nets: path-linear is exact, the top-down walk refuses."""
     model = model.double().eval()
-    x = zoo_images(2, 32).double() if model.__class__.__name__ == "ResNet" else torch.randn(2, 4).double()
+    x = zoo_images(2, 32).double() if isinstance(model, (ResNet, VGG)) else torch.randn(2, 4).double()
     res = pyengine.run("path-linear", model, x, progress=False)
     torch.testing.assert_close(res.weight_part + res.bias_part, res.output, rtol=0, atol=1e-9)
     torch.testing.assert_close(res.output, model(x).gather(1, res.targets[:, None])[:, 0].detach())
@@ -619,3 +632,22 @@ def test_batchnorm_in_eval_mode_is_folded_for_the_top_down_walk() -> None:
     torch.testing.assert_close(res.scores, expected.scores, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(res.path_weight, expected.path_weight, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(res.path_bias, expected.path_bias, rtol=1e-12, atol=1e-12)
+
+
+def test_torchvision_vgg_with_batchnorm_walks_top_down() -> None:
+    """VGG-BN as torchvision writes it, at a size where its 7x7 average pool is the identity."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = init_signal(VGG(make_vgg_layers([8, "M", 16, "M"]), hidden=16))
+    model = calibrate(model, zoo_images(32, 28, seed=1)).double()
+    by_hand = copy.deepcopy(model)
+    by_hand.features = folded_by_hand(model.features)
+    x = zoo_images(3, 28, seed=4).double()
+    res = pyengine.run("hierarchical-decomposition", model, x, beam=2, progress=False)
+    expected = pyengine.run("hierarchical-decomposition", by_hand, x, beam=2, progress=False)
+    assert res.layers == ("features.2", "features.6", "classifier.1", "classifier.4")
+    assert torch.equal(res.paths, expected.paths)
+    torch.testing.assert_close(res.path_weight, expected.path_weight, rtol=1e-12, atol=1e-12)
+    chain = trace_chain(context(model), x, "test")
+    reference, _ = reference_paths([(s.pool, s.linear) for s in chain.steps], chain.activations, res.targets, 2)
+    assert torch.equal(res.paths, reference)

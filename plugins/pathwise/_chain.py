@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -61,13 +62,10 @@ class Network:
     bias_output: torch.Tensor = field(repr=False)  # b(x)
     trace: Trace = field(repr=False)
 
-    @property
+    @cached_property
     def masks(self) -> list[torch.Tensor]:
+        """Per layer, where its ReLU passes its input: (B, *S_l) 0/1."""
         return [(a > 0).to(a.dtype) for a in self.activations]
-
-    def is_chain(self) -> bool:
-        last = len(self.layers) - 1
-        return self.output_parents == (last,) and all(p == (k - 1,) for k, p in enumerate(self.parents))
 
 
 @dataclass
@@ -265,7 +263,7 @@ def _bind(op: Op, names: Sequence[str]) -> dict[str, Any]:
 
 def _step(ops: list[Op], a: torch.Tensor, target: torch.Tensor, where: str, technique: str) -> Step:
     """[max_pool2d|avg_pool2d] then conv2d|linear then [batch_norm], reshapes and eval dropout anywhere."""
-    kinds = [op for op in ops if op.name not in SHAPE_ONLY]
+    kinds = [op for op in ops if op.name not in SHAPE_ONLY and not _identity_pool(op)]
     pool = kinds.pop(0) if kinds and kinds[0].name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d") else None
     linear = kinds.pop(0) if kinds and kinds[0].name in ("conv2d", "linear") else None
     norm = kinds.pop(0) if kinds and kinds[0].name == "batch_norm" else None
@@ -287,6 +285,15 @@ def _step(ops: list[Op], a: torch.Tensor, target: torch.Tensor, where: str, tech
             f"real one by {error / max(scale, 1e-30):.3g} relative; pathwise analysis cannot model this network"
         )
     return Step(pool_module, module, linear.where)
+
+
+def _identity_pool(op: Op) -> bool:
+    """An adaptive average pool to the size it is given (torchvision VGG's 7x7 pool on a 7x7 map)."""
+    if op.name != "adaptive_avg_pool2d" or len(op.input_shape) < 2:
+        return False
+    size = _bind(op, ("input", "output_size"))["output_size"]
+    size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    return all(s is None or s == n for s, n in zip(size, op.input_shape[-2:]))
 
 
 def _pool(op: Op, technique: str) -> nn.MaxPool2d | nn.AvgPool2d:

@@ -56,6 +56,7 @@ NOT_PIECEWISE_LINEAR = frozenset(
     scaled_dot_product_attention exp log log1p sqrt rsqrt pow __pow__ __rpow__ square erf sin cos reciprocal
     __rtruediv__ norm var std""".split()
 )
+READS_VALUES = frozenset({"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__"})
 TENSOR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real"})  # linear views; ``.data`` would detach
 
 
@@ -113,6 +114,7 @@ class Op:
     kwargs: dict[str, Any]
     where: str
     after_layers: int
+    input_shape: tuple[int, ...]  # the shape of its first input-dependent argument
 
 
 @dataclass
@@ -209,6 +211,8 @@ class Tracer(TorchFunctionMode):
             raise self.refuse(name, "which is not piecewise linear")
         if name in {"detach", "detach_", ".data"}:
             raise self.refuse(name, "which cuts input-dependent values off the gradient")
+        if name in READS_VALUES:
+            raise self.refuse(name, "which reads input-dependent values into Python (the pass could branch on them)")
         if name in DROPOUTS and _argument(args, kwargs, 2, ("training", "train"), True):
             if float(_argument(args, kwargs, 1, ("p",), 0.5)) > 0:
                 raise self.refuse(name, "in training mode (random masks); call model.eval()")
@@ -248,8 +252,9 @@ class Tracer(TorchFunctionMode):
 
     def _record(self, func: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Keeps the constant arguments only (input-dependent ones would hold on to the pass's graph)."""
+        shape = next(tuple(v.shape) for v in tree_leaves((args, kwargs)) if self.depends(v))
         args, kwargs = tree_map(lambda v: None if self.depends(v) else v, (args, kwargs))
-        self.trace.ops.append(Op(name, func, args, kwargs, self.where(), len(self.trace.relus)))
+        self.trace.ops.append(Op(name, func, args, kwargs, self.where(), len(self.trace.relus), shape))
 
 
 def name_layers(relus: list[ReluCall]) -> list[str]:

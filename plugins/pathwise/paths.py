@@ -1,12 +1,14 @@
 """Pathwise explanation of ReLU networks (Lim, Lee, Park, Choi; Cheng et al., IJCV 2023).
 
-At an input x a ReLU network is linear, f(x) = W(x)·x + b(x), and that linear model is the
-sum of its paths' linear models. A path is a set of hidden ReLU units (one or more per
-layer, layers may be skipped); its model keeps the terms that pass through its units:
-W^path is the gradient with the backward signal masked to the path at its layers, and
-b^path = (masked ∂f/∂a at the path's lowest layer) · a − W^path·x, the bias the path
-carries from below. ``path-linear`` computes them; ``hierarchical-decomposition`` finds paths
-top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths``.
+At an input x a ReLU network is linear, f(x) = W(x)·x + b(x): W(x) is the gradient, b(x) the
+network linearised at x (``_chain.Linearised``) at input zero. That linear model is the sum of its
+paths' linear models. A path is a set of hidden ReLU units (one or more per layer, layers may be
+skipped); its model keeps the terms that pass through its units, at each of its layers: W^path is
+the gradient with the backward signal masked to the path at its layers and carried between them by
+vector-Jacobian products (so in a residual net, routes that bypass one of its layers are left out),
+and b^path = (masked ∂f/∂a at the path's lowest layer) · a − W^path·x, the bias the path carries
+from below. ``path-linear`` computes them on any ReLU network; ``hierarchical-decomposition`` finds
+paths top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths``, on chains.
 """
 
 from __future__ import annotations
