@@ -188,9 +188,11 @@ def relu_pass(model: nn.Module, x: torch.Tensor, masks: dict[int, torch.Tensor] 
         for handle in handles:
             handle.remove()
     called: dict[str, int] = {}
-    for k, name in enumerate(modules):
+    functional = 0
+    for name in modules:
         if not name:
-            seen.names.append(f"relu:{k}")
+            seen.names.append(f"relu:{functional}")  # the k-th functional call
+            functional += 1
             continue
         called[name] = called.get(name, 0) + 1
         seen.names.append(name if counts[name] == 1 else f"{name}#{called[name]}")
