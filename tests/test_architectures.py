@@ -841,7 +841,7 @@ def test_the_tables_name_real_cells() -> None:
 
 def table() -> str:
     """The matrix as markdown: what each technique is checked against, and per model whether it
-    is (✓) or why the technique refuses; "(pending)" marks cells that wait for a fix."""
+    is (✓) or why the technique refuses; "✗ pending: ..." marks cells that fail today, with the fix they wait for."""
     lines = [
         "| technique | checked against | " + " | ".join(MODELS) + " |",
         "| --- | --- |" + " --- |" * len(MODELS),
@@ -852,7 +852,8 @@ def table() -> str:
         for name in MODELS:
             refusal = REFUSALS.get((technique, name))
             text = f"refused: {refusal.reason}" if refusal else spec.notes.get(name, "✓") if spec else "?"
-            row.append(text + (" (pending)" if (technique, name) in PENDING else ""))
+            pending = PENDING.get((technique, name))
+            row.append(f"✗ {pending.split('(')[0].strip()}" if pending else text)
         reference = spec.reference if spec else "no reference"
         lines.append(f"| {technique} | {reference} | " + " | ".join(row) + " |")
     return "\n".join(lines)
