@@ -375,8 +375,10 @@ class TracedPass:
         root = _first_tensor(self.output)
         if root is None or root.grad_fn is None or not self.input.requires_grad:
             return False
-        target = self.input.view_as(self.input).grad_fn.next_functions[0][0]  # the input's AccumulateGrad
-        stack, visited = [root.grad_fn], {id(node)}
+        view = self.input.view_as(self.input).grad_fn
+        target = view.next_functions[0][0] if view is not None else None  # the input's AccumulateGrad
+        stack: list[Any] = [root.grad_fn]
+        visited = {id(node)}
         while stack:
             current = stack.pop()
             if current is None or id(current) in visited:
