@@ -154,6 +154,9 @@ class RowOptions(Options):
 _BaseOptions = Options
 
 
+_HOST_FIELDS = ("rows", "defaults")
+
+
 @dataclass(frozen=True)
 class Figure:
     """A figure as data; the report renders and escapes it. Give ``image`` or ``lines``."""
@@ -199,6 +202,8 @@ class Result:
         out: dict[str, Scalar] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in _HOST_FIELDS and not value:
+                continue  # filled by the host only when there is something to say
             if isinstance(value, (int, float, str, bool)):
                 out[f.name] = value
             elif (
