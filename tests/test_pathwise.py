@@ -548,6 +548,18 @@ def test_an_op_taken_for_affine_that_is_not_is_caught(monkeypatch: pytest.Monkey
         pyengine.run("path-linear", model, torch.randn(3, 4, dtype=torch.float64), progress=False)
 
 
+class PerPosition(nn.Module):
+    """A Linear applied to the last dimension of a ReLU layer's output viewed as (B, 2, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.fc1(x))
+        return self.fc3(F.relu(self.fc2(a.view(-1, 2, 3)).flatten(1)))
+
+
 class TwoHeads(nn.Module):
     """The output reads two ReLU layers: fc3(cat(a1, a2))."""
 
@@ -566,6 +578,8 @@ class TwoHeads(nn.Module):
         (build("resnet50", 32), "ReLU layer 'layer1.0.relu#3' takes input from 'relu', 'layer1.0.relu#2'; the top"),
         (ResidualMLP(), "ReLU layer 'relu#2' takes input from the input, 'relu#1'; the top-down walk"),
         (TwoHeads(), "the output takes input from 'relu:0', 'relu:1'; the top-down walk needs a plain chain"),
+        (PerPosition(), "before 'relu:1': the ops (view -> linear -> flatten) do not map the layer's output of "
+         "shape (2, 6) to the next input of shape (2, 4) as one [pool] then Linear|Conv2d"),
         (build("vgg16_bn", 32), "before 'classifier.1': expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d (and an "
          "eval-mode BatchNorm) between ReLU layers, found max_pool2d -> adaptive_avg_pool2d -> flatten -> linear"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2)),

@@ -53,7 +53,6 @@ class Network:
 
     layers: list[str]
     activations: list[torch.Tensor]  # a_l (B, *S_l)
-    preactivations: list[torch.Tensor]  # h_l (B, *S_l)
     parents: list[tuple[int, ...]]
     output_parents: tuple[int, ...]
     output: torch.Tensor = field(repr=False)
@@ -64,8 +63,8 @@ class Network:
 
     @cached_property
     def masks(self) -> list[torch.Tensor]:
-        """Per layer, where its ReLU passes its input: (B, *S_l) 0/1."""
-        return [(a > 0).to(a.dtype) for a in self.activations]
+        """Per layer, where its ReLU passes its input: (B, *S_l) booleans."""
+        return [a > 0 for a in self.activations]
 
 
 @dataclass
@@ -89,11 +88,13 @@ class Chain(Network):
 class Linearised(TorchFunctionMode):
     """Replays a traced pass with ReLU k as ``h * mask_k`` (or zero with ``zero_sources``) and max pools
     selecting at the traced indices. ``nodes[l]`` holds layer l's output in the autograd graph (a
-    tensor later in-place ops of the model do not touch); ``pre[l]`` its input (with ``zero_sources``)."""
+    tensor later in-place ops of the model do not touch); ``pre[l]`` a copy of its input (with
+    ``zero_sources`` or ``record_inputs``)."""
 
-    def __init__(self, network: Network, *, zero_sources: bool = False) -> None:
+    def __init__(self, network: Network, *, zero_sources: bool = False, record_inputs: bool = False) -> None:
         super().__init__()
         self.trace, self.zero_sources = network.trace, zero_sources
+        self.record_inputs = record_inputs or zero_sources
         self.masks = network.masks
         self.layer_of_call = {relu.call: k for k, relu in enumerate(network.trace.relus)}
         self.nodes: list[torch.Tensor | None] = [None] * len(network.layers)
@@ -111,11 +112,9 @@ class Linearised(TorchFunctionMode):
             if layer is None:
                 return func(*args, **kwargs)
             source = args[0]
-            if self.zero_sources:
+            if self.record_inputs:
                 self.pre[layer] = source.detach().clone()
-                node = torch.zeros_like(source)
-            else:
-                node = source * self.masks[layer]
+            node = torch.zeros_like(source) if self.zero_sources else source * self.masks[layer]
             self.nodes[layer] = node
             return source.copy_(node) if is_inplace_relu(name, args, kwargs) else node.clone()
         if name in MAX_POOLS:
@@ -172,7 +171,6 @@ def trace_network(ctx: Context, x: torch.Tensor, technique: str) -> Network:
     network = Network(
         layers=layers,
         activations=[relu.post for relu in trace.relus],
-        preactivations=[relu.pre for relu in trace.relus],
         parents=found[:-1],
         output_parents=found[-1],
         output=output.detach(),
@@ -231,10 +229,13 @@ def trace_chain(ctx: Context, x: torch.Tensor, technique: str) -> Chain:
                 "ReLU layers (each fed by the one before), not residual or other branching networks "
                 "(path-linear handles those)"
             )
+    with torch.no_grad(), Linearised(network, record_inputs=True) as replay:
+        ctx.model(x)
+    replay.check(technique)  # so every layer's input is recorded
+    targets = [*(h for h in replay.pre[1:] if h is not None), network.output]
     steps = []
-    for layer in range(len(layers)):
+    for layer, target in enumerate(targets):
         ops = [op for op in network.trace.ops if op.after_layers == layer + 1]
-        target = network.preactivations[layer + 1] if layer + 1 < len(layers) else network.output
         where = f"before {layers[layer + 1]!r}" if layer + 1 < len(layers) else "after the last ReLU"
         steps.append(_step(ops, network.activations[layer], target, where, technique))
     return Chain(**{f: getattr(network, f) for f in network.__dataclass_fields__}, steps=steps)
@@ -275,14 +276,24 @@ def _step(ops: list[Op], a: torch.Tensor, target: torch.Tensor, where: str, tech
         )
     pool_module = _pool(pool, technique) if pool is not None else None
     module = _linear(linear, norm, technique)
+    found = " -> ".join(op.name for op in ops)
     pooled = pool_module(a) if pool_module is not None else a
-    modelled = module(pooled if isinstance(module, nn.Conv2d) else pooled.flatten(1))
-    scale = float(target.abs().max()) if target.numel() else 0.0
-    error = float((modelled - target).abs().max()) if modelled.shape == target.shape else float("inf")
-    if not error <= torch.finfo(target.dtype).eps ** 0.5 * max(scale, 1e-30):
+    try:
+        modelled = module(pooled if isinstance(module, nn.Conv2d) else pooled.flatten(1))
+    except RuntimeError:  # the Linear|Conv2d does not take the pooled layer as it is laid out
+        modelled = None
+    if modelled is None or modelled.shape != target.shape:
         raise PyengineError(
-            f"{technique}: {where}: the input as modelled ({' -> '.join(op.name for op in ops)}) differs from the "
-            f"real one by {error / max(scale, 1e-30):.3g} relative; pathwise analysis cannot model this network"
+            f"{technique}: {where}: the ops ({found}) do not map the layer's output of shape {tuple(a.shape)} to "
+            f"the next input of shape {tuple(target.shape)} as one [pool] then Linear|Conv2d; the top-down walk "
+            "cannot model this network (path-linear can)"
+        )
+    scale = max(float(target.abs().max()) if target.numel() else 0.0, 1e-30)
+    error = float((modelled - target).abs().max())
+    if not error <= torch.finfo(target.dtype).eps ** 0.5 * scale:
+        raise PyengineError(
+            f"{technique}: {where}: the input as modelled ({found}) differs from the real one by "
+            f"{error / scale:.3g} relative; the top-down walk cannot model this network (path-linear can)"
         )
     return Step(pool_module, module, linear.where)
 

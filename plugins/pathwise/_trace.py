@@ -122,7 +122,6 @@ class ReluCall:
     name: str  # module path (``#k`` appended later for a module run several times), or ``relu:<k>``
     module_path: str | None  # the nn.ReLU module running it, None for a functional call
     call: int  # index among all ReLU calls of the pass
-    pre: torch.Tensor  # the input h (a copy)
     post: torch.Tensor  # the output a (a copy)
     node: Any  # the output's autograd node (dropped once the layers' parents are known)
 
@@ -228,8 +227,6 @@ class Tracer(TorchFunctionMode):
             raise self.refuse(name, f"which combines {len(dependent)} input-dependent tensors (not piecewise linear)")
 
     def _relu(self, func: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        source = args[0]
-        pre = source.detach().clone()
         result = func(*args, **kwargs)
         module = self.scope[-1] if self.scope and isinstance(self.scope[-1][1], nn.ReLU) else None
         if module is None:
@@ -241,7 +238,6 @@ class Tracer(TorchFunctionMode):
                 label,
                 module[0] if module else None,
                 self.trace.relu_calls,
-                pre,
                 result.detach().clone(),
                 result.grad_fn,
             )
