@@ -67,6 +67,30 @@ def float64(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double().eval()
 
 
+NONLINEARITIES = (nn.ReLU, nn.GELU, nn.Hardswish, nn.SiLU, nn.Tanh)  # the zoo's hidden-unit nonlinearities
+
+
+def nonlinearity_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """References to every call of a hidden-unit nonlinearity module, in the order they run."""
+    names = {id(m): n for n, m in model.named_modules()}
+    order: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda module, args, out: order.append(names[id(module)]))
+        for m in model.modules()
+        if isinstance(m, NONLINEARITIES)
+    ]
+    with torch.no_grad():
+        model(x[:1])
+    for handle in handles:
+        handle.remove()
+    seen: dict[str, int] = {}
+    references = []
+    for name in order:
+        seen[name] = seen.get(name, 0) + 1
+        references.append(name if order.count(name) == 1 else f"{name}#{seen[name]}")
+    return references
+
+
 # --- units: the zoo's 4-D values are conv maps (units on dim 1), its 3-D ones token sequences -------
 
 
@@ -254,3 +278,21 @@ def greedy_paths(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tu
             if layer:
                 above = seen.inputs[layer].flatten(1)[rows, best]
     return paths, scores
+
+
+def locate_patch(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int, int, int]:
+    """The image box (y0, y1, x0, x1) a max-patches crop shows, from its pixels (zero outside the image)."""
+    shown = patch.abs().sum(0) > 0
+    rows, columns = shown.any(1).nonzero().flatten(), shown.any(0).nonzero().flatten()
+    assert rows.numel() and columns.numel(), "the patch shows no input pixels"
+    py0, py1, px0, px1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+    region = patch[:, py0:py1, px0:px1]
+    windows = image.unfold(1, py1 - py0, 1).unfold(2, px1 - px0, 1)
+    found = (windows == region[:, None, None]).flatten(-2).all(-1).all(0).nonzero()
+    assert len(found) == 1, f"the patch is not one crop of its input ({len(found)} matches)"
+    y0, x0 = (int(v) for v in found[0])
+    y1, x1 = y0 + py1 - py0, x0 + px1 - px0
+    # cut off only at the image's edges: a field hanging over the top starts at row 0, ...
+    assert (py0 == 0 or y0 == 0) and (py1 == patch.shape[1] or y1 == image.shape[1])
+    assert (px0 == 0 or x0 == 0) and (px1 == patch.shape[2] or x1 == image.shape[2])
+    return y0, y1, x0, x1

@@ -94,7 +94,6 @@ INTERACTION_LAYERS = {
     "demo_cnn": ("features.pool3", "classifier.relu4"),
 }
 CHAINS = ("vgg16_bn", "demo_cnn")  # plain chains of ReLU layers: hierarchical paths have a reference
-NONLINEARITIES = (nn.ReLU, nn.GELU, nn.Hardswish, nn.SiLU, nn.Tanh)  # the zoo's hidden-unit nonlinearities
 
 
 @dataclass(frozen=True)
@@ -195,27 +194,6 @@ def close(ours: Any, theirs: Any, relative: float = 1e-5) -> None:
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
     scale = max(float(theirs.abs().max()) if theirs.numel() else 0.0, 1e-12)
     assert float((ours - theirs).abs().max()) <= relative * scale, (float((ours - theirs).abs().max()), scale)
-
-
-def nonlinearity_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """References to every call of a hidden-unit nonlinearity module, in the order they run."""
-    names = {id(m): n for n, m in model.named_modules()}
-    order: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda module, args, out: order.append(names[id(module)]))
-        for m in model.modules()
-        if isinstance(m, NONLINEARITIES)
-    ]
-    with torch.no_grad():
-        model(x[:1])
-    for handle in handles:
-        handle.remove()
-    seen: dict[str, int] = {}
-    references = []
-    for name in order:
-        seen[name] = seen.get(name, 0) + 1
-        references.append(name if order.count(name) == 1 else f"{name}#{seen[name]}")
-    return references
 
 
 # --- attribution -------------------------------------------------------------------------------------
@@ -334,28 +312,10 @@ def check_activations(cell: Cell, res: Any) -> None:
     assert res.zero_fraction == pytest.approx(float((expected == 0).double().mean()))
 
 
-def locate_patch(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int, int, int]:
-    """The image box (y0, y1, x0, x1) a max-patches crop shows, from its pixels (zero outside the image)."""
-    shown = patch.abs().sum(0) > 0
-    rows, columns = shown.any(1).nonzero().flatten(), shown.any(0).nonzero().flatten()
-    assert rows.numel() and columns.numel(), "the patch shows no input pixels"
-    py0, py1, px0, px1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
-    region = patch[:, py0:py1, px0:px1]
-    windows = image.unfold(1, py1 - py0, 1).unfold(2, px1 - px0, 1)
-    found = (windows == region[:, None, None]).flatten(-2).all(-1).all(0).nonzero()
-    assert len(found) == 1, f"the patch is not one crop of its input ({len(found)} matches)"
-    y0, x0 = (int(v) for v in found[0])
-    y1, x1 = y0 + py1 - py0, x0 + px1 - px0
-    # cut off only at the image's edges: a field hanging over the top starts at row 0, ...
-    assert (py0 == 0 or y0 == 0) and (py1 == patch.shape[1] or y1 == image.shape[1])
-    assert (px0 == 0 or x0 == 0) and (px1 == patch.shape[2] or x1 == image.shape[2])
-    return y0, y1, x0, x1
-
-
 def check_max_patches(cell: Cell, res: Any) -> None:
     """Top values, rows and positions from recorded values; each crop holds every input pixel its
     unit's gradient reaches (float64)."""
-    from matrix_references import cloned_outputs, float64, record_values
+    from matrix_references import cloned_outputs, float64, locate_patch, record_values
 
     layer = SPATIAL[cell.name]
     assert res.layer == layer
@@ -408,7 +368,7 @@ def check_activation_maximization(cell: Cell, res: Any) -> None:
 def probe_features(cell: Cell, res: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per layer (rows, units) from recorded values; per binary concept its (rows,) 0/1 labels;
     and the split checked: train, validation and test rows partition the rows."""
-    from matrix_references import pooled_units, record_values
+    from matrix_references import nonlinearity_calls, pooled_units, record_values
 
     layers = list(PROBE_LAYERS.get(cell.name, nonlinearity_calls(cell.model, cell.inputs)))
     values = record_values(cell.model, layers, cell.all_inputs)
@@ -570,7 +530,7 @@ def check_hierarchical(cell: Cell, res: Any) -> None:
 
 def default_values(cell: Cell, res_layers: Any) -> dict[str, torch.Tensor]:
     """Every nonlinearity call's values over the data, checked to be the technique's layers."""
-    from matrix_references import record_values
+    from matrix_references import nonlinearity_calls, record_values
 
     layers = nonlinearity_calls(cell.model, cell.inputs)
     assert list(res_layers) == layers
@@ -590,7 +550,7 @@ def check_gram_spectrum(cell: Cell, res: Any) -> None:
 
 def check_jacobian_gram(cell: Cell, res: Any) -> None:
     """E[JᵀJ] over units from float64 autograd (every output coordinate)."""
-    from matrix_references import jacobian_grams
+    from matrix_references import jacobian_grams, nonlinearity_calls
 
     layers = nonlinearity_calls(cell.model, cell.inputs)
     assert list(res.units) == layers and res.sources == "exact"
