@@ -6,6 +6,9 @@
 #                   without a reinstall (C++ edits still need `make dev` again)
 #   make lint / make typecheck   the gates alone
 #   make fuzz       the ops fuzz at length (FUZZ_EXAMPLES=5000 random examples, one child process)
+#   make sanitize   the ops built with AddressSanitizer + UBSan (PYENGINE_SANITIZE=ON, CPU only) in its
+#                   own venv and build dir (build/asan/), then the op tests (SANITIZE_TESTS) and the ops
+#                   fuzz (FUZZ_EXAMPLES random examples) under them; any report fails it. Not part of test
 #   make bench      the benchmarks (ratios against anchors measured in the same run)
 #   make gpu-check  on a CUDA machine, with $(PYTHON)'s torch (no venv): build with CUDA, the CUDA tests,
 #                   every benchmark with --device cuda, one summary table; without a GPU it says so and exits 0
@@ -22,8 +25,16 @@ GATE_DEPS := "ruff==0.17.6" "mypy==2.4.1"
 SOURCES := pyengine plugins tests benchmarks examples
 CUDA_ARCH ?= 90
 FUZZ_EXAMPLES ?= 5000
+# make sanitize: an uninstrumented python loads the instrumented extension, so the ASan runtime is
+# preloaded (and libstdc++ with it, or ASan cannot intercept __cxa_throw: every C++ exception, e.g. a
+# TORCH_CHECK, would abort). python leaks by design: no leak check. A UBSan report halts (exit 1).
+ASAN_VENV := build/asan/venv
+ASAN_PY := $(ASAN_VENV)/bin/python
+ASAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+SANITIZE_TESTS ?= tests/test_ops_*.py tests/test_pathwise.py tests/test_synchrony.py
 
-.PHONY: all setup build dev lint typecheck test fuzz demo bench nvcc-check gpu-check clean
+.PHONY: all setup build dev lint typecheck test fuzz sanitize demo bench nvcc-check gpu-check clean
 
 all: test
 
@@ -66,6 +77,23 @@ test: lint typecheck build nvcc-check
 # The ops fuzz (tests/ops_fuzz.py, in one child process) at length, with a fresh random seed.
 fuzz: build
 	PYENGINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PYENGINE_FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_ops_safety.py -k fuzz
+
+$(ASAN_VENV)/.ready: Makefile
+	test -x $(ASAN_PY) || $(PYTHON) -m venv $(ASAN_VENV)
+	$(ASAN_PY) -c "import torch" 2>/dev/null || $(ASAN_PY) -m pip install $(TORCH)
+	$(ASAN_PY) -m pip install -q $(BUILD_DEPS) $(RUNTIME_DEPS) $(TEST_DEPS)
+	touch $@
+
+# --capture=sys: a report from the pytest process itself reaches the terminal before it exits.
+# The children (the crash replays, the fuzz) inherit the environment and run instrumented too.
+sanitize: $(ASAN_VENV)/.ready
+	$(ASAN_PY) -m pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/asan/cmake \
+	  --config-settings=cmake.define.PYENGINE_SANITIZE=ON --config-settings=cmake.define.PYENGINE_CUDA=OFF .
+	$(ASAN_ENV) $(ASAN_PY) -P -c "import pyengine._C as c; so = open(c.__file__, 'rb').read(); \
+	  b'__asan_report' in so and b'__ubsan_handle' in so or exit(c.__file__ + ' is not instrumented')"
+	$(ASAN_ENV) $(ASAN_VENV)/bin/pytest -q --capture=sys $(SANITIZE_TESTS)
+	$(ASAN_ENV) PYENGINE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PYENGINE_FUZZ_RANDOM=1 \
+	  $(ASAN_VENV)/bin/pytest -q -s tests/test_ops_safety.py -k fuzz
 
 demo: build
 	$(VENV)/bin/pyengine demo --out demo-out

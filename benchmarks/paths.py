@@ -49,7 +49,7 @@ def main() -> None:
     native = time.perf_counter() - started
 
     started = time.perf_counter()
-    steps = [(step.pool, step.linear) for step in chain.steps[1:]]
+    steps = [(step.pool, step.linear) for step in chain.steps]
     expected, _ = reference_paths(steps, chain.activations, targets, args.beam)
     reference = time.perf_counter() - started
 

@@ -12,6 +12,7 @@ from pyengine.context import Context
 from pyengine.errors import NotFoundError, OptionsError, PluginError, PyengineError, StoreError
 from pyengine.hookspecs import hookimpl
 from pyengine.host import techniques
+from pyengine.layers import Layer
 from pyengine.store import StoreReader
 from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, option
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Context",
     "Figure",
+    "Layer",
     "NotFoundError",
     "Options",
     "OptionsError",

@@ -273,15 +273,21 @@ class _GuidedReLUInPlace(_GuidedReLU):
 
 class GuidedReLUs(TorchFunctionMode):
     """While active, every ReLU — ``nn.ReLU`` (in place or not), ``F.relu``, ``torch.relu``,
-    ``Tensor.relu(_)`` — gets the guided backward pass."""
+    ``Tensor.relu(_)`` — gets the guided backward pass; ``guided`` counts them."""
 
     _OUT_OF_PLACE = (torch.relu, torch.Tensor.relu)
     _IN_PLACE = (torch.relu_, torch.Tensor.relu_, F.relu_)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guided = 0
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if func is F.relu or func in self._OUT_OF_PLACE or func in self._IN_PLACE:
+            self.guided += 1
         if func is F.relu:
             inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
             return (_GuidedReLUInPlace if inplace else _GuidedReLU).apply(args[0])

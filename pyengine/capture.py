@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,20 +15,11 @@ from pyengine._lock import CaptureLock
 from pyengine.context import resolve_device
 from pyengine.data.base import Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
+from pyengine.hashing import param_hash
 from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
 from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
 from pyengine.units import infer_unit_dims
-
-
-def param_hash(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes, bytes): identifies the weights."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -76,7 +66,7 @@ def capture(
     layers: Sequence[str],
     path: str | os.PathLike[str],
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     dtype: str = "float16",
     compression: str = "lzf",
     device: str | torch.device | None = None,
@@ -91,8 +81,11 @@ def capture(
     Returns the path of the complete store. An interrupted capture with the same
     configuration is resumed; a complete one is returned as is. One capture writes a store
     at a time: a second one, while the first runs, is a StoreError naming the first's pid.
+    ``batch_size`` defaults to a DataLoader's own batch size, else 64.
     """
     data: Dataset = as_dataset(dataset)
+    if batch_size is None:
+        batch_size = data.batch_size_hint or 64
     path = Path(path)
     _check_options(layers, batch_size, dtype, compression, start, stop, len(data))
     for name in layers:

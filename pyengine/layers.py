@@ -6,6 +6,9 @@ A layer reference names a value inside a forward pass::
     "blocks.0.attn[0]"      element 0 of a tuple/list output
     "layer4.2.relu#3"       the output of the module's third call (1-based), for a module
                             run several times per pass; without it such a module is an error
+    Layer("encoder", lambda out: out.last_hidden_state, name="encoder.hidden")
+                            a Python selector applied to the module's output (a ``str``
+                            whose text, the name, is how results and stores call it)
 
 ``record`` captures referenced values while the model runs; ``trace`` lists every leaf
 module call in order. Both are scoped: every hook is removed when the block ends.
@@ -13,6 +16,7 @@ module call in order. Both are scoped: every hook is removed when the block ends
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -70,6 +74,26 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     raise NotFoundError(f"no layer {name!r} in {type(model).__name__}; closest: {', '.join(close)}")
 
 
+Selector = Callable[[Any], torch.Tensor]
+
+
+class Layer(str):
+    """A layer reference with a Python selector for outputs an element index cannot reach
+    (a Hugging Face ``ModelOutput``, a dict): ``Layer("encoder#2", lambda out: out["h"])``.
+    It is a ``str`` — its ``name`` — so it goes wherever a layer reference goes."""
+
+    path: str
+    selector: Selector
+
+    def __new__(cls, path: str, selector: Selector, name: str = "") -> Layer:
+        if not callable(selector):
+            raise PyengineError(f"Layer({path!r}): selector {selector!r} is not callable; expected a function")
+        text = name or f"{path}:{getattr(selector, '__name__', 'selected')}".replace("<lambda>", "selected")
+        layer = super().__new__(cls, text)
+        layer.path, layer.selector = path, selector
+        return layer
+
+
 @dataclass(frozen=True)
 class LayerRef:
     """A value inside a forward pass: a module's output, one element of it, at one call."""
@@ -77,9 +101,12 @@ class LayerRef:
     path: str
     element: int | None = None  # element of a tuple/list output; None: the output itself
     call: int | None = None  # which call (1-based) of a module run several times per pass
+    selector: Selector | None = field(default=None, compare=False)  # a Python selector (see Layer)
 
     @classmethod
     def parse(cls, text: str) -> LayerRef:
+        if isinstance(text, Layer):
+            return dataclasses.replace(cls.parse(text.path), selector=text.selector)
         match = _REFERENCE.match(text) if isinstance(text, str) else None
         call = (match["call"] or match["call_after"]) if match else None
         if match is None or (match["call"] and match["call_after"]) or call == "0" or (call or "").startswith("0"):
@@ -97,6 +124,11 @@ class LayerRef:
     def select(self, output: Any) -> torch.Tensor:
         """The referenced tensor inside a module's output."""
         value = output
+        if self.selector is not None:
+            value = self.selector(output)
+            if not isinstance(value, torch.Tensor):
+                raise PyengineError(f"layer {str(self)!r}: its selector returned {_describe(value)}; expected a tensor")
+            return value
         if self.element is not None:
             if not isinstance(output, (tuple, list)) or self.element >= len(output):
                 raise PyengineError(
@@ -205,17 +237,15 @@ def record(
                     continue
                 value = slot.reference.select(output)
                 if edit and name in edit:
-                    value = edit[name](value)
-                    output = _replace(output, slot.reference.element, value)
+                    value, output = _substituted(output, value, edit[name](value), name)
                 copy = slot.copy is not False
                 if grad and torch.is_grad_enabled():
                     if not value.requires_grad and value.is_floating_point():
-                        value = value.detach().requires_grad_(True)  # differentiable even in a frozen model
-                        output = _replace(output, slot.reference.element, value)
-                    slot.value, slot.watched = value, value
+                        # differentiable even in a frozen model
+                        value, output = _substituted(output, value, value.detach().requires_grad_(True), name)
+                    slot.value = slot.watched = value
                     if copy:  # the model goes on with a copy; the recorded value stays as returned
-                        slot.watched = value.clone()
-                        output = _replace(output, slot.reference.element, slot.watched)
+                        slot.watched, output = _substituted(output, value, value.clone(), name)
                 else:
                     slot.watched = value.detach()
                     slot.value = slot.watched.clone() if copy else slot.watched
@@ -237,12 +267,22 @@ def record(
             )
 
 
-def _replace(output: Any, element: int | None, value: torch.Tensor) -> Any:
-    if element is None:
-        return value
-    items = list(output)
-    items[element] = value
-    return tuple(items) if isinstance(output, tuple) else items
+def _substituted(output: Any, old: torch.Tensor, new: torch.Tensor, name: str) -> tuple[torch.Tensor, Any]:
+    """``new`` and the module output with ``new`` in place of ``old`` (found by identity: the
+    output itself, an element of a tuple/list, or a value of a dict or ModelOutput)."""
+    if output is old:
+        return new, new
+    if isinstance(output, (tuple, list)) and any(item is old for item in output):
+        items = [new if item is old else item for item in output]
+        return new, (tuple(items) if isinstance(output, tuple) else items)
+    if isinstance(output, dict) and any(item is old for item in output.values()):
+        for key in [key for key, item in output.items() if item is old]:
+            output[key] = new
+        return new, output
+    raise PyengineError(
+        f"layer {name!r}: its value cannot be replaced inside the module's {_describe(output)} output "
+        "(needed for gradients toward it in a frozen model, or for an edit); reference a tuple element or dict value"
+    )
 
 
 @dataclass(frozen=True)
@@ -306,6 +346,10 @@ PER_POSITION: tuple[type[nn.Module], ...] = (
 """Modules that act on each position of their input independently (same shape out)."""
 
 
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
 @dataclass(frozen=True)
 class ModuleCall:
     """One module call of a traced pass: its reference, module, input and output."""
@@ -331,8 +375,10 @@ class TracedPass:
         root = _first_tensor(self.output)
         if root is None or root.grad_fn is None or not self.input.requires_grad:
             return False
-        target = self.input.view_as(self.input).grad_fn.next_functions[0][0]  # the input's AccumulateGrad
-        stack, visited = [root.grad_fn], {id(node)}
+        view = self.input.view_as(self.input).grad_fn
+        target = view.next_functions[0][0] if view is not None else None  # the input's AccumulateGrad
+        stack: list[Any] = [root.grad_fn]
+        visited = {id(node)}
         while stack:
             current = stack.pop()
             if current is None or id(current) in visited:
@@ -397,7 +443,12 @@ def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) ->
     spatial = [
         c
         for c in traced.calls
-        if isinstance(c.output, torch.Tensor) and c.output.dim() == 4 and c.output.shape[-2:].numel() > 1 and c.node
+        if isinstance(c.output, torch.Tensor)
+        and c.output.dim() == 4
+        and c.output.shape[-2:].numel() > 1
+        and c.node is not None
+        and not isinstance(c.module, _ADAPTIVE_POOLS)  # the classifier's pooling, which may even upsample
+        and not isinstance(c.module, _TRANSPARENT)  # name the module that computed the value
     ]
     for call in reversed(spatial):
         if traced.separates(call.node):
@@ -410,16 +461,22 @@ def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) ->
 
 def first_block_output(model: nn.Module, example: torch.Tensor, technique: str) -> str:
     """The first convolution's output after the per-position modules applied to it in turn
-    (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``)."""
-    calls = [c for c in traced_pass(model, example).calls if c.leaf]
-    convs = [k for k, c in enumerate(calls) if isinstance(c.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``), named by
+    the outermost module that returns that value (torchvision's ``features.0`` block)."""
+    calls = traced_pass(model, example).calls
+    convs = [k for k, c in enumerate(calls) if c.leaf and isinstance(c.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if not convs:
         raise PyengineError(f"{technique}: {type(model).__name__} runs no convolution; pass layers=<module path>")
     chosen = calls[convs[0]]
     for call in calls[convs[0] + 1 :]:
-        if not isinstance(call.module, PER_POSITION) or call.first_input is not chosen.output:
+        if call.leaf and isinstance(call.module, _TRANSPARENT):
+            continue
+        if call.leaf and isinstance(call.module, PER_POSITION) and call.first_input is chosen.output:
+            chosen = call  # the next normalisation or nonlinearity (in place or not)
+        elif not call.leaf and call.output is chosen.output:
+            chosen = call  # a block returning that value
+        elif call.leaf:
             break
-        chosen = call
     return chosen.reference
 
 

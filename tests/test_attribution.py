@@ -250,7 +250,7 @@ def test_memory_budget_bounds_the_pass() -> None:
         ("saliency", {"reduce": "median"}, "option reduce='median' is invalid"),
         ("integrated-gradients", {"method": "simpson"}, "option method='simpson' is invalid"),
         ("grad-cam", {"layers": "features.conv9"}, "no layer 'features.conv9'"),
-        ("grad-cam", {"layers": "classifier.fc1"}, "expected a conv feature map"),
+        ("grad-cam", {"layers": "classifier.fc1"}, "not a feature map laid out like the 4-D inputs"),
         ("smoothgrad", {"base": "gram-spectrum"}, "option base='gram-spectrum' is invalid"),
         ("smoothgrad", {"base_options": {"target": 1}}, "set it on smoothgrad itself"),
     ],

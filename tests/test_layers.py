@@ -180,3 +180,44 @@ def test_capture_reads_a_tuple_element_and_a_call(net: Net, tmp_path) -> None:
     with pyengine.StoreReader(path) as store:
         torch.testing.assert_close(next(store.iter_layer("pair[1]")), expected["pair[1]"].detach())
         torch.testing.assert_close(next(store.iter_layer("block.relu#1")), expected["relu#1"].detach())
+
+
+class Encoder(nn.Module):
+    """A Hugging Face-style module returning a dict-like output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.fc(x)
+        return {"last_hidden_state": hidden, "pooled": hidden.mean(1)}
+
+
+class EncoderNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = Encoder(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.encoder(x)["last_hidden_state"]))
+
+
+def test_a_python_selector_reads_and_differentiates_a_dict_output() -> None:
+    torch.manual_seed(0)
+    net, x = EncoderNet().eval(), torch.randn(3, 4)
+    layer = pyengine.Layer("encoder", lambda out: out["last_hidden_state"], name="encoder.hidden")
+    assert layer == "encoder.hidden" and isinstance(layer, str)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with record(net, [layer], grad=True) as seen:
+        out = net(x)
+        (grad,) = torch.autograd.grad(out[:, 1].sum(), seen[layer])
+    hidden = net.encoder.fc(x).requires_grad_(True)
+    expected = torch.autograd.grad(net.head(torch.tanh(hidden))[:, 1].sum(), hidden)[0]
+    torch.testing.assert_close(grad, expected)
+    result = pyengine.run("gram-spectrum", net, x, layers=[layer], progress=False)
+    assert result.units == {"encoder.hidden": 4}
+    with pytest.raises(PyengineError, match="its selector returned a tuple of 1; expected a tensor"):
+        with record(net, [pyengine.Layer("encoder", lambda out: (out["pooled"],))]) as seen, torch.no_grad():
+            net(x)

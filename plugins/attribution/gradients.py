@@ -44,8 +44,14 @@ def input_gradients(
     for x, t in zip(inputs.split(samples), targets.split(samples)):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            with GuidedReLUs() if guided else nullcontext():
+            mode = GuidedReLUs()
+            with mode if guided else nullcontext():
                 output = model(x)
+            if guided and not mode.guided:
+                raise PyengineError(
+                    f"guided-backprop: {type(model).__name__} applies no ReLU, so guided backpropagation would "
+                    "equal the plain gradient; use saliency"
+                )
             score = target_scores(output, t.reshape(-1, 1)).sum()
             grads.append(torch.autograd.grad(score, x)[0])
     return torch.cat(grads)
@@ -298,10 +304,11 @@ def grad_cam(ctx: Context, layer_name: str, x: torch.Tensor, t: torch.Tensor, re
     with ctx.record([layer_name], grad=True) as seen, torch.enable_grad():
         output = ctx.model(x)
         activation = seen[layer_name]
-        if activation.dim() not in (3, 4):
+        if activation.dim() != x.dim():
             raise PyengineError(
-                f"grad-cam: layer {layer_name!r} gives output of shape {tuple(activation.shape)}; "
-                "expected a conv feature map (N, channels, length) or (N, channels, height, width)"
+                f"grad-cam: layer {layer_name!r} gives output of shape {tuple(activation.shape)}, not a feature "
+                f"map laid out like the {x.dim()}-D inputs (N, channels, *spatial) — e.g. a transformer's "
+                "(N, tokens, features); pass a convolutional layer"
             )
         grads = torch.autograd.grad(target_scores(output, t.reshape(-1, 1)).sum(), activation)[0]
     weights = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)

@@ -1,50 +1,77 @@
-"""A ReLU network as a chain: trace the layers a forward pass runs, check that pathwise
-analysis supports them, and run forward passes that mask the backward signal to chosen units.
+"""A ReLU network at an input x: its ReLU layers, which layers feed which, and its local linearisation.
 
-Supported: Linear, Conv2d (groups 1, zero padding), ReLU (module or functional: ``F.relu``,
-``torch.relu``, ``Tensor.relu(_)``), MaxPool2d, AvgPool2d, Flatten, Dropout (eval), Identity,
-executed one after another. ReLU layers are named by their module path, or ``relu:<k>`` for
-the k-th functional call.
+``trace_network`` runs the model once under the op tracer (``_trace``: every input-dependent op is a
+ReLU, a max pool or affine, else the run is refused naming the module), reads from the autograd graph
+of that pass which earlier ReLU layers (or the input) feed each layer and the output — residual adds,
+in place or not, and concatenations are sums of such inputs — and computes each layer's own bias.
+``Linearised`` replays the model with every ReLU a fixed 0/1 mask and every max pool a fixed
+selection, both taken at x: an affine function of the input (and of every ReLU layer's output) that
+equals the model at x. ``trace_chain`` also requires a plain chain of ReLU layers and builds the
+steps between them for the native op (BatchNorm in eval mode folded into the Linear/Conv2d before it).
+
+ReLU layers are named by their module path (``layer1.0.relu#2`` for the second call of a module run
+several times per pass), or ``relu:<k>`` for the k-th functional call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pyengine.context import Context
 from pyengine.errors import PyengineError
+from pyengine.plugins.pathwise._trace import (
+    DROPOUTS,
+    MAX_POOLS,
+    RELUS,
+    Op,
+    Trace,
+    Tracer,
+    is_inplace_relu,
+    name_layers,
+    op_name,
+    select,
+    wants_indices,
+)
 
-LINEAR = (nn.Linear, nn.Conv2d)
-POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
-SUPPORTED = (*LINEAR, nn.ReLU, *POOLS, *PASS_THROUGH)
-_RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_)
+INPUT = -1  # the input, as a parent of a ReLU layer
 
 
 @dataclass
-class Call:
-    """One executed layer: a module, or a functional ReLU (module None)."""
+class Network:
+    """The traced model at x. ``parents[l]``: the layers whose outputs feed layer l's pre-activation
+    through affine maps alone (``INPUT`` for the input), in execution order; ``biases[l]``: the part of
+    that pre-activation that is constant (the layer's own bias, c_l: its value when the input and every
+    ReLU output are zero, max pools selecting as at x); ``bias_output``: the linearised model at input
+    zero, b(x) for every output."""
 
-    name: str
-    module: nn.Module | None
-    input: torch.Tensor
-    output: torch.Tensor
+    layers: list[str]
+    activations: list[torch.Tensor]  # a_l (B, *S_l)
+    preactivations: list[torch.Tensor]  # h_l (B, *S_l)
+    parents: list[tuple[int, ...]]
+    output_parents: tuple[int, ...]
+    output: torch.Tensor = field(repr=False)
+    biases: list[torch.Tensor] = field(repr=False)
+    output_bias: torch.Tensor = field(repr=False)  # c_out: the constant part of the output
+    bias_output: torch.Tensor = field(repr=False)  # b(x)
+    trace: Trace = field(repr=False)
 
-    @property
-    def is_relu(self) -> bool:
-        return self.module is None or isinstance(self.module, nn.ReLU)
+    @cached_property
+    def masks(self) -> list[torch.Tensor]:
+        """Per layer, where its ReLU passes its input: (B, *S_l) 0/1."""
+        return [(a > 0).to(a.dtype) for a in self.activations]
 
 
 @dataclass
 class Step:
-    """From one ReLU layer's output (or the input) to the next pre-activations."""
+    """From one ReLU layer's output to the next pre-activations (or the output): [pool] then a
+    Linear|Conv2d, with an eval-mode BatchNorm after it folded into its weight and bias."""
 
     pool: nn.MaxPool2d | nn.AvgPool2d | None
     linear: nn.Linear | nn.Conv2d
@@ -52,164 +79,262 @@ class Step:
 
 
 @dataclass
-class Chain:
-    """The traced network: ReLU layer names, their outputs a_l, and the steps between them.
+class Chain(Network):
+    """A network whose ReLU layers form a chain; ``steps[l]`` maps layer l's output to layer l + 1's
+    pre-activations, the last one to the output."""
 
-    ``steps[0]`` maps the input to the first pre-activations, ``steps[l]`` layer l - 1's
-    output to layer l's pre-activations, and the last one to the model output.
-    """
-
-    layers: list[str]
-    activations: list[torch.Tensor]
-    steps: list[Step]
-    output: torch.Tensor = field(repr=False)
+    steps: list[Step] = field(default_factory=list, repr=False)
 
 
-class _ReluCalls(TorchFunctionMode):
-    """Calls ``on_relu(k, input, output) -> output`` for the k-th ReLU of a forward pass."""
+class Linearised(TorchFunctionMode):
+    """Replays a traced pass with ReLU k as ``h * mask_k`` (or zero with ``zero_sources``) and max pools
+    selecting at the traced indices. ``nodes[l]`` holds layer l's output in the autograd graph (a
+    tensor later in-place ops of the model do not touch); ``pre[l]`` its input (with ``zero_sources``)."""
 
-    def __init__(self, on_relu: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, network: Network, *, zero_sources: bool = False) -> None:
         super().__init__()
-        self.on_relu, self.count = on_relu, 0
+        self.trace, self.zero_sources = network.trace, zero_sources
+        self.masks = network.masks
+        self.layer_of_call = {relu.call: k for k, relu in enumerate(network.trace.relus)}
+        self.nodes: list[torch.Tensor | None] = [None] * len(network.layers)
+        self.pre: list[torch.Tensor | None] = [None] * len(network.layers)
+        self.relu_calls = self.pool_calls = 0
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func not in _RELUS:
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        k, self.count = self.count, self.count + 1
-        return self.on_relu(k, args[0], out)
+        name = op_name(func)
+        if name in RELUS:
+            call, self.relu_calls = self.relu_calls, self.relu_calls + 1
+            layer = self.layer_of_call.get(call)
+            if layer is None:
+                return func(*args, **kwargs)
+            source = args[0]
+            if self.zero_sources:
+                self.pre[layer] = source.detach().clone()
+                node = torch.zeros_like(source)
+            else:
+                node = source * self.masks[layer]
+            self.nodes[layer] = node
+            return source.copy_(node) if is_inplace_relu(name, args, kwargs) else node.clone()
+        if name in MAX_POOLS:
+            call, self.pool_calls = self.pool_calls, self.pool_calls + 1
+            indices = self.trace.selections.get(call)
+            if indices is None:
+                return func(*args, **kwargs)
+            pooled = select(name, args[0], indices)
+            return (pooled, indices) if wants_indices(name, args, kwargs) else pooled
+        return func(*args, **kwargs)
+
+    def check(self, technique: str) -> None:
+        """The replay ran the traced pass's ReLUs and max pools (no input-dependent control flow)."""
+        if (self.relu_calls, self.pool_calls) != (self.trace.relu_calls, self.trace.pool_calls):
+            raise PyengineError(
+                f"{technique}: the model ran {self.relu_calls} ReLU and {self.pool_calls} max pool calls on a "
+                f"second pass over the same inputs, {self.trace.relu_calls} and {self.trace.pool_calls} on the "
+                "first; pathwise analysis needs a forward pass that does not depend on the input's values"
+            )
+
+
+def trace_network(ctx: Context, x: torch.Tensor, technique: str) -> Network:
+    """Trace the model on x (errors name what cannot be modelled), then its own biases and b(x)."""
+    model = ctx.model
+    if not x.is_floating_point():
+        raise PyengineError(f"{technique}: inputs of dtype {x.dtype}; pathwise analysis needs floating-point inputs")
+    names = {id(m): n for n, m in model.named_modules()}
+    scope: list[tuple[str, nn.Module]] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        scope.append((names[id(module)], module))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        scope.pop()
+
+    leaf = x.detach().clone().requires_grad_(True)
+    tracer = Tracer(technique, model, scope)
+    tracer.mark(leaf)
+    with ctx.hooks() as hooks, torch.enable_grad():
+        for module in model.modules():
+            hooks.forward_pre(module, enter)
+            hooks.forward(module, leave)
+        with tracer:
+            output = model(leaf)
+    trace = tracer.trace
+    if not isinstance(output, torch.Tensor):
+        raise PyengineError(f"{technique}: the model returned a {type(output).__name__}; expected a tensor")
+    if not trace.relus:
+        raise PyengineError(f"{technique}: the model has no ReLU layer on the way from its input to its output")
+    if output.grad_fn is None or any(relu.node is None for relu in trace.relus):
+        raise PyengineError(f"{technique}: the model's forward runs without gradients; pathwise analysis needs them")
+    layers = name_layers(trace.relus)
+    found = _graph_parents(trace, leaf, output)
+    network = Network(
+        layers=layers,
+        activations=[relu.post for relu in trace.relus],
+        preactivations=[relu.pre for relu in trace.relus],
+        parents=found[:-1],
+        output_parents=found[-1],
+        output=output.detach(),
+        biases=[],
+        output_bias=output.new_empty(0),
+        bias_output=output.new_empty(0),
+        trace=trace,
+    )
+    zeros = torch.zeros_like(x)
+    with torch.no_grad():
+        with Linearised(network, zero_sources=True) as own:
+            network.output_bias = model(zeros).detach()
+        own.check(technique)
+        with Linearised(network) as replay:
+            network.bias_output = model(zeros).detach()
+        replay.check(technique)
+    network.biases = [b if b is not None else torch.zeros_like(a) for b, a in zip(own.pre, network.activations)]
+    return network
+
+
+def _graph_parents(trace: Trace, leaf: torch.Tensor, output: torch.Tensor) -> list[tuple[int, ...]]:
+    """Per ReLU layer, then for the output: the ReLU layers (INPUT: the input) reached first on the
+    autograd graph going backwards from its input: what feeds it through affine ops alone."""
+    layer_of_node = {id(relu.node): k for k, relu in enumerate(trace.relus)}
+    starts = [[n for n, _ in relu.node.next_functions] for relu in trace.relus] + [[output.grad_fn]]
+    found = []
+    for start in starts:
+        stack, seen, parents = list(start), set(), set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in layer_of_node:
+                parents.add(layer_of_node[id(node)])
+            elif getattr(node, "variable", None) is leaf:
+                parents.add(INPUT)
+            else:
+                stack.extend(n for n, _ in node.next_functions)
+        found.append(tuple(sorted(parents)))
+    for relu in trace.relus:
+        relu.node = None  # lets the traced pass's graph go
+    return found
 
 
 def trace_chain(ctx: Context, x: torch.Tensor, technique: str) -> Chain:
-    """Run the model once on x, recording every layer; errors name what is not supported."""
-    calls: list[Call] = []
-    running_relu: list[str] = []  # the nn.ReLU module whose forward is running, if any
-    leaves = {name: m for name, m in ctx.model.named_modules() if name and not any(True for _ in m.children())}
-
-    def record_module(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not isinstance(module, SUPPORTED):
-                raise PyengineError(
-                    f"{technique}: layer {name!r} is a {type(module).__name__}, which pathwise analysis "
-                    "does not support; supported: Linear, Conv2d, ReLU, MaxPool2d, AvgPool2d, Flatten, "
-                    "Dropout, Identity"
-                )
-            if not isinstance(module, nn.ReLU):
-                calls.append(Call(name, module, args[0], output))
-
-        return hook
-
-    def before_relu(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            running_relu.append(name)
-
-        return hook
-
-    def on_relu(k: int, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        calls.append(Call(running_relu.pop() if running_relu else f"relu:{k}", None, source, out))
-        return out
-
-    # Pre-hooks name a functional ReLU call by the nn.ReLU module running it, which the
-    # post-call order of ``ctx.trace`` cannot tell; the scope removes every hook.
-    with ctx.hooks() as scope, torch.no_grad():
-        for name, module in leaves.items():
-            scope.forward(module, record_module(name))
-            if isinstance(module, nn.ReLU):
-                scope.forward_pre(module, before_relu(name))
-        with _ReluCalls(on_relu):
-            output = ctx.model(x)
-    return _build_chain(calls, x, output, technique)
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.numel() == b.numel() and a.data_ptr() == b.data_ptr()
-
-
-def _build_chain(calls: list[Call], x: torch.Tensor, output: torch.Tensor, technique: str) -> Chain:
-    previous = x
-    for call in calls:
-        if not _same_storage(call.input, previous):
+    """Trace the model on x and require a plain chain of ReLU layers, with the native op's steps."""
+    network = trace_network(ctx, x, technique)
+    layers = network.layers
+    for k, parents in enumerate([*network.parents, network.output_parents]):
+        if parents != (k - 1,):
+            what = f"ReLU layer {layers[k]!r}" if k < len(layers) else "the output"
+            sources = ", ".join("the input" if p == INPUT else repr(layers[p]) for p in parents) or "nothing"
             raise PyengineError(
-                f"{technique}: layer {call.name!r} does not take the previous layer's output; pathwise "
-                "analysis needs a plain chain of layers (no branches, residuals or other functional ops)"
+                f"{technique}: {what} takes input from {sources}; the top-down walk needs a plain chain of "
+                "ReLU layers (each fed by the one before), not residual or other branching networks "
+                "(path-linear handles those)"
             )
-        previous = call.output
-    if not calls or not _same_storage(previous, output):
-        raise PyengineError(f"{technique}: the model's output is not its last layer's output; expected a plain chain")
-    layers: list[str] = []
-    activations: list[torch.Tensor] = []
-    steps: list[Step] = []
-    pending: list[Call] = []
-    ends: list[Call | None] = [*calls, None]
-    for end in ends:
-        if end is not None and not end.is_relu:
-            pending.append(end)
-            continue
-        where = f"before {end.name!r}" if end is not None else "after the last ReLU"
-        steps.append(_step(pending, where, first=not steps, technique=technique))
-        pending = []
-        if end is not None:
-            layers.append(end.name)
-            activations.append(end.output.detach())
-    if not layers:
-        raise PyengineError(f"{technique}: the model has no ReLU layer")
-    return Chain(layers, activations, steps, output.detach())
+    steps = []
+    for layer in range(len(layers)):
+        ops = [op for op in network.trace.ops if op.after_layers == layer + 1]
+        target = network.preactivations[layer + 1] if layer + 1 < len(layers) else network.output
+        where = f"before {layers[layer + 1]!r}" if layer + 1 < len(layers) else "after the last ReLU"
+        steps.append(_step(ops, network.activations[layer], target, where, technique))
+    return Chain(**{f: getattr(network, f) for f in network.__dataclass_fields__}, steps=steps)
 
 
-def _step(calls: list[Call], where: str, *, first: bool, technique: str) -> Step:
-    """The layers between two ReLUs: [pool] [flatten/dropout/identity] Linear|Conv2d [flatten/dropout/identity]."""
-    kinds = [c for c in calls if not isinstance(c.module, PASS_THROUGH)]
-    linear = [c for c in kinds if isinstance(c.module, LINEAR)]
-    pools = [c for c in kinds if isinstance(c.module, POOLS)]
-    shape_ok = (
-        len(linear) == 1
-        and kinds[-1] is linear[0]
-        and (first or len(pools) <= 1)
-        and (not pools or kinds[0] is pools[0])
-    )
-    if not shape_ok or (first and pools):
-        found = " -> ".join(type(c.module).__name__ for c in calls) or "nothing"
+# --- the steps of a chain --------------------------------------------------------------------------
+
+SHAPE_ONLY = frozenset({"flatten", "view", "reshape", "contiguous", "clone", "squeeze", "unsqueeze"}) | DROPOUTS
+POOL_ARGS = {
+    "max": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+}
+DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "count_include_pad": True, "groups": 1}
+CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+LINEAR_ARGS = ("input", "weight", "bias")
+NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+TORCH_NORM_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+
+
+def _bind(op: Op, names: Sequence[str]) -> dict[str, Any]:
+    bound = {name: DEFAULTS.get(name) for name in names}
+    bound.update(zip(names, op.args))
+    bound.update(op.kwargs)
+    return bound
+
+
+def _step(ops: list[Op], a: torch.Tensor, target: torch.Tensor, where: str, technique: str) -> Step:
+    """[max_pool2d|avg_pool2d] then conv2d|linear then [batch_norm], reshapes and eval dropout anywhere."""
+    kinds = [op for op in ops if op.name not in SHAPE_ONLY and not _identity_pool(op)]
+    pool = kinds.pop(0) if kinds and kinds[0].name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d") else None
+    linear = kinds.pop(0) if kinds and kinds[0].name in ("conv2d", "linear") else None
+    norm = kinds.pop(0) if kinds and kinds[0].name == "batch_norm" else None
+    if linear is None or kinds:
+        found = " -> ".join(op.name for op in ops) or "nothing"
         raise PyengineError(
-            f"{technique}: {where}: expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d between ReLU "
-            f"layers (a ReLU directly after the input's Linear|Conv2d), found {found}"
+            f"{technique}: {where}: expected [MaxPool2d|AvgPool2d] then one Linear|Conv2d (and an eval-mode "
+            f"BatchNorm) between ReLU layers, found {found}"
         )
-    module = linear[0].module
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise PyengineError(f"{technique}: {where}: {linear[0].name!r} is not a Linear or Conv2d layer")
-    if isinstance(module, nn.Conv2d) and (
-        module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
-    ):
-        raise PyengineError(f"{technique}: conv layer {linear[0].name!r} must have groups=1 and numeric zero padding")
-    pool = pools[0].module if pools else None
-    if pool is not None and not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
-        raise PyengineError(f"{technique}: {where}: {pools[0].name!r} is not a MaxPool2d or AvgPool2d layer")
-    if pool is not None and (pool.ceil_mode or getattr(pool, "divisor_override", None) is not None):
+    pool_module = _pool(pool, technique) if pool is not None else None
+    module = _linear(linear, norm, technique)
+    pooled = pool_module(a) if pool_module is not None else a
+    modelled = module(pooled if isinstance(module, nn.Conv2d) else pooled.flatten(1))
+    scale = float(target.abs().max()) if target.numel() else 0.0
+    error = float((modelled - target).abs().max()) if modelled.shape == target.shape else float("inf")
+    if not error <= torch.finfo(target.dtype).eps ** 0.5 * max(scale, 1e-30):
         raise PyengineError(
-            f"{technique}: pooling layer {pools[0].name!r}: ceil_mode and divisor_override are not supported"
+            f"{technique}: {where}: the input as modelled ({' -> '.join(op.name for op in ops)}) differs from the "
+            f"real one by {error / max(scale, 1e-30):.3g} relative; pathwise analysis cannot model this network"
         )
-    return Step(pool, module, linear[0].name)
+    return Step(pool_module, module, linear.where)
 
 
-class MaskedForward(TorchFunctionMode):
-    """While active, the k-th ReLU's output gets a backward hook multiplying its gradient by
-    ``masks[k]`` (where given), and ``outputs[k]`` holds that output."""
+def _identity_pool(op: Op) -> bool:
+    """An adaptive average pool to the size it is given (torchvision VGG's 7x7 pool on a 7x7 map)."""
+    if op.name != "adaptive_avg_pool2d" or len(op.input_shape) < 2:
+        return False
+    size = _bind(op, ("input", "output_size"))["output_size"]
+    size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    return all(s is None or s == n for s, n in zip(size, op.input_shape[-2:]))
 
-    def __init__(self, masks: dict[int, torch.Tensor]) -> None:
-        super().__init__()
-        self.masks, self.count = masks, 0
-        self.outputs: dict[int, torch.Tensor] = {}
 
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func in _RELUS:
-            k, self.count = self.count, self.count + 1
-            self.outputs[k] = out
-            if k in self.masks and out.requires_grad:
-                mask = self.masks[k]
-                out.register_hook(lambda grad, mask=mask: grad * mask)
-        return out
+def _pool(op: Op, technique: str) -> nn.MaxPool2d | nn.AvgPool2d:
+    kind = "avg" if op.name == "avg_pool2d" else "max"
+    bound = _bind(op, POOL_ARGS[kind])
+    if bound["ceil_mode"] or bound.get("divisor_override") is not None:
+        raise PyengineError(f"{technique}: pooling layer {op.where}: ceil_mode and divisor_override are not supported")
+    stride = bound["stride"] if bound["stride"] not in (None, []) else bound["kernel_size"]
+    if kind == "max":
+        return nn.MaxPool2d(bound["kernel_size"], stride, bound["padding"], bound["dilation"])
+    return nn.AvgPool2d(bound["kernel_size"], stride, bound["padding"], count_include_pad=bound["count_include_pad"])
+
+
+def _linear(op: Op, norm: Op | None, technique: str) -> nn.Linear | nn.Conv2d:
+    """The Linear|Conv2d of ``op`` with the BatchNorm ``norm`` after it folded in (detached copies)."""
+    conv = op.name == "conv2d"
+    bound = _bind(op, CONV_ARGS if conv else LINEAR_ARGS)
+    weight = bound["weight"].detach()
+    bias = bound["bias"].detach() if bound["bias"] is not None else weight.new_zeros(weight.shape[0])
+    if norm is not None:
+        n = _bind(norm, NORM_ARGS if norm.func is torch.nn.functional.batch_norm else TORCH_NORM_ARGS)
+        scale = (n["running_var"].detach() + (n["eps"] if n["eps"] is not None else 1e-5)).rsqrt()
+        if n["weight"] is not None:
+            scale = scale * n["weight"].detach()
+        shift = -n["running_mean"].detach() * scale + (n["bias"].detach() if n["bias"] is not None else 0)
+        weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
+        bias = bias * scale.to(bias.dtype) + shift.to(bias.dtype)
+    if conv:
+        if bound["groups"] != 1 or isinstance(bound["padding"], str):
+            raise PyengineError(f"{technique}: conv layer {op.where} must have groups=1 and numeric zero padding")
+        module: nn.Linear | nn.Conv2d = nn.Conv2d(
+            weight.shape[1],
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=bound["stride"] if bound["stride"] is not None else 1,
+            padding=bound["padding"],
+            dilation=bound["dilation"],
+            device="meta",
+        )
+    else:
+        module = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.bias = nn.Parameter(bias, requires_grad=False)
+    return module

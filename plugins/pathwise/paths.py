@@ -1,12 +1,14 @@
 """Pathwise explanation of ReLU networks (Lim, Lee, Park, Choi; Cheng et al., IJCV 2023).
 
-At an input x a ReLU network is linear, f(x) = W(x)·x + b(x), and that linear model is the
-sum of its paths' linear models. A path is a set of hidden ReLU units (one or more per
-layer, layers may be skipped); its model keeps the terms that pass through its units:
-W^path is the gradient with the backward signal masked to the path at its layers, and
-b^path = (masked ∂f/∂a at the path's lowest layer) · a − W^path·x, the bias the path
-carries from below. ``path-linear`` computes them; ``hierarchical-decomposition`` finds paths
-top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths``.
+At an input x a ReLU network is linear, f(x) = W(x)·x + b(x): W(x) is the gradient, b(x) the
+network linearised at x (``_chain.Linearised``) at input zero. That linear model is the sum of its
+paths' linear models. A path is a set of hidden ReLU units (one or more per layer, layers may be
+skipped); its model keeps the terms that pass through its units, at each of its layers: W^path is
+the gradient with the backward signal masked to the path at its layers and carried between them by
+vector-Jacobian products (so in a residual net, routes that bypass one of its layers are left out),
+and b^path = (masked ∂f/∂a at the path's lowest layer) · a − W^path·x, the bias the path carries
+from below. ``path-linear`` computes them on any ReLU network; ``hierarchical-decomposition`` finds
+paths top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths``, on chains.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pyengine.attribution import TargetOptions, resolve_targets, target_scores
 from pyengine.context import Context, Rows
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, overlay
-from pyengine.plugins.pathwise._chain import Chain, MaskedForward, trace_chain
+from pyengine.plugins.pathwise._chain import Chain, Linearised, Network, trace_chain, trace_network
 from pyengine.technique import Figure, Result, Technique, bad_option, option
 
 MAX_FIGURE_INPUTS = 4
@@ -43,11 +45,11 @@ class PathModel:
     own_bias: torch.Tensor
 
 
-def unit_masks(chain: Chain, path: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def unit_masks(network: Network, path: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Per layer index: (B, *S_l) 0/1 masks from (B, units) index tensors (-1 = none)."""
     masks = {}
     for layer, units in path.items():
-        activation = chain.activations[layer]
+        activation = network.activations[layer]
         mask = torch.zeros(
             activation.shape[0], activation[0].numel() + 1, dtype=activation.dtype, device=activation.device
         )
@@ -56,53 +58,66 @@ def unit_masks(chain: Chain, path: dict[int, torch.Tensor]) -> dict[int, torch.T
     return masks
 
 
-def layer_bias(chain: Chain, layer: int, like: torch.Tensor) -> torch.Tensor:
-    """The bias added by the Linear/Conv2d producing ReLU layer ``layer``, broadcast like one row."""
-    bias = chain.steps[layer].linear.bias
-    if bias is None:
-        return torch.zeros_like(like[0])
-    return bias.detach().to(like.dtype).reshape(-1, *([1] * (like.dim() - 2))).expand_as(like[0])
-
-
 def path_model(
-    model: nn.Module, chain: Chain, x: torch.Tensor, targets: torch.Tensor, path: dict[int, torch.Tensor] | None
+    model: nn.Module, network: Network, x: torch.Tensor, targets: torch.Tensor, path: dict[int, torch.Tensor] | None
 ) -> tuple[PathModel, torch.Tensor]:
     """The linear model of ``path`` ({layer index: (B, units)}; None: the whole network) for
-    output ``targets`` (B,), and the outputs f(x) (B,)."""
-    masks = unit_masks(chain, path) if path else {}
-    lowest = min(masks) if masks else None
+    output ``targets`` (B,), and the outputs f(x) (B,) of the linearised model.
+
+    The path's terms go from the input to its units at its lowest layer, from there to its units at
+    the next of its layers, ..., to the output, each stretch by every route the network has (skip
+    connections included): the gradient at the top layer masked to its units, carried down to the
+    next layer of the path by a vector-Jacobian product between the two layers' outputs (which
+    leaves out routes that bypass the lower layer), masked again, and so on down to the input."""
+    masks = unit_masks(network, path) if path else {}
     leaf = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        with MaskedForward(masks) as forward:
+        with Linearised(network) as replay:
             output = model(leaf)
+        replay.check("pathwise")
         scores = target_scores(output, targets.reshape(-1, 1))[:, 0]
-        wanted = [leaf] + ([forward.outputs[lowest]] if lowest is not None else [])
-        grads = torch.autograd.grad(scores.sum(), wanted)
-    weight = grads[0].detach()
+        upper: torch.Tensor = scores
+        carried: torch.Tensor = torch.ones_like(scores)
+        for layer in sorted(masks, reverse=True):
+            node = replay.nodes[layer]
+            if node is None:  # cannot happen after replay.check: every traced layer ran
+                raise PyengineError(f"pathwise: ReLU layer {network.layers[layer]!r} did not run on the replay")
+            carried = _vjp(upper, node, carried) * masks[layer]
+            upper = node
+        weight = _vjp(upper, leaf, carried)
+    scores = scores.detach()
     weight_part = (weight * x).flatten(1).sum(1)
-    if lowest is None:
-        bias = scores.detach() - weight_part
-        return PathModel(weight, bias, torch.zeros_like(bias)), scores.detach()
-    a = forward.outputs[lowest].detach()
-    g = grads[1].detach() * masks[lowest]
+    if not masks:
+        bias = target_scores(network.bias_output, targets.reshape(-1, 1))[:, 0]
+        return PathModel(weight, bias, torch.zeros_like(bias)), scores
+    lowest = min(masks)
+    a, g = network.activations[lowest], carried.detach()
     bias = (g * a).flatten(1).sum(1) - weight_part
-    own = (g * (a > 0) * layer_bias(chain, lowest, a)).flatten(1).sum(1)
-    return PathModel(weight, bias, own), scores.detach()
+    own = (g * network.masks[lowest] * network.biases[lowest]).flatten(1).sum(1)
+    return PathModel(weight, bias, own), scores
 
 
-def parse_path(chain: Chain, spec: Any, batch: int) -> dict[int, torch.Tensor]:
+def _vjp(output: torch.Tensor, source: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """vector · ∂output/∂source, zero where output does not depend on source."""
+    if not output.requires_grad:
+        return torch.zeros_like(source)
+    (grad,) = torch.autograd.grad(output, source, vector, retain_graph=True, allow_unused=True)
+    return grad.detach() if grad is not None else torch.zeros_like(source)
+
+
+def parse_path(network: Network, spec: Any, batch: int) -> dict[int, torch.Tensor]:
     """{layer name: unit or [units]} -> {layer index: (B, units)}; flat unit indices."""
     if not isinstance(spec, dict) or not spec:
         raise bad_option("paths", spec, "a list of {layer: unit or [units]} tables")
     parsed = {}
     for name, units in spec.items():
-        if name not in chain.layers:
+        if name not in network.layers:
             raise PyengineError(
-                f"path layer {name!r} is not a ReLU layer of the model; ReLU layers: {', '.join(chain.layers)}"
+                f"path layer {name!r} is not a ReLU layer of the model; ReLU layers: {', '.join(network.layers)}"
             )
-        layer = chain.layers.index(name)
+        layer = network.layers.index(name)
         values = torch.as_tensor([units] if isinstance(units, int) else list(units), dtype=torch.long)
-        size = chain.activations[layer][0].numel()
+        size = network.activations[layer][0].numel()
         if values.numel() == 0 or int(values.min()) < 0 or int(values.max()) >= size:
             raise PyengineError(f"path units {units!r} at {name!r} are out of range: the layer has {size} units")
         parsed[layer] = values.expand(batch, -1)
@@ -149,9 +164,24 @@ class PathLinearResult(Result):
 
 
 def local_decomposition(
-    ctx: Context, chain: Chain, x: torch.Tensor, targets: torch.Tensor
+    ctx: Context, network: Network, x: torch.Tensor, targets: torch.Tensor, technique: str = "path-linear"
 ) -> tuple[PathModel, torch.Tensor]:
-    return path_model(ctx.model, chain, x, targets, None)
+    """W(x) (the gradient) and b(x) (the linearised model at input zero) for ``targets``, and f(x);
+    an error when W(x)·x + b(x) is not f(x) to rounding: the model is then not what was modelled."""
+    whole, _ = path_model(ctx.model, network, x, targets, None)
+    output = target_scores(network.output, targets.reshape(-1, 1))[:, 0]
+    terms = (whole.weight * x).flatten(1)
+    error = (terms.sum(1) + whole.bias - output).abs()
+    scale = terms.abs().sum(1) + whole.bias.abs() + output.abs()
+    tolerance = torch.finfo(output.dtype).eps ** 0.5
+    worst = int((error - tolerance * scale).argmax())
+    if not bool((error <= tolerance * scale).all()):
+        raise PyengineError(
+            f"{technique}: at input {worst}, W(x)·x + b(x) differs from f(x) by {float(error[worst]):.3g} "
+            f"(scale {float(scale[worst]):.3g}): the model is not the piecewise-linear function pathwise "
+            "analysis traced (an op it took for affine is not, or the forward pass is not deterministic)"
+        )
+    return whole, output
 
 
 class PathLinear(Technique):
@@ -162,21 +192,29 @@ class PathLinear(Technique):
     explains_inputs: ClassVar[bool] = True
 
     def run(self, ctx: Context, options: PathLinearOptions) -> PathLinearResult:
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "f", "w", "b", "pw", "pb", "po")}
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("t", "f", "w", "wx", "b", "pw", "pb", "po")}
         layers: tuple[str, ...] = ()
         shown = None
         for offset, rows in _with_offsets(
             ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
         ):
             x = rows.require_inputs()
-            chain = trace_chain(ctx, x, self.name)
-            layers = tuple(chain.layers)
+            network = trace_network(ctx, x, self.name)
+            layers = tuple(network.layers)
             targets = resolve_targets(options.target, ctx.model, x, rows.labels, offset)[:, 0]
-            whole, output = local_decomposition(ctx, chain, x, targets)
+            whole, output = local_decomposition(ctx, network, x, targets, self.name)
             models = [
-                path_model(ctx.model, chain, x, targets, parse_path(chain, p, len(targets)))[0] for p in options.paths
+                path_model(ctx.model, network, x, targets, parse_path(network, p, len(targets)))[0]
+                for p in options.paths
             ]
-            for key, value in (("t", targets), ("f", output), ("w", whole.weight), ("b", whole.bias)):
+            weight_part = (whole.weight * x).flatten(1).sum(1)
+            for key, value in (
+                ("t", targets),
+                ("f", output),
+                ("w", whole.weight),
+                ("wx", weight_part),
+                ("b", whole.bias),
+            ):
                 parts[key].append(value.cpu())
             if models:
                 parts["pw"].append(torch.stack([m.weight for m in models], 1).cpu())
@@ -184,7 +222,7 @@ class PathLinear(Technique):
                 parts["po"].append(torch.stack([m.own_bias for m in models], 1).cpu())
             shown = x[:MAX_FIGURE_INPUTS].cpu() if shown is None else shown
         output, weight, bias = torch.cat(parts["f"]), torch.cat(parts["w"]), torch.cat(parts["b"])
-        weight_part = output - bias
+        weight_part = torch.cat(parts["wx"])
         n = output.shape[0]
         empty = torch.zeros(n, 0)
         share = bias.abs() / (weight_part.abs() + bias.abs()).clamp(min=1e-12)
@@ -244,7 +282,7 @@ def op_arguments(chain: Chain) -> tuple[list[torch.Tensor], list[torch.Tensor], 
     activations, weights, indices, geometry = [], [], [], []
     shapes = [a.shape[1:] for a in chain.activations] + [chain.output.shape[1:]]
     for layer, a in enumerate(chain.activations):
-        step = chain.steps[layer + 1]
+        step = chain.steps[layer]
         pooled, index, pool_geometry = a, a.new_empty(0, dtype=torch.long), [0, 1, 1, 1, 1, 0, 0, 1]
         if step.pool is not None:
             kernel, stride, padding = (_pair(getattr(step.pool, k)) for k in ("kernel_size", "stride", "padding"))

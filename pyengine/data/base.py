@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+import torch.utils.data
 
 from pyengine.errors import PyengineError
+from pyengine.hashing import add_tensor, value_bytes
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Dataset(ABC):
     name: str = "dataset"
     class_names: tuple[str, ...] = ()
     concept_names: Mapping[str, tuple[str, ...]] = {}  # concept -> category names
+    batch_size_hint: int | None = None  # rows per step the data's source suggests (a DataLoader's batch_size)
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -80,8 +84,9 @@ class TensorDataset(Dataset):
     def describe(self) -> dict[str, Any]:
         """Name, size and a content hash, so a resumed capture never mixes two arrays."""
         digest = hashlib.sha256()
-        for tensor in (self.inputs, self.labels, *self.concepts.values()):
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        concepts = ((f"concept:{key}", value) for key, value in self.concepts.items())
+        for key, tensor in [("inputs", self.inputs), ("labels", self.labels), *concepts]:
+            add_tensor(digest, key, tensor)
         return {"name": self.name, "size": len(self), "sha256": digest.hexdigest()}
 
     def batch(self, indices: Sequence[int]) -> Batch:
@@ -91,37 +96,287 @@ class TensorDataset(Dataset):
         )
 
 
-class TorchDataset(Dataset):
-    """Adapts a map-style ``torch.utils.data.Dataset`` yielding ``x`` or ``(x, y)``."""
+INPUT_KEYS = ("pixel_values", "image", "img", "input", "inputs", "x")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+CONCEPTS_KEY = "concepts"
+SAMPLED_ROWS = 32  # rows hashed by TorchDataset.describe
 
-    def __init__(self, dataset: Any, name: str | None = None) -> None:
+
+@dataclass(frozen=True)
+class _Rows:
+    inputs: torch.Tensor  # (B, ...)
+    labels: torch.Tensor  # (B,) long, -1: unknown
+    concepts: dict[str, torch.Tensor]  # name -> (B,) long
+
+
+class TorchDataset(Dataset):
+    """A map-style ``torch.utils.data.Dataset`` (or any object with ``__getitem__(int)`` and
+    ``__len__``), read row by row by index.
+
+    An item is ``x``, ``(x, label)``, ``(x, label, {concept: code})``, or a mapping (Hugging
+    Face style) holding ``x`` under the first of ``INPUT_KEYS`` present ("pixel_values", "image",
+    "img", "input", "inputs", "x"), the label under the first of ``LABEL_KEYS`` ("label",
+    "labels", "target", "targets", "y"; none: unknown) and concepts under "concepts". ``x`` is a
+    tensor, a numpy array or nested numbers, of one shape for every row (a PIL image is an
+    error: add a ToTensor transform); a label is one integer class index (-1: unknown), a
+    concept code an integer >= 0. ``collate``, when given (a DataLoader's own ``collate_fn``),
+    turns the list of items into the batch instead, of the same forms with a leading batch
+    dimension. Class names come from the dataset's ``classes`` (torchvision) or the ``names`` of
+    its label feature (Hugging Face ``features["label"]``) when it has them.
+
+    Row 0 is read twice on construction: an item that differs between two reads (a random
+    transform) is an error, since pyengine needs the same row for the same index.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        name: str | None = None,
+        *,
+        collate: Callable[[list[Any]], Any] | None = None,
+        batch_size_hint: int | None = None,
+    ) -> None:
         self.dataset = dataset
         self.name = name or type(dataset).__name__
+        self.collate = collate
+        self.batch_size_hint = batch_size_hint
+        size = len(dataset)
+        if size < 1:
+            raise PyengineError(f"{self.name} has {size} rows; expected at least one")
+        self._size = size
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: torch.dtype | None = None
+        self._concept_keys: tuple[str, ...] | None = None
+        first, again = self._load([0]), self._load([0])
+        if not _same_rows(first, again):
+            raise PyengineError(
+                f"{self.name}: row 0 differs between two reads (a random transform?); pyengine needs the same "
+                "row for the same index: use deterministic transforms"
+            )
+        self.concept_names = {key: () for key in first.concepts}
+        self.class_names = _class_names(dataset)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self._size
+
+    def describe(self) -> dict[str, Any]:
+        """Name, size and a SHA-256 of up to ``SAMPLED_ROWS`` evenly spaced rows (the first and
+        the last among them; every row of a smaller dataset): a resumed capture never continues
+        over other data there, but a change between the sampled rows goes unnoticed."""
+        count = min(self._size, SAMPLED_ROWS)
+        sample = [k * (self._size - 1) // max(count - 1, 1) for k in range(count)]
+        rows = self._load(sample)
+        digest = hashlib.sha256()
+        for key, tensor in [("index", torch.tensor(sample)), *_named(rows)]:
+            add_tensor(digest, key, tensor)
+        return {"name": self.name, "size": self._size, "sampled_rows": len(sample), "sha256": digest.hexdigest()}
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
-        items = [self.dataset[int(i)] for i in index]
-        if items and isinstance(items[0], (tuple, list)):
-            inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
-            labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
-        else:
-            inputs = torch.stack([torch.as_tensor(item) for item in items])
-            labels = torch.full((len(items),), -1, dtype=torch.long)
-        return Batch(inputs, labels, index)
+        rows = self._load(index.tolist())
+        return Batch(rows.inputs, rows.labels, index, rows.concepts)
+
+    def _load(self, index: list[int]) -> _Rows:
+        items = [self.dataset[i] for i in index]
+        if self.collate is not None:
+            where = f"the batch of rows {index[0]}..{index[-1]} from collate_fn"
+            rows = _parse_batch(self.collate(items), len(items), where)
+            self._check_structure(rows.inputs[0], tuple(rows.concepts), where)
+            return rows
+        parsed = []
+        for i, item in zip(index, items):
+            x, label, concepts = _split(item, f"row {i}")
+            parsed.append((_tensor(x, f"row {i}"), _integer(label, f"row {i}: the label", -1), concepts or {}))
+            self._check_structure(parsed[-1][0], tuple(parsed[-1][2]), f"row {i}")
+        keys = self._concept_keys or ()
+        return _Rows(
+            torch.stack([x for x, _, _ in parsed]),
+            torch.tensor([label for _, label, _ in parsed], dtype=torch.long),
+            {
+                key: torch.tensor(
+                    [_integer(c[key], f"row {i}: concept {key!r}", 0) for i, (_, _, c) in zip(index, parsed)],
+                    dtype=torch.long,
+                )
+                for key in keys
+            },
+        )
+
+    def _check_structure(self, x: torch.Tensor, concepts: tuple[str, ...], where: str) -> None:
+        """Every row has row 0's input shape and dtype and its concept names (``x``: one row)."""
+        shape = tuple(x.shape)
+        if self._shape is None or self._concept_keys is None:
+            self._shape, self._dtype, self._concept_keys = shape, x.dtype, concepts
+        elif shape != self._shape:
+            raise PyengineError(
+                f"{self.name}: {where} has inputs of shape {tuple(shape)} but row 0 has {self._shape}; pyengine needs "
+                "one input shape: resize or crop in the dataset's transform"
+            )
+        elif x.dtype != self._dtype:
+            raise PyengineError(
+                f"{self.name}: {where} has inputs of dtype {x.dtype} but row 0 has {self._dtype}; expected one dtype"
+            )
+        elif sorted(concepts) != sorted(self._concept_keys):
+            raise PyengineError(
+                f"{self.name}: {where} has concepts {sorted(concepts)} but row 0 has {sorted(self._concept_keys)}; "
+                "expected the same concepts in every row"
+            )
+
+
+def _class_names(dataset: Any) -> tuple[str, ...]:
+    """torchvision's ``dataset.classes``, or Hugging Face's ``dataset.features[label].names``."""
+    features = getattr(dataset, "features", None)
+    label_feature = (
+        next((features[k] for k in LABEL_KEYS if k in features), None) if isinstance(features, Mapping) else None
+    )
+    for names in (getattr(dataset, "classes", None), getattr(label_feature, "names", None)):
+        if isinstance(names, Sequence) and names and all(isinstance(name, str) for name in names):
+            return tuple(names)
+    return ()
+
+
+def _named(rows: _Rows) -> list[tuple[str, torch.Tensor]]:
+    concepts = sorted(rows.concepts.items(), key=lambda item: item[0])
+    return [("inputs", rows.inputs), ("labels", rows.labels), *((f"concept:{k}", v) for k, v in concepts)]
+
+
+def _same_rows(a: _Rows, b: _Rows) -> bool:
+    """Bit for bit: same names, dtypes, shapes and values."""
+    named_a, named_b = _named(a), _named(b)
+    return [k for k, _ in named_a] == [k for k, _ in named_b] and all(
+        x.dtype == y.dtype and x.shape == y.shape and value_bytes(x) == value_bytes(y)
+        for (_, x), (_, y) in zip(named_a, named_b)
+    )
+
+
+def _split(item: Any, where: str) -> tuple[Any, Any, Mapping[str, Any] | None]:
+    """(x, label or None, concepts or None) of an item or a collated batch."""
+    if isinstance(item, Mapping):
+        x_key = next((key for key in INPUT_KEYS if key in item), None)
+        if x_key is None:
+            raise PyengineError(
+                f"{where} is a mapping with keys {sorted(map(str, item))}; expected the input under one of "
+                f"{', '.join(INPUT_KEYS)}"
+            )
+        label_key = next((key for key in LABEL_KEYS if key in item), None)
+        x, label, concepts = item[x_key], item[label_key] if label_key else None, item.get(CONCEPTS_KEY)
+    elif isinstance(item, (tuple, list)):
+        if not 1 <= len(item) <= 3:
+            raise PyengineError(
+                f"{where} is a {type(item).__name__} of {len(item)} values; expected (x,), (x, label) or "
+                "(x, label, {concept: code})"
+            )
+        x, label, concepts = (*item, None, None)[:3]
+    else:
+        x, label, concepts = item, None, None
+    if concepts is not None and not isinstance(concepts, Mapping):
+        raise PyengineError(f"{where}: concepts are a {type(concepts).__name__}; expected a mapping name -> code")
+    return x, label, concepts
+
+
+def _tensor(value: Any, where: str) -> torch.Tensor:
+    """An input as a tensor: tensors, numpy arrays and nested numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if type(value).__module__.split(".")[0] == "PIL":
+        raise PyengineError(
+            f"{where}: the input is a PIL image; pyengine needs tensors: add a ToTensor transform to the dataset "
+            "(e.g. torchvision.transforms.ToTensor(), then the model's normalization)"
+        )
+    try:
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise PyengineError(
+            f"{where}: the input is a {type(value).__name__}; expected a tensor, a numpy array or nested numbers"
+        ) from None
+
+
+def _integer(value: Any, what: str, minimum: int) -> int:
+    """One integer (a Python or numpy integer, or a one-element integer tensor/array); None: -1."""
+    if value is None and minimum < 0:
+        return -1
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and _integral_dtype(value):
+        value = int(value.reshape(-1)[0])
+    elif isinstance(value, np.ndarray) and value.size == 1 and _integral_dtype(value):
+        value = int(value.reshape(-1)[0])
+    if isinstance(value, (bool, int, np.integer)) and int(value) >= minimum:
+        return int(value)
+    expected = "an integer class index (-1: unknown)" if minimum < 0 else f"an integer >= {minimum}"
+    shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, (torch.Tensor, np.ndarray)) else repr(value)
+    raise PyengineError(f"{what} is {shown}; expected {expected}")
+
+
+def _integral_dtype(value: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not (value.dtype.is_floating_point or value.dtype.is_complex)
+    return bool(np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.bool_))
+
+
+def _parse_batch(batch: Any, count: int, where: str) -> _Rows:
+    """A collated batch: the same forms as an item, each with a leading dimension of ``count``."""
+    x, label, concepts = _split(batch, where)
+    inputs = _tensor(x, where)
+    if inputs.dim() == 0 or inputs.shape[0] != count:
+        raise PyengineError(f"{where}: inputs of shape {tuple(inputs.shape)}; expected {count} rows first")
+    labels = torch.full((count,), -1, dtype=torch.long) if label is None else _vector(label, count, f"{where}: labels")
+    codes = {str(k): _vector(v, count, f"{where}: concept {k!r}") for k, v in (concepts or {}).items()}
+    if int(labels.min()) < -1 or any(int(v.min()) < 0 for v in codes.values()):
+        raise PyengineError(
+            f"{where}: negative labels or concept codes; expected class indices (-1: unknown), codes >= 0"
+        )
+    return _Rows(inputs, labels, codes)
+
+
+def _vector(value: Any, count: int, what: str) -> torch.Tensor:
+    tensor = _tensor(value, what)
+    if tensor.shape != (count,) or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise PyengineError(
+            f"{what} have shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected ({count},) integers"
+        )
+    return tensor.long()
 
 
 def as_dataset(data: Any) -> Dataset:
-    """A pyengine Dataset from a Dataset, a tensor, or a map-style torch dataset."""
+    """A pyengine Dataset from: a pyengine Dataset; a tensor (rows along dim 0); a map-style
+    ``torch.utils.data.Dataset`` or any object with ``__getitem__(int)`` and ``__len__``
+    (see ``TorchDataset`` for the item forms); a ``DataLoader`` over a map-style dataset.
+
+    A DataLoader gives its ``dataset``, its ``collate_fn`` when it is not the default, and its
+    ``batch_size`` as the default of ``pyengine.capture``; its sampler, shuffling and workers
+    are not used: rows are read by index, in order, never shuffled (pyengine needs random
+    access). An IterableDataset is an error for that reason.
+    """
     if isinstance(data, Dataset):
         return data
     if isinstance(data, torch.Tensor):
         return TensorDataset(data)
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    if isinstance(data, torch.utils.data.DataLoader):
+        return _from_loader(data)
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise PyengineError(_ITERABLE.format(type(data).__name__))
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, Mapping)):
         return TorchDataset(data)
     raise PyengineError(
-        f"cannot use {type(data).__name__} as a dataset; expected a pyengine Dataset, a tensor "
-        "or a map-style torch Dataset"
+        f"cannot use {type(data).__name__} as a dataset; expected a pyengine Dataset, a tensor, a map-style "
+        "torch Dataset or a DataLoader over one"
     )
+
+
+_ITERABLE = (
+    "cannot use the IterableDataset {} as data: pyengine reads rows by index (random access); "
+    "expected a map-style Dataset (__getitem__ and __len__)"
+)
+
+
+def _from_loader(loader: torch.utils.data.DataLoader[Any]) -> TorchDataset:
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        raise PyengineError(_ITERABLE.format(type(dataset).__name__))
+    if loader.batch_sampler is None:
+        raise PyengineError(
+            "a DataLoader with batch_size=None yields the dataset's items as batches; pyengine reads rows by "
+            "index: pass a DataLoader with a batch_size, or the dataset of single rows"
+        )
+    collate = None if loader.collate_fn is torch.utils.data.default_collate else loader.collate_fn
+    return TorchDataset(dataset, collate=collate, batch_size_hint=loader.batch_size)
