@@ -155,6 +155,10 @@ def test_vit_interaction_basis_uses_features_and_keeps_the_outputs() -> None:
     for layer in (GELU0, GELU1):
         c, c_inverse = result.basis[layer], result.inverse[layer]
         torch.testing.assert_close(c @ c_inverse, torch.eye(c.shape[0], dtype=c.dtype), rtol=0, atol=1e-8)
+        # C whitens the features' Gram over rows x tokens: C G Cᵀ is diagonal
+        h = outputs_of(model, layer, inputs).reshape(-1, MLP)
+        whitened = c @ (h.T @ h / h.shape[0]) @ c.T
+        torch.testing.assert_close(whitened, torch.diag(torch.diagonal(whitened)), rtol=0, atol=1e-8)
 
 
 # --- probes: a row's feature vector is one value per feature ------------------------------------
