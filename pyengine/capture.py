@@ -19,6 +19,7 @@ from pyengine.hashing import param_hash
 from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
 from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
+from pyengine.units import infer_unit_dims
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -154,7 +155,12 @@ def _capture_locked(
     was_training = model.training
     model = model.to(device).eval()
     done = writer.rows_done if writer else 0
+    unit_dims: dict[str, int] = {}
     try:
+        if writer is None:  # which dim of each layer holds its units, kept with the store
+            with torch.no_grad():
+                found = infer_unit_dims(model, data.batch([start]).inputs.to(device), layers)
+            unit_dims = {name: f.dim for name, f in found.items() if f.dim is not None and f.dim > 0}
         with (
             record(model, layers) as seen,
             torch.no_grad(),
@@ -180,6 +186,7 @@ def _capture_locked(
                         dtype=dtype,
                         compression=compression,
                         concepts={name: tuple(data.concept_names.get(name, ())) for name in batch.concepts},
+                        unit_dims=unit_dims,
                     )
                 writer.append(batch.index, batch.labels, batch.concepts, acts)
                 bar.update(int(batch.index.shape[0]))

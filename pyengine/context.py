@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pyengine import layers as layer_api
+from pyengine import units as unit_api
 from pyengine.errors import PyengineError
 from pyengine.progress import Progress
 
@@ -228,6 +229,18 @@ class Context:
             f"{layer} (the first convolution's output after its normalisation/nonlinearity)"
         )
         return layer
+
+    def unit_axes(self, choice: str, technique: str, layers: Sequence[str]) -> unit_api.UnitAxes:
+        """Which dim of each layer's values holds its units (``pyengine.units``), for the option
+        ``units``; 'auto' reads what the store recorded at capture, else follows one forward pass
+        of the example row (run here, before any recording)."""
+        stored = self.store.unit_dims() if self.store is not None else {}
+        pending = [layer for layer in layers if layer not in stored] if choice == "auto" else []
+        found: Mapping[str, unit_api.Found] = {}
+        if pending and (self.inputs is not None or self.data is not None):
+            with torch.no_grad():
+                found = unit_api.infer_unit_dims(self.model, self.example(technique), pending)
+        return unit_api.UnitAxes(choice, technique, found, stored)
 
     def record(
         self, layers: Sequence[str], *, grad: bool = False, edit: Mapping[str, layer_api.Edit] | None = None

@@ -311,8 +311,10 @@ class ActivationWriter:
         dtype: str,
         compression: str,
         concepts: Mapping[str, tuple[str, ...]],
+        unit_dims: Mapping[str, int] | None = None,
     ) -> ActivationWriter:
-        """Create ``X.h5.partial`` (atomically) with empty resizable datasets."""
+        """Create ``X.h5.partial`` (atomically) with empty resizable datasets; ``unit_dims``: the
+        dim of each layer's values that holds its units (``pyengine.units``), kept as an attribute."""
         partial = partial_path(path)
         staging = path.with_name(path.name + ".partial.tmp")
         filters: dict[str, Any] = {}
@@ -327,7 +329,7 @@ class ActivationWriter:
             file.create_group("activations", track_order=True)
             for name, row_shape in layers.items():
                 rows = chunk_rows(row_shape, np.dtype(stored).itemsize)
-                file.create_dataset(
+                dataset = file.create_dataset(
                     f"activations/{name}",
                     shape=(0, *row_shape),
                     maxshape=(None, *row_shape),
@@ -335,6 +337,8 @@ class ActivationWriter:
                     dtype=stored,
                     **filters,
                 )
+                if unit_dims and name in unit_dims:
+                    dataset.attrs["unit_dim"] = int(unit_dims[name])
             for name in ("index", "labels"):
                 file.create_dataset(
                     f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64, **_checksum()
@@ -486,6 +490,13 @@ class StoreReader:
         with _reading(self.path, "/activations"):
             group = _get(self.file, "activations")
             return list(group.keys()) if group is not None else []
+
+    def unit_dims(self) -> dict[str, int]:
+        """Layer -> the dim of its values that holds the units, for layers whose capture recorded it."""
+        with _reading(self.path, "/activations"):
+            group = _get(self.file, "activations")
+            items = group.items() if group is not None else ()
+            return {name: int(ds.attrs["unit_dim"]) for name, ds in items if "unit_dim" in ds.attrs}
 
     def _layer(self, layer: str) -> h5py.Dataset:
         if layer not in self.layers:

@@ -32,7 +32,6 @@ from pyengine.errors import PyengineError
 # --- cells that fail today because another branch has not merged yet: delete entries as fixes merge --
 
 RECEPTIVE = "pending: receptive fields on DAGs (receptive-dag)"
-AXIS = "pending: the (B, T, D) feature axis (feature-axis)"
 NOT_A_CUT = (
     "unassigned: interaction-basis's default chain includes features.1.block.0.2, whose values reach the output "
     "around the next chain layer (the SE gate's ReLU): projecting it through its basis changes the outputs by 2.4"
@@ -41,12 +40,6 @@ NOT_A_CUT = (
 PENDING: dict[tuple[str, str], str] = {
     ("max-patches", "resnet50"): RECEPTIVE,  # a field of 67x67, jump 64: the downsample conv counted in series
     ("max-patches", "mobilenet_v3"): RECEPTIVE,  # refused: Hardswish
-    ("gram-spectrum", "vit"): AXIS,  # 17 tokens taken as units
-    ("jacobian-gram", "vit"): AXIS,
-    ("relu-sync", "vit"): AXIS,
-    ("probe-neurons", "vit"): AXIS,
-    ("probe-linear", "vit"): AXIS,
-    ("probe-mlp", "vit"): AXIS,
     ("interaction-basis", "mobilenet_v3: default layers"): NOT_A_CUT,
 }
 
@@ -83,8 +76,9 @@ PROBE_LAYERS = {
     "mobilenet_v3": ("features.1.block.1.activation", "features.6.2"),
     "densenet": ("features.denseblock1.denselayer2.relu1", "features.transition1.relu"),
 }
-# interaction-basis: two layers every path to the output goes through. Its default (every nn.ReLU
-# module with <= 4096 units) takes ~25 s on demo_cnn alone (eigendecompositions of 4096 units).
+# interaction-basis: two layers every path to the output goes through, every value of a layer a unit
+# (units="flatten", the layout check_interaction_basis takes). Its default chain (every nonlinearity
+# output, one basis shared by positions): see test_interaction_basis_default_layers.
 INTERACTION_LAYERS = {
     "resnet50": ("layer3", "layer4"),
     "vgg16_bn": ("features.42", "classifier.4"),
@@ -703,7 +697,7 @@ SPECS: dict[str, Spec] = {
     "interaction-basis": Spec(
         "activation and Jacobian Grams, edges and the projection's output change, from hooks",
         check_interaction_basis,
-        {"stop": 16, "batch_size": 16},
+        {"stop": 16, "batch_size": 16, "units": "flatten"},  # the reference takes every value of a row as a unit
         per_model={name: {"layers": layers} for name, layers in INTERACTION_LAYERS.items()},
     ),
     "llc": Spec(

@@ -63,13 +63,13 @@ def test_conv_layers_use_channels_as_units(small_cnn: nn.Module, small_shapes: o
     assert result.units == {"features.relu2": 8}
     assert result.samples == {"features.relu2": 96 * 8 * 8}
     flat = pyengine.run(
-        "gram-spectrum", small_cnn, data=small_shapes, layers=["features.relu3"], conv_units="flatten", progress=False
+        "gram-spectrum", small_cnn, data=small_shapes, layers=["features.relu3"], units="flatten", progress=False
     )
     assert flat.units == {"features.relu3": 16 * 4 * 4}  # relu3 precedes pool3
 
 
 def test_option_errors() -> None:
-    with pytest.raises(pyengine.OptionsError, match="option conv_units='pixels' is invalid"):
-        pyengine.run("gram-spectrum", nn.ReLU(), torch.ones(2, 2), conv_units="pixels")
+    with pytest.raises(pyengine.OptionsError, match="option units='pixels' is invalid"):
+        pyengine.run("gram-spectrum", nn.ReLU(), torch.ones(2, 2), units="pixels")
     with pytest.raises(PyengineError, match="needs data"):
         pyengine.run("gram-spectrum", nn.ReLU())

@@ -1,8 +1,12 @@
-"""Units of a layer as rows, and effective ranks of eigenvalue spectra (the degeneracy family's helpers)."""
+"""The units option and effective ranks of eigenvalue spectra (the degeneracy family's helpers)."""
 
 from __future__ import annotations
 
 import torch
+
+from pyengine.context import Context
+from pyengine.technique import bad_option
+from pyengine.units import FLATTEN_DOC, UNIT_CHOICES, UNITS_DOC, UnitAxes
 
 MAX_UNITS = 8192
 
@@ -14,11 +18,24 @@ def rank_text(rank: dict[str, int], layer: str) -> str:
     )
 
 
-def as_rows(activation: torch.Tensor, conv_units: str) -> torch.Tensor:
-    """(B, C, *spatial) -> (B * positions, C) for channels; otherwise (B, features)."""
-    if activation.dim() > 2 and conv_units == "channels":
-        return activation.movedim(1, -1).reshape(-1, activation.shape[1])
-    return activation.reshape(activation.shape[0], -1)
+UNITS_OPTION_DOC = UNITS_DOC + FLATTEN_DOC
+
+
+def check_units(value: str) -> None:
+    """The ``units`` option: one of ``pyengine.units.UNIT_CHOICES``."""
+    if value not in UNIT_CHOICES:
+        raise bad_option("units", value, "one of " + ", ".join(repr(c) for c in UNIT_CHOICES))
+
+
+def axis_note(axis: str) -> str:
+    """`` (channels)`` / `` (last dim)`` after a unit count; nothing for rows of units."""
+    return "" if axis == "units" else " (last dim)" if axis == "last" else f" ({axis})"
+
+
+def note_units(ctx: Context, axes: UnitAxes) -> None:
+    """Report how ``units='auto'`` placed the units of layers with positions (printed with the result)."""
+    if axes.choice == "auto" and any(axes.names()[layer] != "units" for layer in axes.dims):
+        ctx.defaults_chosen["units"] = axes.summary()
 
 
 def effective_ranks(

@@ -8,6 +8,12 @@ For each layer l of a chain, from the last to the first, with f the layer's acti
 Directions dropped in 1 are never used, those dropped in 3 never reach the next layer:
 f ↦ C⁺ C f leaves the outputs unchanged. Edges between adjacent bases are
 E_ij = E[(∂f̂_next,j / ∂f̂_i · f̂_i)²], with f̂ = C f.
+
+Units come from ``pyengine.units``: a conv map's channels or a transformer's features, one
+basis shared by all positions (tokens), which count as samples of G; the Jacobian Gram and the
+edges sum over the positions of both layers. Over the next layer's positions that sum is taken
+with random ±1 signs, drawn per row and basis direction (E[s sᵀ] = I: unbiased, and a direction
+no position uses is dropped exactly); a next layer without positions is exact.
 """
 
 from __future__ import annotations
@@ -20,22 +26,30 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
+from pyengine.plugins.degeneracy._ranks import UNITS_OPTION_DOC, axis_note, check_units, note_units
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
+from pyengine.units import UnitAxes, as_unit_matrix
 
 MAX_UNITS = 4096
+DEFAULT_ROWS = 256  # rows read when stop is 0: the cost grows with rows x chain length x basis sizes
 
 
 @dataclass(frozen=True)
 class InteractionBasisOptions(RowOptions):
     batch_size: int = option(128, "rows per step")
-    layers: tuple[str, ...] = option((), "the chain, in forward order; default: ReLU modules with <= 4096 units")
+    stop: int = option(0, f"end of the rows analysed (exclusive); 0: the first {DEFAULT_ROWS} (or all, if fewer)")
+    layers: tuple[str, ...] = option(
+        (), "the chain, in forward order; default: every nonlinearity's output with <= 4096 units"
+    )
     cutoff: float = option(1e-8, "relative eigenvalue cut-off for the whitening and the rotation")
+    units: str = option("auto", UNITS_OPTION_DOC + "; one basis for all positions")
 
     def validate(self) -> None:
         super().validate()
         self._set("layers", layer_tuple(self.layers))
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or not 0 <= self.cutoff < 1:
             raise bad_option("cutoff", self.cutoff, "a relative eigenvalue cut-off in [0, 1)")
+        check_units(self.units)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,11 +63,13 @@ class InteractionBasisResult(Result):
     top10_share: dict[str, float]
     output_change: dict[str, float]  # max |Δ output| when f ↦ C⁺ C f at that layer
     seconds: dict[str, float]  # time in "gram" (forward + accumulation), "jacobian" (VJPs), "eigh"
+    unit_axis: dict[str, str]  # where each layer's units are: 'channels', 'last', 'units', 'flatten', 'dim k'
     top_edges: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         out = [
-            f"layer {layer}: basis {self.basis_size[layer]} of {self.width[layer]} units; output change "
+            f"layer {layer}: basis {self.basis_size[layer]} of {self.width[layer]} units"
+            f"{axis_note(self.unit_axis.get(layer, 'units'))}; output change "
             f"through the basis {self.output_change[layer]:.2e}"
             for layer in self.basis_size
         ]
@@ -96,74 +112,95 @@ class InteractionBasis(Technique):
         ctx: Context,
         layers: tuple[str, ...],
         inputs: torch.Tensor,
-        replace: dict[str, torch.Tensor] | None = None,
+        replace: dict[str, tuple[torch.Tensor, int]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Outputs of the chain layers (in the graph) and of the model; ``replace`` maps a
-        layer to a projection P applied as f ↦ f P (flattened)."""
-        edit = {layer: (lambda f, p=p: (f.flatten(1) @ p).view_as(f)) for layer, p in (replace or {}).items()}
+        """Outputs of the chain layers (in the graph) and of the model; ``replace`` maps a layer to
+        a projection P and its unit dim, applied to the units at every position as f ↦ f P."""
+        edit = {layer: (lambda f, p=p, d=d: _project(f, p, d)) for layer, (p, d) in (replace or {}).items()}
         with ctx.record(layers, grad=True, edit=edit) as seen:
             output = ctx.model(inputs)
             values = {layer: seen[layer] for layer in layers}
         return values, output.flatten(1)
 
-    def _default_layers(self, ctx: Context, probe: torch.Tensor) -> tuple[str, ...]:
-        relus = ctx.relu_layers()
+    def _default_layers(self, ctx: Context, probe: torch.Tensor, units: str) -> tuple[str, ...]:
+        found = ctx.default_layers(self.name, from_store=False)
+        axes = ctx.unit_axes(units, self.name, found)
         with torch.no_grad():
-            seen, _ = self._forward(ctx, relus, probe[:1].clone())
-        return tuple(name for name in relus if seen[name][0].numel() <= MAX_UNITS)
+            seen, _ = self._forward(ctx, found, probe[:1].clone())
+        axes.prepare({name: tuple(value.shape) for name, value in seen.items()})
+        kept = tuple(name for name in found if as_unit_matrix(seen[name], axes.dims[name]).shape[1] <= MAX_UNITS)
+        if not kept:
+            raise PyengineError(
+                f"interaction-basis: none of the {len(found)} nonlinearity outputs has at most {MAX_UNITS} units "
+                f"(units={units!r}); pass layers=[...]"
+            )
+        return kept
 
     def run(self, ctx: Context, options: InteractionBasisOptions) -> InteractionBasisResult:
         batches = [
             rows.require_inputs()
-            for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+            for rows in ctx.rows(
+                options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_ROWS, technique=self.name
+            )
         ]
-        layers = options.layers or self._default_layers(ctx, batches[0])
-        if not layers:
-            raise PyengineError("interaction-basis: no layers with at most 4096 units; pass layers=[...]")
+        layers = options.layers or self._default_layers(ctx, batches[0], options.units)
+        axes = ctx.unit_axes(options.units, self.name, layers)
+        with torch.no_grad():
+            seen, _ = self._forward(ctx, layers, batches[0][:1].clone())
+        axes.prepare({name: tuple(value.shape) for name, value in seen.items()})
+        note_units(ctx, axes)
+        for layer in layers:
+            width = as_unit_matrix(seen[layer], axes.dims[layer]).shape[1]
+            if width > MAX_UNITS:
+                raise PyengineError(
+                    f"interaction-basis: layer {layer!r} has {width} units (> {MAX_UNITS}) on its "
+                    f"{axes.names()[layer]} axis; choose narrower layers or other units"
+                )
         count = sum(b.shape[0] for b in batches)
         seconds = {"gram": 0.0, "jacobian": 0.0, "eigh": 0.0}
         basis: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
         chain = list(layers) + ["<output>"]
+        generator = torch.Generator().manual_seed(ctx.seed)
         with ctx.progress(len(layers) * len(batches), self.name) as bar:
             for position in range(len(layers) - 1, -1, -1):
                 layer, following = chain[position], chain[position + 1]
                 activation_gram = jacobian_gram = None
+                samples = 0
                 for inputs in batches:
                     started = time.perf_counter()
                     with torch.enable_grad():
-                        seen, output = self._forward(ctx, layers, inputs.clone())
-                        f = seen[layer].flatten(1)
-                        target = output if following == "<output>" else seen[following].flatten(1)
-                        if f.shape[1] > MAX_UNITS:
-                            raise PyengineError(
-                                f"interaction-basis: layer {layer!r} has {f.shape[1]} units "
-                                f"(> {MAX_UNITS}); choose narrower layers"
-                            )
+                        values, output = self._forward(ctx, layers, inputs.clone())
+                        f = as_unit_matrix(values[layer], axes.dims[layer])
                         if activation_gram is None or jacobian_gram is None:
                             activation_gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
                             jacobian_gram = torch.zeros_like(activation_gram)
                         ops.gram_accumulate(activation_gram, f.detach())
+                        samples += f.shape[0]
                         seconds["gram"] += time.perf_counter() - started
                         started = time.perf_counter()
-                        rows = basis[following] if following in basis else torch.eye(target.shape[1], device=f.device)
+                        target, target_dim = (
+                            (output, 1) if following == "<output>" else (values[following], axes.dims[following])
+                        )
+                        width = as_unit_matrix(target[:1], target_dim).shape[1]
+                        rows = basis[following] if following in basis else torch.eye(width, device=f.device)
                         for row in rows.to(target.dtype):
-                            (grad,) = torch.autograd.grad(
-                                target, seen[layer], grad_outputs=row.expand_as(target), retain_graph=True
-                            )
-                            ops.gram_accumulate(jacobian_gram, grad.detach().flatten(1))
+                            source = _direction(target, target_dim, row, generator)
+                            (grad,) = torch.autograd.grad(target, values[layer], grad_outputs=source, retain_graph=True)
+                            ops.gram_accumulate(jacobian_gram, as_unit_matrix(grad.detach(), axes.dims[layer]))
                         seconds["jacobian"] += time.perf_counter() - started
                     bar.update()
                 started = time.perf_counter()
                 if activation_gram is None or jacobian_gram is None:
                     raise PyengineError("interaction-basis: no rows to analyse")
                 basis[layer], inverse[layer] = self._basis(
-                    activation_gram / count, jacobian_gram / count, options.cutoff
+                    activation_gram / samples, jacobian_gram / count, options.cutoff
                 )
                 seconds["eigh"] += time.perf_counter() - started
-        edges = self._edges(ctx, layers, batches, basis, inverse, count)
+        edges = self._edges(ctx, layers, axes, batches, basis, inverse, count, generator)
         change = {
-            layer: self._output_change(ctx, layers, batches, layer, inverse[layer] @ basis[layer]) for layer in layers
+            layer: self._output_change(ctx, layers, batches, layer, (inverse[layer] @ basis[layer], axes.dims[layer]))
+            for layer in layers
         }
         sizes = Figure(
             "Basis size vs layer width",
@@ -203,6 +240,7 @@ class InteractionBasis(Technique):
             top10_share={k: _top_share(w, 0.10) for k, w in edges.items()},
             output_change=change,
             seconds=seconds,
+            unit_axis=axes.names(),
             top_edges=top_edges,
             figures=figures,
         )
@@ -225,33 +263,61 @@ class InteractionBasis(Technique):
         self,
         ctx: Context,
         layers: tuple[str, ...],
+        axes: UnitAxes,
         batches: list[torch.Tensor],
         basis: dict[str, torch.Tensor],
         inverse: dict[str, torch.Tensor],
         count: int,
+        generator: torch.Generator,
     ) -> dict[str, torch.Tensor]:
         edges: dict[str, torch.Tensor] = {}
         for layer, following in zip(layers[:-1], layers[1:]):
             total = torch.zeros(basis[following].shape[0], basis[layer].shape[0], dtype=torch.float64)
+            dim = axes.dims[layer]
             for inputs in batches:
                 with torch.enable_grad():
                     seen, _ = self._forward(ctx, layers, inputs.clone())
-                    f, g = seen[layer].flatten(1), seen[following].flatten(1)
-                    coordinates = f.detach().double() @ basis[layer].T  # f̂ (B, k)
+                    f, g = seen[layer], seen[following]
+                    coordinates = as_unit_matrix(f.detach(), dim).double() @ basis[layer].T  # f̂ (B * positions, k)
                     for j, row in enumerate(basis[following].to(g.dtype)):
-                        (grad,) = torch.autograd.grad(g, seen[layer], grad_outputs=row.expand_as(g), retain_graph=True)
-                        sensitivity = grad.detach().flatten(1).double() @ inverse[layer]  # ∂f̂_next,j/∂f̂ (B, k)
+                        source = _direction(g, axes.dims[following], row, generator)
+                        (grad,) = torch.autograd.grad(g, f, grad_outputs=source, retain_graph=True)
+                        sensitivity = as_unit_matrix(grad.detach(), dim).double() @ inverse[layer]  # ∂f̂_next,j/∂f̂
                         total[j] += (sensitivity * coordinates).pow(2).sum(0).cpu()
             edges[f"{layer}->{following}"] = total / count
         return edges
 
     def _output_change(
-        self, ctx: Context, layers: tuple[str, ...], batches: list[torch.Tensor], layer: str, projection: torch.Tensor
+        self,
+        ctx: Context,
+        layers: tuple[str, ...],
+        batches: list[torch.Tensor],
+        layer: str,
+        projection: tuple[torch.Tensor, int],
     ) -> float:
         worst = 0.0
+        matrix, dim = projection
         with torch.no_grad():
             for inputs in batches:
                 _, original = self._forward(ctx, layers, inputs.clone())
-                _, projected = self._forward(ctx, layers, inputs.clone(), {layer: projection.T.to(inputs.dtype)})
+                _, projected = self._forward(ctx, layers, inputs.clone(), {layer: (matrix.T.to(inputs.dtype), dim)})
                 worst = max(worst, float((original - projected).abs().max()))
         return worst
+
+
+def _project(values: torch.Tensor, projection: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` with the units (at ``dim``; 0: every value of a row) of each position mapped by f ↦ f P."""
+    if values.dim() <= 2 or dim == 0:
+        return (values.flatten(1) @ projection.to(values.dtype)).view_as(values)
+    moved = values.movedim(dim, -1)
+    return (moved @ projection.to(values.dtype)).movedim(-1, dim)
+
+
+def _direction(target: torch.Tensor, dim: int, row: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A grad_output for ``target``: the basis ``row`` on the units of every position, each row's
+    positions with random ±1 signs (their sum, in expectation); no signs without positions."""
+    if target.dim() <= 2 or dim == 0:
+        return row.reshape(1, -1).expand(target.shape[0], -1).reshape(target.shape)
+    moved = target.movedim(dim, -1)
+    signs = torch.randint(0, 2, moved.shape[:-1], generator=generator).to(target.device, target.dtype) * 2 - 1
+    return (signs.unsqueeze(-1) * row).movedim(-1, dim)

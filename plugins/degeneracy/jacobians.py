@@ -16,17 +16,26 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.plugins.degeneracy._ranks import MAX_UNITS, as_rows, effective_ranks, rank_text
+from pyengine.plugins.degeneracy._ranks import (
+    MAX_UNITS,
+    UNITS_OPTION_DOC,
+    axis_note,
+    check_units,
+    effective_ranks,
+    note_units,
+    rank_text,
+)
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
+from pyengine.units import as_unit_matrix
 
 
 @dataclass(frozen=True)
 class JacobianGramOptions(RowOptions):
-    layers: tuple[str, ...] = option((), "layers analysed; default: every ReLU module")
+    layers: tuple[str, ...] = option((), "layers analysed; default: every nonlinearity's output (ReLU, GELU, ...)")
     target_layer: str = option("", "layer whose output J differentiates; '': the model output")
     sources: str = option("auto", "'exact' (one VJP per target coordinate), 'random' (±1), or 'auto'")
     random_sources: int = option(64, "VJPs per input with random sources ('auto' uses them above this width)")
-    conv_units: str = option("channels", "conv layers: 'channels' (positions summed) or 'flatten'")
+    units: str = option("auto", UNITS_OPTION_DOC + "; the Gram sums over positions")
     cutoffs: tuple[float, ...] = option((1e-3, 1e-6), "relative eigenvalue cut-offs: rank = #eigenvalues > t * largest")
     variance: tuple[float, ...] = option((0.9, 0.99), "rank = #components explaining this fraction")
 
@@ -39,8 +48,7 @@ class JacobianGramOptions(RowOptions):
         self._set("variance", tuple(float(v) for v in self.variance))
         if self.sources not in ("auto", "exact", "random"):
             raise bad_option("sources", self.sources, "'auto', 'exact' or 'random'")
-        if self.conv_units not in ("channels", "flatten"):
-            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        check_units(self.units)
         if not all(0 < t < 1 for t in self.cutoffs):
             raise bad_option("cutoffs", self.cutoffs, "relative cut-offs in (0, 1)")
         if not all(0 < v <= 1 for v in self.variance):
@@ -55,10 +63,12 @@ class JacobianGramResult(Result):
     rank: dict[str, int]  # "<layer> rel<t" and "<layer> var<v>"
     units: dict[str, int]
     sources: str
+    unit_axis: dict[str, str]  # where each layer's units are: 'channels', 'last', 'units', 'flatten', 'dim k'
 
     def lines(self) -> list[str]:
         return [
-            f"layer {layer}: {width} units, Jacobian Gram {rank_text(self.rank, layer)} ({self.sources} sources)"
+            f"layer {layer}: {width} units{axis_note(self.unit_axis.get(layer, 'units'))}, Jacobian Gram "
+            f"{rank_text(self.rank, layer)} ({self.sources} sources)"
             for layer, width in self.units.items()
         ]
 
@@ -76,6 +86,7 @@ class JacobianGram(Technique):
         layers = options.layers or ctx.default_layers(self.name, from_store=False)
         target = options.target_layer
         recorded = [*layers, target] if target else list(layers)
+        axes = ctx.unit_axes(options.units, self.name, layers)
         batches = [
             rows.require_inputs()
             for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
@@ -89,6 +100,7 @@ class JacobianGram(Technique):
                 with torch.enable_grad():
                     output = ctx.model(inputs)
                     leaves = [seen[layer] for layer in layers]
+                    axes.prepare({layer: tuple(leaf.shape) for layer, leaf in zip(layers, leaves)})
                     y = (seen[target] if target else output).flatten(1)
                     width = y.shape[1]
                     if chosen == "auto":
@@ -106,17 +118,18 @@ class JacobianGram(Technique):
                         for layer, row in zip(layers, rows):
                             if row is None:
                                 raise PyengineError(f"jacobian-gram: the target does not depend on layer {layer!r}")
-                            x = as_rows(row.detach() * scale, options.conv_units)
+                            x = as_unit_matrix(row.detach() * scale, axes.dims[layer])
                             if layer not in grams:
                                 if x.shape[1] > MAX_UNITS:
                                     raise PyengineError(
-                                        f"jacobian-gram: layer {layer!r} has {x.shape[1]} units "
-                                        f"(> {MAX_UNITS}); use conv_units='channels'"
+                                        f"jacobian-gram: layer {layer!r} has {x.shape[1]} units (> {MAX_UNITS}) "
+                                        f"on its {axes.names()[layer]} axis; choose other units or a narrower layer"
                                     )
                                 grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                             ops.gram_accumulate(grams[layer], x)
                 count += inputs.shape[0]
                 bar.update()
+        note_units(ctx, axes)
         eigenvalues, ranks, means = {}, {}, {}
         for layer in layers:
             means[layer] = (grams[layer] / count).cpu()
@@ -137,5 +150,6 @@ class JacobianGram(Technique):
             rank=ranks,
             units={k: int(v.shape[0]) for k, v in means.items()},
             sources=chosen,
+            unit_axis=axes.names(),
             figures=(figure,),
         )

@@ -14,18 +14,28 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.plugins.degeneracy._ranks import MAX_UNITS, as_rows, effective_ranks, rank_text
+from pyengine.plugins.degeneracy._ranks import (
+    MAX_UNITS,
+    UNITS_OPTION_DOC,
+    axis_note,
+    check_units,
+    effective_ranks,
+    note_units,
+    rank_text,
+)
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
 
 @dataclass(frozen=True)
 class GramSpectrumOptions(RowOptions):
     batch_size: int = option(256, "rows per step")
-    layers: tuple[str, ...] = option((), "layers analysed; default: the stored layers, else every ReLU module")
+    layers: tuple[str, ...] = option(
+        (), "layers analysed; default: the stored layers, else every nonlinearity's output (ReLU, GELU, ...)"
+    )
     center: bool = option(True, "covariance (centred) rather than second moment")
     cutoffs: tuple[float, ...] = option((1e-3, 1e-6), "relative eigenvalue cut-offs: rank = #eigenvalues > t * largest")
     variance: tuple[float, ...] = option((0.9, 0.99), "rank = #components explaining this fraction of the variance")
-    conv_units: str = option("channels", "conv maps: 'channels' (positions are samples) or 'flatten'")
+    units: str = option("auto", UNITS_OPTION_DOC + "; positions are samples")
 
     def validate(self) -> None:
         super().validate()
@@ -36,8 +46,7 @@ class GramSpectrumOptions(RowOptions):
             raise bad_option("cutoffs", self.cutoffs, "relative cut-offs in (0, 1)")
         if not all(0 < v <= 1 for v in self.variance):
             raise bad_option("variance", self.variance, "explained-variance fractions in (0, 1]")
-        if self.conv_units not in ("channels", "flatten"):
-            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        check_units(self.units)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,13 +55,18 @@ class GramSpectrumResult(Result):
     units: dict[str, int]  # layer width (units)
     samples: dict[str, int]  # rows accumulated
     rank: dict[str, int]  # "<layer> rel<t" and "<layer> var<v>" -> effective rank
+    unit_axis: dict[str, str]  # where each layer's units are: 'channels', 'last', 'units', 'flatten', 'dim k'
 
     def summary(self) -> str:
         return "; ".join(self.lines())
 
     def lines(self) -> list[str]:
         """The redundancy report, e.g. ``layer X: 512 units, rank 37 at 1e-06``."""
-        return [f"layer {layer}: {width} units, {rank_text(self.rank, layer)}" for layer, width in self.units.items()]
+        return [
+            f"layer {layer}: {width} units{axis_note(self.unit_axis.get(layer, 'units'))}, "
+            f"{rank_text(self.rank, layer)}"
+            for layer, width in self.units.items()
+        ]
 
 
 class GramSpectrum(Technique):
@@ -66,18 +80,18 @@ class GramSpectrum(Technique):
         grams: dict[str, torch.Tensor] = {}
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}
+        axes = ctx.unit_axes(options.units, self.name, layers)
         source = ctx.activations(
             layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
         )
         with ctx.progress(source.count, "gram-spectrum") as bar:
             for block_rows, block in source:
-                for layer, activation in block.items():
-                    x = as_rows(activation, options.conv_units)
+                for layer, x in axes.matrices(block).items():
                     if layer not in grams:
                         if x.shape[1] > MAX_UNITS:
                             raise PyengineError(
-                                f"gram-spectrum: layer {layer!r} has {x.shape[1]} units (> {MAX_UNITS}); "
-                                "use conv_units='channels' or a narrower layer"
+                                f"gram-spectrum: layer {layer!r} has {x.shape[1]} units (> {MAX_UNITS}) on its "
+                                f"{axes.names()[layer]} axis; choose other units or a narrower layer"
                             )
                         grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                         sums[layer] = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -85,6 +99,7 @@ class GramSpectrum(Technique):
                     ops.gram_accumulate(grams[layer], x, sums[layer])
                     rows[layer] += x.shape[0]
                 bar.update(len(block_rows))
+        note_units(ctx, axes)
         eigenvalues, ranks = {}, {}
         for layer in layers:
             if rows.get(layer, 0) == 0:
@@ -105,5 +120,6 @@ class GramSpectrum(Technique):
             units={k: int(v.shape[0]) for k, v in eigenvalues.items()},
             samples=rows,
             rank=ranks,
+            unit_axis=axes.names(),
             figures=(figure,),
         )

@@ -1,4 +1,9 @@
-"""``relu-sync``: ReLU units that fire on the same inputs (a source of degeneracy).
+"""``relu-sync``: units that fire on the same inputs (a source of degeneracy).
+
+A unit fires when its activation exceeds ``fires_above`` (0): for a ReLU, when it is active;
+for GELU, SiLU, ELU, Tanh, ... when its output is positive (a GELU's negative dip counts as
+not firing). Units are found by ``pyengine.units``: a conv map's channels (its positions are
+inputs too), a transformer's features (its tokens are inputs too).
 
 Firing patterns (h > 0) over the whole dataset are packed into bitsets (64 inputs per
 word, 32x smaller than float32) by ``pyengine.ops.pack_firing``; pairwise agreement comes
@@ -17,17 +22,19 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.plugins.degeneracy._ranks import as_rows
+from pyengine.plugins.degeneracy._ranks import UNITS_OPTION_DOC, check_units, note_units
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 
 
 @dataclass(frozen=True)
 class ReluSyncOptions(RowOptions):
     batch_size: int = option(256, "rows per step")
-    layers: tuple[str, ...] = option((), "layers analysed; default: the stored layers, else every ReLU module")
+    layers: tuple[str, ...] = option(
+        (), "layers analysed; default: the stored layers, else every nonlinearity's output (ReLU, GELU, ...)"
+    )
     agreement: float = option(1.0, "minimum fraction of inputs on which two linked units agree (1.0: identical)")
-    fires_above: float = option(0.0, "a unit fires when its activation exceeds this")
-    conv_units: str = option("channels", "conv maps: 'channels' (positions are inputs) or 'flatten'")
+    fires_above: float = option(0.0, "a unit fires when its activation exceeds this (GELU/SiLU/...: output > 0)")
+    units: str = option("auto", UNITS_OPTION_DOC + "; positions count as inputs")
 
     def validate(self) -> None:
         super().validate()
@@ -38,8 +45,7 @@ class ReluSyncOptions(RowOptions):
             or not 0 < self.agreement <= 1
         ):
             raise bad_option("agreement", self.agreement, "an agreement fraction in (0, 1]")
-        if self.conv_units not in ("channels", "flatten"):
-            raise bad_option("conv_units", self.conv_units, "'channels' or 'flatten'")
+        check_units(self.units)
         if isinstance(self.fires_above, bool) or not isinstance(self.fires_above, (int, float)):
             raise bad_option("fires_above", self.fires_above, "a number")
 
@@ -53,6 +59,7 @@ class ReluSyncResult(Result):
     dead: dict[str, int]
     always_on: dict[str, int]
     samples: dict[str, int]
+    unit_axis: dict[str, str]  # where each layer's units are: 'channels', 'last', 'units', 'flatten', 'dim k'
 
     def lines(self) -> list[str]:
         out = []
@@ -124,18 +131,20 @@ def synchronized_groups(disagreements: torch.Tensor, rows: int, threshold: float
 
 class ReluSync(Technique):
     name = "relu-sync"
-    summary = "groups of ReLU units that fire on the same inputs, from bitset firing patterns"
+    summary = "groups of units (ReLU, GELU, ...: output > 0) that fire on the same inputs, from bitset patterns"
     Options = ReluSyncOptions
     needs_data = True
 
     def run(self, ctx: Context, options: ReluSyncOptions) -> ReluSyncResult:
         layers = options.layers or ctx.default_layers(self.name)
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
+        axes = ctx.unit_axes(options.units, self.name, layers)
         for _, block in ctx.activations(
             layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
         ):
-            for layer, activation in block.items():
-                packers[layer].add(as_rows(activation, options.conv_units))
+            for layer, samples in axes.matrices(block).items():
+                packers[layer].add(samples)
+        note_units(ctx, axes)
         fields: dict[str, Any] = {
             k: {} for k in ("agreement", "firing_rate", "group", "groups", "dead", "always_on", "samples")
         }
@@ -159,4 +168,4 @@ class ReluSync(Technique):
             fields["always_on"][layer] = int((fires == rows).sum())
             fields["samples"][layer] = rows
             figures.append(Figure(f"{layer}: pairwise firing agreement (white = identical)", image=agreement))
-        return ReluSyncResult(**fields, figures=tuple(figures))
+        return ReluSyncResult(**fields, unit_axis=axes.names(), figures=tuple(figures))

@@ -1,6 +1,10 @@
 """What does a unit respond to? ``filters`` (first-layer weights), ``activations`` (feature maps
 of given inputs) and ``max-patches`` (the dataset inputs and positions that drive each channel
 most, cropped to the unit's exact receptive field, streamed through the ``topk_update`` op).
+
+Units are found by ``pyengine.units`` (option ``units``): a conv map's channels, a
+transformer's features; max-patches needs a 2-D grid of positions, so it takes (B, C, H, W)
+maps (channels-last (B, H, W, C) ones too) and (B, units) layers, and refuses token sequences.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pyengine.figures import image_grid, normalise_each, upscale
 from pyengine.layers import conv_layers
 from pyengine.plugins.features._receptive import ReceptiveField, receptive_field
 from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, layer_tuple, option
+from pyengine.units import UNITS_DOC, UnitAxes, as_unit_matrix
 
 # --- filters ----------------------------------------------------------------------------------
 
@@ -79,25 +84,30 @@ class ActivationsOptions(RowOptions):
         (), "one layer; default: the first conv's output after its normalisation and nonlinearity"
     )
     max_channels: int = option(32, "channels shown per input")
+    units: str = option("auto", UNITS_DOC)
 
     def validate(self) -> None:
         super().validate()
         self._set("layers", layer_tuple(self.layers, single=True))
         self.require_int("max_channels")
+        _check_units(self.units)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ActivationsResult(Result):
     layer: str
-    maps: torch.Tensor  # (inputs, C, H, W) or (inputs, F)
+    maps: torch.Tensor  # the layer's values as recorded: (inputs, C, H, W), (inputs, T, D), (inputs, F), ...
     zero_fraction: float  # share of exact zeros (dead after ReLU)
-    channel_zero_fraction: torch.Tensor  # (C,)
-    channel_max: torch.Tensor  # (C,)
+    channel_zero_fraction: torch.Tensor  # (units,): per unit (channel, feature), over inputs and positions
+    channel_max: torch.Tensor  # (units,)
     scale: float  # the shared figure scale: white = this value
+    unit_axis: str  # where the units are: 'channels' (dim 1), 'last', 'units' (rows of units), 'dim k'
 
     def summary(self) -> str:
+        kind = "channels" if self.unit_axis == "channels" else "units"
+        where = "" if self.unit_axis in ("channels", "units") else f" ({self.unit_axis} dim)"
         return (
-            f"{self.layer}: {self.maps.shape[1]} channels, {self.zero_fraction:.1%} zeros, "
+            f"{self.layer}: {self.channel_max.numel()} {kind}{where}, {self.zero_fraction:.1%} zeros, "
             f"max {float(self.channel_max.max()):.3g}"
         )
 
@@ -119,12 +129,14 @@ class Activations(Technique):
             at_most=ROWS_SHOWN,
             technique=self.name,
         )
+        axes = ctx.unit_axes(options.units, self.name, (layer,))
         maps = torch.cat([values[layer].float().cpu() for _, values in blocks])
-        per_channel = maps.transpose(0, 1).reshape(maps.shape[1], -1)
+        dim = axes.dim(layer, tuple(maps.shape))
+        per_channel = as_unit_matrix(maps, dim).T
         scale = float(maps.abs().max().clamp(min=1e-12))
         figures = []
-        if maps.dim() == 4:
-            shown = maps[:, : options.max_channels]
+        if maps.dim() == 4 and dim in (1, 3):  # channel maps (channels-last ones moved first)
+            shown = maps.movedim(dim, 1)[:, : options.max_channels]
             low = 0.0 if float(maps.min()) >= 0 else -scale
             for k in range(shown.shape[0]):
                 tiles = ((shown[k] - low) / (scale - low)).unsqueeze(1)
@@ -142,6 +154,7 @@ class Activations(Technique):
             channel_zero_fraction=(per_channel == 0).double().mean(1),
             channel_max=per_channel.amax(1),
             scale=scale,
+            unit_axis=axes.names()[layer],
             figures=tuple(figures),
         )
 
@@ -159,9 +172,11 @@ class MaxPatchesOptions(RowOptions):
     k: int = option(9, "top inputs kept per channel")
     guided: bool = option(False, "pair each patch with its guided-backprop map toward the unit")
     figure_channels: int = option(8, "channels shown in the figures")
+    units: str = option("auto", UNITS_DOC)
 
     def validate(self) -> None:
         super().validate()
+        _check_units(self.units)
         self._set("layers", layer_tuple(self.layers, single=True))
         self._set("channels", tuple(self.channels) if not isinstance(self.channels, int) else (self.channels,))
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
@@ -181,6 +196,7 @@ class MaxPatchesResult(Result):
     field_size: str
     field_jump: str
     scanned: int  # rows scanned
+    unit_axis: str  # where the layer's units are: 'channels' (dim 1), 'last' (a channels-last map), 'units'
 
     def summary(self) -> str:
         return (
@@ -200,7 +216,8 @@ class MaxPatches(Technique):
             raise PyengineError(f"{self.name} needs the inputs (to crop patches): pass data=<dataset> or inputs")
         layer = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer)
-        top, channels, spatial, scanned = self._stream(ctx, layer, options)
+        axes = ctx.unit_axes(options.units, self.name, (layer,))
+        top, channels, spatial, scanned = self._stream(ctx, layer, options, axes)
         if options.k > scanned:
             raise PyengineError(
                 f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
@@ -213,7 +230,7 @@ class MaxPatches(Technique):
             if spatial
             else torch.zeros(*where.shape, 2, dtype=torch.long)
         )
-        patches, guided = self._crop(ctx, layer, channels, ids, position, field, options.guided)
+        patches, guided = self._crop(ctx, layer, axes.dims[layer], channels, ids, position, field, options.guided)
         figures = _patch_figures(layer, channels, patches, guided, values, options.figure_channels)
         size = f"{field.size[0]}x{field.size[1]}" if field else "whole input"
         return MaxPatchesResult(
@@ -227,6 +244,7 @@ class MaxPatches(Technique):
             field_size=size,
             field_jump=f"{field.jump[0]}x{field.jump[1]}" if field else "-",
             scanned=scanned,
+            unit_axis=axes.names()[layer],
             figures=figures,
         )
 
@@ -240,7 +258,7 @@ class MaxPatches(Technique):
         return ctx.data.batch(ids.flatten().tolist()).inputs
 
     def _stream(
-        self, ctx: Context, layer: str, options: MaxPatchesOptions
+        self, ctx: Context, layer: str, options: MaxPatchesOptions, axes: UnitAxes
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple[int, ...], int]:
         top: tuple[torch.Tensor, ...] = ()
         channels = torch.tensor(options.channels, dtype=torch.long)
@@ -251,7 +269,7 @@ class MaxPatches(Technique):
         )
         with ctx.progress(blocks.count, self.name) as bar:
             for rows, values in blocks:
-                a = values[layer]
+                a = _channels_first(values[layer], layer, axes, self.name)
                 if not top:
                     width = a.shape[1]
                     if options.channels and max(options.channels) >= width:
@@ -276,6 +294,7 @@ class MaxPatches(Technique):
         self,
         ctx: Context,
         layer: str,
+        dim: int,
         channels: torch.Tensor,
         ids: torch.Tensor,
         position: torch.Tensor,
@@ -288,7 +307,9 @@ class MaxPatches(Technique):
         size = field.size if field else (height, width)
         patches = torch.zeros(c * k, inputs.shape[1], *size)
         maps = (
-            guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2)) if guided else None
+            guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2), dim)
+            if guided
+            else None
         )
         guided_patches = torch.zeros_like(patches) if guided else torch.zeros(0)
         for n in range(c * k):
@@ -304,14 +325,17 @@ class MaxPatches(Technique):
 
 
 def guided_maps(
-    ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.Tensor, position: torch.Tensor
+    ctx: Context, layer: str, inputs: torch.Tensor, channels: torch.Tensor, position: torch.Tensor, dim: int = 1
 ) -> torch.Tensor:
-    """Guided backprop of unit (channel, y, x) of ``layer`` toward each input: (N, C, H, W)."""
+    """Guided backprop of unit (channel, y, x) of ``layer`` (its channels on ``dim``: 1, or 3 for a
+    channels-last map) toward each input: (N, C, H, W)."""
     x = inputs.to(ctx.device).detach().requires_grad_(True)
     with ctx.record([layer], grad=True) as seen, torch.enable_grad():
         with GuidedReLUs():
             ctx.model(x)
         out = seen[layer]
+        if out.dim() == 4 and dim == 3:
+            out = out.movedim(3, 1)
         rows = torch.arange(len(x), device=out.device)
         if out.dim() == 4:
             units = out[rows, channels.to(out.device), position[:, 0].to(out.device), position[:, 1].to(out.device)]
@@ -319,6 +343,26 @@ def guided_maps(
             units = out[rows, channels.to(out.device)]
         grads = torch.autograd.grad(units.sum(), x)[0]
     return grads.detach().cpu()
+
+
+def _check_units(value: str) -> None:
+    if value not in ("auto", "channels", "last"):
+        raise bad_option("units", value, "'auto', 'channels' or 'last'")
+
+
+def _channels_first(values: torch.Tensor, layer: str, axes: UnitAxes, technique: str) -> torch.Tensor:
+    """A layer's values as (B, C, H, W) channel maps or (B, units); an error for other layouts."""
+    dim = axes.dim(layer, tuple(values.shape))
+    if values.dim() == 2 or (values.dim() == 4 and dim == 1):
+        return values
+    if values.dim() == 4 and dim == 3:
+        return values.movedim(3, 1)
+    shape = "(" + ", ".join(["B", *map(str, values.shape[1:])]) + ")"
+    raise PyengineError(
+        f"{technique}: layer {layer!r} has values {shape} with its {values.shape[dim]} units on dim {dim}: its "
+        "positions are no 2-D grid over the image (a token sequence?), so there is no patch to crop; "
+        "pick a (B, C, H, W) conv layer or a (B, units) layer"
+    )
 
 
 def _patch_figures(

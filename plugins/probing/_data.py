@@ -1,8 +1,11 @@
 """What the probes read: per-layer unit activations and concept labels, with splits.
 
-Activations come from the store (streamed in blocks) or from a fresh pass over the data;
-conv maps are reduced over space to one value per channel (the channel is the neuron).
-Categorical concepts become binary ones, ``texture=striped`` (one versus the rest).
+Activations come from the store (streamed in blocks) or from a fresh pass over the data. A
+row's feature vector has one value per unit (``pyengine.units``: a conv map's channels, a
+transformer's features), its positions pooled by ``reduce``: by default the max over a conv
+map's space, the mean over a sequence's tokens ('first' takes a ViT's class token, 'last' the
+last token, as TransformerLens users probe a causal model). Categorical concepts become
+binary ones, ``texture=striped`` (one versus the rest).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import torch
 from pyengine.errors import PyengineError
 from pyengine.plugins.probing._fit import Split, control_labels, stratified_split
 from pyengine.technique import RowOptions, bad_option, layer_tuple, option
+from pyengine.units import POOLING_DOC, POOLINGS, UNITS_DOC
 
 if TYPE_CHECKING:
     from pyengine.context import Context
+    from pyengine.units import UnitAxes
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,13 @@ class ProbeOptions(RowOptions):
     """Options every probe shares."""
 
     batch_size: int = option(256, "rows per step")
-    layers: tuple[str, ...] = option((), "layers probed; default: the stored layers, else every ReLU module")
+    layers: tuple[str, ...] = option(
+        (), "layers probed; default: the stored layers, else every nonlinearity's output (ReLU, GELU, ...)"
+    )
     concepts: tuple[str, ...] = option((), "'texture=striped' or 'colour' (all its categories); default: all")
     labels: Mapping[str, Any] | None = option(None, "user concepts: name -> (N,) ints, aligned with the rows probed")
-    reduce: str = option("max", "conv maps: 'max' or 'mean' over space")
+    units: str = option("auto", UNITS_DOC)
+    reduce: str = option("auto", POOLING_DOC)
     split: tuple[float, float, float] = option((0.6, 0.2, 0.2), "train, validation, test fractions")
     control: str = option("input", "control-task types: 'input' (every row its own) or 'label' (the class)")
 
@@ -37,8 +45,10 @@ class ProbeOptions(RowOptions):
         super().validate()
         self._set("layers", layer_tuple(self.layers))
         self._set("concepts", (self.concepts,) if isinstance(self.concepts, str) else tuple(self.concepts))
-        if self.reduce not in ("max", "mean"):
-            raise bad_option("reduce", self.reduce, "'max' or 'mean'")
+        if self.reduce not in ("auto", *POOLINGS):
+            raise bad_option("reduce", self.reduce, "one of " + ", ".join(repr(p) for p in ("auto", *POOLINGS)))
+        if self.units not in ("auto", "channels", "last"):
+            raise bad_option("units", self.units, "'auto', 'channels' or 'last'")
         split = tuple(float(f) for f in self.split)
         if len(split) != 3 or min(split) < 0 or split[0] <= 0 or split[2] <= 0 or abs(sum(split) - 1) > 1e-6:
             raise bad_option("split", self.split, "three fractions (train, val, test) summing to 1, train and test > 0")
@@ -56,23 +66,18 @@ class ProbeData:
     controls: dict[str, torch.Tensor]  # binary concept -> control-task labels
     types: torch.Tensor  # (N,) control-task input types
     seed: int
+    unit_axis: dict[str, str]  # layer -> where its units are ('channels', 'last', 'units', 'dim k')
+    pooling: dict[str, str]  # layer -> how its positions were pooled ('max', 'mean', 'first', 'last'; '-': none)
 
     def train_val_test(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return values[self.split.train], values[self.split.val], values[self.split.test]
 
 
-def reduce_units(activation: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, C, *spatial) -> (B, C) by max or mean; (B, units) unchanged."""
-    if activation.dim() <= 2:
-        return activation.reshape(activation.shape[0], -1)
-    flat = activation.flatten(2)
-    return flat.amax(2) if how == "max" else flat.mean(2)
-
-
 def _read(
     ctx: Context, layers: tuple[str, ...], options: ProbeOptions
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]], torch.Tensor, UnitAxes]:
     """Per-unit features, concepts (codes, category names) and class labels of the probed rows."""
+    axes = ctx.unit_axes(options.units, "probing", layers)
     source = ctx.activations(
         layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique="probing"
     )
@@ -81,15 +86,15 @@ def _read(
     class_labels: list[torch.Tensor] = []
     with ctx.progress(source.count, "probe activations") as bar:
         for rows, values in source:
-            for layer in layers:
-                parts[layer].append(reduce_units(values[layer], options.reduce))
+            for layer, pooled in axes.pooled(values, options.reduce).items():
+                parts[layer].append(pooled)
             for name, value in rows.concepts.items():
                 codes.setdefault(name, []).append(value.cpu())
             labels = rows.labels if rows.labels is not None else torch.full((len(rows),), -1, dtype=torch.long)
             class_labels.append(labels.cpu())
             bar.update(len(rows))
     concepts = {name: (torch.cat(values), list(source.concept_names.get(name, ()))) for name, values in codes.items()}
-    return {layer: torch.cat(p) for layer, p in parts.items()}, concepts, torch.cat(class_labels)
+    return {layer: torch.cat(p) for layer, p in parts.items()}, concepts, torch.cat(class_labels), axes
 
 
 def _binary_targets(
@@ -124,7 +129,9 @@ def _binary_targets(
 def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
     """Features, concepts, one seeded split stratified on all concepts jointly, controls."""
     layers = options.layers or ctx.default_layers("probing")
-    features, concepts, class_labels = _read(ctx, layers, options)
+    features, concepts, class_labels, axes = _read(ctx, layers, options)
+    if axes.choice == "auto" and any(name != "units" for name in axes.names().values()):
+        ctx.defaults_chosen["units"] = axes.summary()
     n = next(iter(features.values())).shape[0]
     for name, values in (options.labels or {}).items():
         array = torch.as_tensor(values).long().flatten()
@@ -152,6 +159,8 @@ def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
         controls={name: y.to(device) for name, y in controls.items()},
         types=types,
         seed=ctx.seed,
+        unit_axis=axes.names(),
+        pooling={layer: axes.pooling(layer, options.reduce) for layer in layers},
     )
 
 

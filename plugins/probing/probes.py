@@ -77,10 +77,18 @@ class ProbeResult(Result):
     train_rows: torch.Tensor
     val_rows: torch.Tensor
     test_rows: torch.Tensor
+    unit_axis: dict[str, str]  # layer -> where its units are: 'channels', 'last', 'units', 'dim k'
+    pooling: dict[str, str]  # layer -> how a unit's positions became one value: 'max', 'mean', 'first', 'last', '-'
 
 
 def _split_fields(data: ProbeData) -> dict[str, Any]:
-    return {"train_rows": data.split.train.cpu(), "val_rows": data.split.val.cpu(), "test_rows": data.split.test.cpu()}
+    return {
+        "train_rows": data.split.train.cpu(),
+        "val_rows": data.split.val.cpu(),
+        "test_rows": data.split.test.cpu(),
+        "unit_axis": data.unit_axis,
+        "pooling": data.pooling,
+    }
 
 
 # --- probe-neurons -----------------------------------------------------------------
