@@ -269,6 +269,21 @@ class EmptyShortcut(nn.Module):
         return torch.relu(out)
 
 
+class Inception(nn.Module):
+    """GoogLeNet/Inception idioms: the input transform (select, unsqueeze, cat), asymmetric 1x7 / 7x1
+    kernels, a functional average-pool branch, a ceil_mode max pool, branches concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Sequential(conv(3, 4, (1, 7), padding=(0, 3)), conv(4, 4, (7, 1), padding=(3, 0)))
+        self.pooled, self.pool = conv(3, 4, 1), nn.MaxPool2d(3, 2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([(x[:, 0] * 0.5 + 0.1).unsqueeze(1), x[:, 1:]], 1)
+        branches = [self.wide(x), self.pooled(F.avg_pool2d(x, 3, stride=1, padding=1))]
+        return self.pool(torch.cat(branches, 1))
+
+
 PLANTED = {
     "valid stride 2 then padded": lambda: nn.Sequential(conv(3, 4, 3, stride=2), conv(4, 4, 3, padding=1)),
     "dilation past the padding": lambda: nn.Sequential(conv(3, 4, 3, dilation=3, padding=2), conv(4, 4, 1, stride=2)),
@@ -281,6 +296,7 @@ PLANTED = {
     "crop": Cropped,
     "option-A shortcut": OptionA,
     "empty Sequential shortcut": EmptyShortcut,
+    "inception branches": Inception,
     "TF 'same' padding": lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), conv(3, 4, 3, stride=2)),
 }
 
