@@ -67,7 +67,7 @@ def test_receptive_field_is_the_gradient_support(layers: list[nn.Module]) -> Non
     for y, xx in [(0, 0), (out.shape[2] // 2, out.shape[3] // 2), (out.shape[2] - 1, out.shape[3] - 1)]:
         grad = torch.autograd.grad(out[0, 0, y, xx], x, retain_graph=True)[0][0].abs().sum(0)
         support = (grad > 0).nonzero()
-        y0, y1, x0, x1 = field.box(y, xx, 32, 32)
+        y0, y1, x0, x1 = field.box(y, xx)
         assert (int(support[:, 0].min()), int(support[:, 0].max()) + 1) == (y0, y1)
         assert (int(support[:, 1].min()), int(support[:, 1].max()) + 1) == (x0, x1)
 

@@ -21,7 +21,7 @@ from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, normalise_each, upscale
 from pyengine.layers import conv_layers
-from pyengine.plugins.features._receptive import ReceptiveField, receptive_field
+from pyengine.plugins.features._receptive import LayerField, receptive_field
 from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, layer_tuple, option
 from pyengine.units import UNITS_DOC, UnitAxes, as_unit_matrix
 
@@ -191,18 +191,25 @@ class MaxPatchesResult(Result):
     values: torch.Tensor  # (C', k) activation, descending
     index: torch.Tensor  # (C', k) dataset indices (ties: lower index first)
     position: torch.Tensor  # (C', k, 2) y, x of the unit in the layer (0, 0 for dense layers)
-    patches: torch.Tensor  # (C', k, in_channels, field_h, field_w), zero outside the image
+    patches: torch.Tensor  # (C', k, in_channels, field_h, field_w): the unit's field, zero outside it
     guided: torch.Tensor  # same shape: guided-backprop maps toward each unit (empty without guided)
+    boxes: torch.Tensor  # (C', k, 4) y0, y1, x0, x1: each unit's exact field in its input (end exclusive)
     field_size: str
     field_jump: str
+    also_global: str  # ops through which the units also depend on the whole input ("" if none)
     scanned: int  # rows scanned
     unit_axis: str  # where the layer's units are: 'channels' (dim 1), 'last' (a channels-last map), 'units'
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.layer}: top {self.values.shape[1]} of {self.scanned} inputs for {self.values.shape[0]} channels, "
             f"receptive field {self.field_size} (jump {self.field_jump})"
         )
+        if not self.also_global:
+            return text
+        gates = self.also_global.split("; ")
+        more = f" and {len(gates) - 1} more" if len(gates) > 1 else ""
+        return f"{text}; also the whole input through {gates[0]}{more}"
 
 
 class MaxPatches(Technique):
@@ -217,22 +224,27 @@ class MaxPatches(Technique):
         layer = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer)
         axes = ctx.unit_axes(options.units, self.name, (layer,))
+        field = receptive_field(ctx, layer, ctx.example(self.name), self.name)  # None: dense units
         top, channels, spatial, scanned = self._stream(ctx, layer, options, axes)
         if options.k > scanned:
             raise PyengineError(
                 f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
             )
+        if field is not None and spatial != field.layer_size:
+            raise PyengineError(
+                f"{self.name}: {layer!r} maps are {spatial} in the rows scanned but {field.layer_size} for the "
+                "first input; expected inputs of one size"
+            )
         values, ids, where = top
-        example = self._inputs(ctx, ids[:1, 0]).to(ctx.device)
-        field = receptive_field(ctx, layer, example, self.name) if spatial else None
         position = (
             torch.stack([where // max(spatial[1], 1), where % max(spatial[1], 1)], -1)
-            if spatial
+            if field is not None
             else torch.zeros(*where.shape, 2, dtype=torch.long)
         )
-        patches, guided = self._crop(ctx, layer, axes.dims[layer], channels, ids, position, field, options.guided)
+        patches, guided, boxes = self._crop(
+            ctx, layer, axes.dims[layer], channels, ids, position, field, options.guided
+        )
         figures = _patch_figures(layer, channels, patches, guided, values, options.figure_channels)
-        size = f"{field.size[0]}x{field.size[1]}" if field else "whole input"
         return MaxPatchesResult(
             layer=layer,
             channels=channels,
@@ -241,8 +253,10 @@ class MaxPatches(Technique):
             position=position,
             patches=patches,
             guided=guided,
-            field_size=size,
+            boxes=boxes,
+            field_size=field.describe() if field else "whole input",
             field_jump=f"{field.jump[0]}x{field.jump[1]}" if field else "-",
+            also_global="; ".join(field.also_global) if field else "",
             scanned=scanned,
             unit_axis=axes.names()[layer],
             figures=figures,
@@ -298,30 +312,43 @@ class MaxPatches(Technique):
         channels: torch.Tensor,
         ids: torch.Tensor,
         position: torch.Tensor,
-        field: ReceptiveField | None,
+        field: LayerField | None,
         guided: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each unit's exact field cut from its input, in the frame of the fields' hull (so units of
+        channels with smaller fields, after a concatenation, sit where they are in that frame)."""
         inputs = self._inputs(ctx, ids)
         c, k = ids.shape
         height, width = inputs.shape[-2:]
+        if field is not None and (height, width) != field.image:
+            raise PyengineError(
+                f"{self.name}: the inputs are {height} x {width} but the receptive field was found for "
+                f"{field.image[0]} x {field.image[1]}; expected inputs of one size"
+            )
         size = field.size if field else (height, width)
         patches = torch.zeros(c * k, inputs.shape[1], *size)
+        units = channels.repeat_interleave(k).tolist()
         maps = (
             guided_maps(ctx, layer, inputs, channels.repeat_interleave(k), position.reshape(-1, 2), dim)
             if guided
             else None
         )
         guided_patches = torch.zeros_like(patches) if guided else torch.zeros(0)
+        boxes = torch.zeros(c * k, 4, dtype=torch.long)
         for n in range(c * k):
             y, x = (int(v) for v in position.reshape(-1, 2)[n])
-            y0, y1, x0, x1 = field.box(y, x, height, width) if field else (0, height, 0, width)
-            oy = (y0 - (field.start[0] + y * field.jump[0])) if field else 0
-            ox = (x0 - (field.start[1] + x * field.jump[1])) if field else 0
-            patches[n, :, oy : oy + y1 - y0, ox : ox + x1 - x0] = inputs[n, :, y0:y1, x0:x1]
+            y0, y1, x0, x1 = field.field(units[n]).box(y, x) if field else (0, height, 0, width)
+            oy, ox = field.hull.origin(y, x) if field else (0, 0)
+            patches[n, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = inputs[n, :, y0:y1, x0:x1]
             if maps is not None:
-                guided_patches[n, :, oy : oy + y1 - y0, ox : ox + x1 - x0] = maps[n, :, y0:y1, x0:x1]
+                guided_patches[n, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = maps[n, :, y0:y1, x0:x1]
+            boxes[n] = torch.tensor([y0, y1, x0, x1])
         shape = (c, k, *patches.shape[1:])
-        return patches.reshape(shape), guided_patches.reshape(shape) if guided else guided_patches
+        return (
+            patches.reshape(shape),
+            guided_patches.reshape(shape) if guided else guided_patches,
+            boxes.reshape(c, k, 4),
+        )
 
 
 def guided_maps(
