@@ -214,6 +214,17 @@ class Context:
         self.defaults_chosen["layers"] = f"{shown} (every nonlinearity's output)"
         return found
 
+    def bypassed(self, technique: str, layers: Sequence[str]) -> tuple[str, ...]:
+        """Those of ``layers`` that some path from the input to the output goes around (a
+        residual add, a concatenation, a gate): not cuts of the model."""
+        return layer_api.bypassed(self.model, self.example(technique), layers)
+
+    def block_cuts(self, technique: str) -> tuple[str, ...]:
+        """The innermost blocks (modules with children) every path from the input to the output
+        goes through, in forward order: where a chain of layers can be read on a residual net."""
+        blocks = [c.reference for c in layer_api.module_cuts(self.model, self.example(technique)) if not c.leaf]
+        return tuple(ref for ref in blocks if not any(other.startswith(ref + ".") for other in blocks))
+
     def spatial_layer(self, technique: str) -> str:
         """The default layer of spatial techniques (grad-cam, max-patches, ...): the last
         (N, C, H, W) output that every path to the output goes through."""

@@ -401,10 +401,12 @@ def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
     """Every module call (containers too, in the order they finish) of one forward pass of
     ``example``, with references that name the call of modules run several times."""
     names = {id(m): n for n, m in model.named_modules() if n}
-    raw: list[tuple[str, nn.Module, Any, Any]] = []
+    raw: list[tuple[str, nn.Module, Any, Any, Any]] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        raw.append((names[id(module)], module, args[0] if args else None, output))
+        # the node now: an in-place op later on the same tensor (``out += identity``) replaces it
+        node = output.grad_fn if isinstance(output, torch.Tensor) else None
+        raw.append((names[id(module)], module, args[0] if args else None, output, node))
 
     x = example.detach().clone()
     if x.is_floating_point():
@@ -419,13 +421,33 @@ def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
         counts[name] = counts.get(name, 0) + 1
     seen: dict[str, int] = {}
     calls = []
-    for name, module, first_input, value in raw:
+    for name, module, first_input, value, node in raw:
         seen[name] = seen.get(name, 0) + 1
         reference = name if counts[name] == 1 else f"{name}#{seen[name]}"
-        node = value.grad_fn if isinstance(value, torch.Tensor) else None
         leaf = not any(True for _ in module.children())
         calls.append(ModuleCall(reference, module, leaf, first_input, value, node))
     return TracedPass(calls, x, output)
+
+
+def bypassed(model: nn.Module, example: torch.Tensor, references: Sequence[str]) -> tuple[str, ...]:
+    """Those module calls of ``references`` that some path from the input to the output goes
+    around (a residual add, a concatenation, a gate); references this cannot tell (tuple
+    elements, integer inputs) are not listed."""
+    if not example.is_floating_point():
+        return ()
+    traced = traced_pass(model, example)
+    nodes = {c.reference: c.node for c in traced.calls}
+    nodes |= {f"{ref}#1": node for ref, node in list(nodes.items()) if "#" not in ref}
+    return tuple(ref for ref in references if nodes.get(ref) is not None and not traced.separates(nodes[ref]))
+
+
+def module_cuts(model: nn.Module, example: torch.Tensor) -> tuple[ModuleCall, ...]:
+    """The module calls that every path from the input to the output goes through, in the order
+    they finished (a residual net's block outputs, its stem, ...)."""
+    if not example.is_floating_point():
+        return ()
+    traced = traced_pass(model, example)
+    return tuple(call for call in traced.calls if call.node is not None and traced.separates(call.node))
 
 
 def nonlinearity_outputs(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:

@@ -137,17 +137,13 @@ def jacobian_grams(model: nn.Module, references: list[str], x: torch.Tensor) -> 
 # --- guided backpropagation through every ReLU, modules and functional calls alike ------------------
 
 
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0)
+def _guided_relu(value: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """max(value, 0), whose incoming gradient is clipped to its positive part by a tensor hook;
+    autograd's own mask (value > 0) does the rest."""
+    out = value.clamp(min=0)
+    if out.requires_grad:
+        out.register_hook(lambda grad: grad.clamp(min=0))
+    return out
 
 
 def guided_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -155,7 +151,7 @@ def guided_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -
     passing back only positive gradients where its output was positive."""
     model64 = float64(model)
     leaf = x.double().requires_grad_(True)
-    with mock.patch.object(F, "relu", lambda value, inplace=False: _GuidedReLU.apply(value)):
+    with mock.patch.object(F, "relu", _guided_relu):
         output = model64(leaf)
     (grad,) = torch.autograd.grad(output.gather(1, targets[:, None]).sum(), leaf)
     return grad
@@ -281,7 +277,8 @@ def greedy_paths(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tu
 
 
 def locate_patch(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int, int, int]:
-    """The image box (y0, y1, x0, x1) a max-patches crop shows, from its pixels (zero outside the image)."""
+    """The image box (y0, y1, x0, x1) a max-patches crop shows, from its pixels (zero outside the
+    unit's field: the image's edges, or the rest of the fields' hull after a concatenation)."""
     shown = patch.abs().sum(0) > 0
     rows, columns = shown.any(1).nonzero().flatten(), shown.any(0).nonzero().flatten()
     assert rows.numel() and columns.numel(), "the patch shows no input pixels"
@@ -291,8 +288,4 @@ def locate_patch(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int, in
     found = (windows == region[:, None, None]).flatten(-2).all(-1).all(0).nonzero()
     assert len(found) == 1, f"the patch is not one crop of its input ({len(found)} matches)"
     y0, x0 = (int(v) for v in found[0])
-    y1, x1 = y0 + py1 - py0, x0 + px1 - px0
-    # cut off only at the image's edges: a field hanging over the top starts at row 0, ...
-    assert (py0 == 0 or y0 == 0) and (py1 == patch.shape[1] or y1 == image.shape[1])
-    assert (px0 == 0 or x0 == 0) and (px1 == patch.shape[2] or x1 == image.shape[2])
-    return y0, y1, x0, x1
+    return y0, y0 + py1 - py0, x0, x0 + px1 - px0

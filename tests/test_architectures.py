@@ -29,92 +29,19 @@ import pyengine
 from pyengine import host
 from pyengine.errors import PyengineError
 
-# --- cells that fail today because another branch has not merged yet: delete entries as fixes merge --
-
-RECEPTIVE = "pending: receptive fields on DAGs (receptive-dag)"
-NOT_A_CUT = (
-    "unassigned: interaction-basis's default chain includes features.1.block.0.2, whose values reach the output "
-    "around the next chain layer (the SE gate's ReLU): projecting it through its basis changes the outputs by 2.4"
+from matrix_tables import (  # isort: skip
+    MODELS,
+    SIZE,
+    ROWS,
+    EXPLAINED,
+    TOKEN_LAYER,
+    SPATIAL,
+    FIRST_BLOCK,
+    PROBE_LAYERS,
+    INTERACTION_LAYERS,
+    CHAINS,
+    REFUSALS,
 )
-
-PENDING: dict[tuple[str, str], str] = {
-    ("max-patches", "resnet50"): RECEPTIVE,  # a field of 67x67, jump 64: the downsample conv counted in series
-    ("max-patches", "mobilenet_v3"): RECEPTIVE,  # refused: Hardswish
-    ("interaction-basis", "mobilenet_v3: default layers"): NOT_A_CUT,
-}
-
-# --- what each cell does -----------------------------------------------------------------------------
-
-MODELS = ("resnet50", "vgg16_bn", "mobilenet_v3", "densenet", "vit", "demo_cnn")
-SIZE = 32
-ROWS = 64  # dataset rows (labels, concepts texture and colour, boxes) for techniques that read data
-EXPLAINED = 4  # rows explained by the per-input techniques
-TOKEN_LAYER = "encoder.layers.encoder_layer_1"  # the ViT's (B, T, D) block output
-
-# The default layers, as their documentation defines them (checked in the cells that use them).
-SPATIAL = {  # the last (N, C, H, W) output with H*W > 1 that every path to the output goes through
-    "resnet50": "layer3",  # layer4 is 1x1 at 32x32
-    "vgg16_bn": "features.42",  # the last ReLU before the last pool: features is 1x1 at 32x32
-    "mobilenet_v3": "features",
-    "densenet": "features",
-    "vit": "conv_proj",
-    "demo_cnn": "features",
-}
-FIRST_BLOCK = {  # the first convolution's output after its normalisation and nonlinearity
-    "resnet50": "relu",
-    "vgg16_bn": "features.2",
-    "mobilenet_v3": "features.0",
-    "densenet": "features.relu0",
-    "vit": "conv_proj",
-    "demo_cnn": "features.relu1",
-}
-# Probes read every nonlinearity by default: tested so on demo_cnn (4 layers) and vit (2); elsewhere
-# (11 to 17 layers, each fit compared with scikit-learn) two layers, a repeated ReLU call and 1x1 maps among them.
-PROBE_LAYERS = {
-    "resnet50": ("layer1.0.relu#2", "layer4.0.relu#3"),
-    "vgg16_bn": ("features.5", "classifier.1"),
-    "mobilenet_v3": ("features.1.block.1.activation", "features.6.2"),
-    "densenet": ("features.denseblock1.denselayer2.relu1", "features.transition1.relu"),
-}
-# interaction-basis: two layers every path to the output goes through, every value of a layer a unit
-# (units="flatten", the layout check_interaction_basis takes). Its default chain (every nonlinearity
-# output, one basis shared by positions): see test_interaction_basis_default_layers.
-INTERACTION_LAYERS = {
-    "resnet50": ("layer3", "layer4"),
-    "vgg16_bn": ("features.42", "classifier.4"),
-    "mobilenet_v3": ("features.5", "features.6"),
-    "densenet": ("features.transition1", "features.norm5"),
-    "vit": ("encoder.layers.encoder_layer_0", TOKEN_LAYER),
-    "demo_cnn": ("features.pool3", "classifier.relu4"),
-}
-CHAINS = ("vgg16_bn", "demo_cnn")  # plain chains of ReLU layers: hierarchical paths have a reference
-
-
-@dataclass(frozen=True)
-class Refusal:
-    pattern: str  # a regular expression the one-line message must contain
-    reason: str  # the table's words
-
-
-NOT_PL = "is not piecewise linear"
-REFUSALS: dict[tuple[str, str], Refusal] = {
-    ("path-linear", "mobilenet_v3"): Refusal(r"features\.0\.2\b", f"Hardswish `features.0.2` {NOT_PL}"),
-    ("path-linear", "vit"): Refusal(r"encoder_layer_0\.ln_1\b", f"LayerNorm `encoder_layer_0.ln_1` {NOT_PL}"),
-    ("hierarchical-decomposition", "mobilenet_v3"): Refusal(r"features\.0\.2\b", f"Hardswish `features.0.2` {NOT_PL}"),
-    ("hierarchical-decomposition", "vit"): Refusal(
-        r"encoder_layer_0\.ln_1\b", f"LayerNorm `encoder_layer_0.ln_1` {NOT_PL}"
-    ),
-    ("guided-backprop", "vit"): Refusal(r"ReLU", "no ReLU to guide"),
-    ("hierarchical-decomposition", "resnet50"): Refusal(
-        r"needs a plain chain of ReLU layers", "residual adds: the top-down walk follows a plain chain"
-    ),
-    ("hierarchical-decomposition", "densenet"): Refusal(
-        r"needs a plain chain of ReLU layers", "concatenation: the top-down walk follows a plain chain"
-    ),
-    ("hierarchical-decomposition", "vgg16_bn"): Refusal(
-        r"adaptive_avg_pool2d", "at 32x32 the AdaptiveAvgPool2d(7) copies a 1x1 map: not a chain step"
-    ),
-}
 
 
 @dataclass
@@ -307,8 +234,8 @@ def check_activations(cell: Cell, res: Any) -> None:
 
 
 def check_max_patches(cell: Cell, res: Any) -> None:
-    """Top values, rows and positions from recorded values; each crop holds every input pixel its
-    unit's gradient reaches (float64)."""
+    """Top values, rows and positions from recorded values; each crop is the image inside the box
+    the result states, and that box holds every input pixel its unit's gradient reaches (float64)."""
     from matrix_references import cloned_outputs, float64, locate_patch, record_values
 
     layer = SPATIAL[cell.name]
@@ -328,6 +255,7 @@ def check_max_patches(cell: Cell, res: Any) -> None:
         for rank in range(2):
             row, (y, x) = int(res.index[channel, rank]), res.position[channel, rank].tolist()
             y0, y1, x0, x1 = locate_patch(res.patches[channel, rank], images[row])
+            assert [y0, y1, x0, x1] == res.boxes[channel, rank].tolist()
             leaf = images[row : row + 1].double().requires_grad_(True)
             with cloned_outputs(model64, [layer]) as seen:
                 model64(leaf)
@@ -723,9 +651,7 @@ def cells() -> list[Any]:
     params = []
     for technique in host.techniques():
         for name in MODELS:
-            reason = PENDING.get((technique, name))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            params.append(pytest.param(technique, name, marks=marks, id=f"{technique}-{name}"))
+            params.append(pytest.param(technique, name, id=f"{technique}-{name}"))
     return params
 
 
@@ -761,31 +687,55 @@ def test_grad_cam_refuses_a_token_layer() -> None:
     assert "\n" not in message and TOKEN_LAYER in message, message
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING[("interaction-basis", "mobilenet_v3: default layers")])
-def test_interaction_basis_default_layers() -> None:
-    """The default chain (nn.ReLU modules with at most 4096 values) on the one zoo model where it is
-    quick (2048 values at most): each layer's basis keeps what reaches the output, or the technique
-    says in one line that its defaults do not form such a chain. MobileNetV3's ReLUs include an SE
-    gate's, which the gated values reach the output around."""
-    from matrix_references import record_values
+def bypassed_by_the_output(model: nn.Module, reference: str, x: torch.Tensor) -> bool:
+    """Does the output still depend on the input with ``reference``'s value held fixed (a constant
+    in its place)? Then some path goes around it."""
+    from matrix_references import split_reference
 
-    cell = Cell("interaction-basis", "mobilenet_v3", zoo_model("mobilenet_v3"))
-    relus = [name for name, module in cell.model.named_modules() if isinstance(module, nn.ReLU)]
-    sizes = record_values(cell.model, relus, cell.inputs[:1])
-    small = [name for name in relus if sizes[name].numel() <= 4096]
+    path, call = split_reference(reference)
+    module, calls = dict(model.named_modules())[path], [0]
+
+    def hold(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        calls[0] += 1
+        return torch.ones_like(output).detach() if calls[0] == call else None
+
+    handle = module.register_forward_hook(hold)
     try:
-        res = cell.run(stop=16, batch_size=16)
-    except PyengineError as error:
-        assert "\n" not in str(error) and "layers=" in str(error), str(error)
-        return
+        leaf = x.clone().requires_grad_(True)
+        output = model(leaf)
+    finally:
+        handle.remove()
+    if not output.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(output.sum(), leaf, allow_unused=True)
+    return grad is not None and bool(grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "resnet50"])
+def test_interaction_basis_default_layers(name: str) -> None:
+    """The default chain: every nonlinearity output no path to the output goes around, with at most
+    4096 values (units="flatten", the layout of check_interaction_basis); each basis keeps what
+    reaches the output. A layer a path goes around is refused when named."""
+    from matrix_references import nonlinearity_calls, record_values
+
+    cell = Cell("interaction-basis", name, zoo_model(name))
+    x = cell.inputs[:1]
+    calls = nonlinearity_calls(cell.model, x)
+    sizes = record_values(cell.model, calls, x)
+    around = [ref for ref in calls if bypassed_by_the_output(cell.model, ref, x)]
+    expected = [ref for ref in calls if ref not in around and sizes[ref].numel() <= 4096]
+    assert around and expected
+    res = cell.run(stop=16, batch_size=16, units="flatten")
     layers = tuple(reversed(res.width))
-    assert [name for name in small if name in layers] == list(layers), layers
+    assert list(layers) == expected
     check_interaction_basis(cell, res, layers)
+    with pytest.raises(PyengineError, match=rf"the input reaches the output around '{re.escape(around[0])}'"):
+        cell.run(stop=16, batch_size=16, layers=(around[0], expected[-1]))
 
 
 def test_the_tables_name_real_cells() -> None:
     registered = set(host.techniques()) | {"logit-margin"}
-    for technique, name in [*PENDING, *REFUSALS]:
+    for technique, name in REFUSALS:
         assert technique in registered and name.split(":")[0] in MODELS, (technique, name)
     assert set(SPECS) <= registered
 
@@ -795,7 +745,7 @@ def test_the_tables_name_real_cells() -> None:
 
 def table() -> str:
     """The matrix as markdown: what each technique is checked against, and per model whether it
-    is (✓) or why the technique refuses; "✗ pending: ..." marks cells that fail today, with the fix they wait for."""
+    is (✓) or why the technique refuses."""
     lines = [
         "| technique | checked against | " + " | ".join(MODELS) + " |",
         "| --- | --- |" + " --- |" * len(MODELS),
@@ -806,8 +756,7 @@ def table() -> str:
         for name in MODELS:
             refusal = REFUSALS.get((technique, name))
             text = f"refused: {refusal.reason}" if refusal else spec.notes.get(name, "✓") if spec else "?"
-            pending = PENDING.get((technique, name))
-            row.append(f"✗ {pending.split('(')[0].strip()}" if pending else text)
+            row.append(text)
         reference = spec.reference if spec else "no reference"
         lines.append(f"| {technique} | {reference} | " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -141,22 +141,38 @@ def test_vit_jacobian_gram_equals_float64_autograd_summed_over_tokens() -> None:
 
 
 def test_vit_interaction_basis_uses_features_and_keeps_the_outputs() -> None:
+    """On the residual stream (the blocks' outputs, which every path goes through): one basis of
+    the 32 features shared by the 65 tokens. The GELUs inside the blocks, which the residual adds
+    go around, are refused as defaults, naming the blocks to use."""
     model, inputs = copy.deepcopy(zoo("vit", VIT_SIZE)).double(), vit_inputs(24).double()
+    with pytest.raises(PyengineError, match=r"2 are bypassed .*e\.g\. 'encoder\.layers\.encoder_layer_0'"):
+        pyengine.run("interaction-basis", model, data=TensorDataset(inputs), batch_size=12, progress=False)
+    blocks = ("encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1")
     # cutoff 1e-14 drops only numerically null directions (the default 1e-8 also drops amplitudes < 1e-4)
     result = pyengine.run(
-        "interaction-basis", model, data=TensorDataset(inputs), batch_size=12, cutoff=1e-14, progress=False
+        "interaction-basis",
+        model,
+        data=TensorDataset(inputs),
+        layers=blocks,
+        batch_size=12,
+        cutoff=1e-14,
+        progress=False,
     )
-    assert result.width == {GELU0: MLP, GELU1: MLP}
-    assert result.unit_axis == {GELU0: "last", GELU1: "last"}
-    assert result.edges[f"{GELU0}->{GELU1}"].shape == (result.basis_size[GELU1], result.basis_size[GELU0])
+    width = outputs_of(model, blocks[0], inputs[:1]).shape[-1]
+    assert result.width == {blocks[0]: width, blocks[1]: width}
+    assert result.unit_axis == {blocks[0]: "last", blocks[1]: "last"}
+    assert result.edges[f"{blocks[0]}->{blocks[1]}"].shape == (
+        result.basis_size[blocks[1]],
+        result.basis_size[blocks[0]],
+    )
     with torch.no_grad():
         scale = float(model(inputs).abs().max())
     assert max(result.output_change.values()) <= 1e-6 * scale, result.output_change
-    for layer in (GELU0, GELU1):
+    for layer in blocks:
         c, c_inverse = result.basis[layer], result.inverse[layer]
         torch.testing.assert_close(c @ c_inverse, torch.eye(c.shape[0], dtype=c.dtype), rtol=0, atol=1e-8)
         # C whitens the features' Gram over rows x tokens: C G Cᵀ is diagonal
-        h = outputs_of(model, layer, inputs).reshape(-1, MLP)
+        h = outputs_of(model, layer, inputs).reshape(-1, width)
         whitened = c @ (h.T @ h / h.shape[0]) @ c.T
         torch.testing.assert_close(whitened, torch.diag(torch.diagonal(whitened)), rtol=0, atol=1e-8)
 
@@ -224,7 +240,8 @@ def test_vit_neuron_and_mlp_probes_use_features_and_the_override_uses_tokens() -
 
 def test_max_patches_refuses_tokens_and_takes_the_patch_embedding_channels() -> None:
     model, data = zoo("vit", VIT_SIZE), shapes(24, VIT_SIZE)
-    with pytest.raises(PyengineError, match=r"positions are no 2-D grid over the image \(a token sequence\?\)"):
+    refusal = r"not an \(N, C, H, W\) map: its units see the whole input through .*self_attention.*conv_proj"
+    with pytest.raises(PyengineError, match=refusal):
         pyengine.run("max-patches", model, data=data, layers=GELU0, k=2, progress=False)
     result = pyengine.run("max-patches", model, data=data, layers="conv_proj", k=2, progress=False)
     assert result.unit_axis == "channels" and result.values.shape == (32, 2) and result.field_size == "8x8"
@@ -279,7 +296,7 @@ def test_interaction_basis_defaults_to_any_nonlinearity_and_says_when_all_are_to
     result = pyengine.run("interaction-basis", gelu, data=TensorDataset(x), progress=False)
     assert result.width == {"1": 6} and result.unit_axis == {"1": "units"}
     wide = nn.Sequential(nn.Linear(4, 5000), nn.SiLU(), nn.Linear(5000, 3)).double()
-    with pytest.raises(PyengineError, match="none of the 1 nonlinearity outputs has at most 4096 units"):
+    with pytest.raises(PyengineError, match="default chain: 1 have more than 4096 units"):
         pyengine.run("interaction-basis", wide, data=TensorDataset(x), progress=False)
     with pytest.raises(PyengineError, match="no layers given and the model runs no nonlinearity module"):
         pyengine.run("interaction-basis", nn.Linear(4, 3).double(), data=TensorDataset(x), progress=False)
@@ -305,11 +322,16 @@ def test_cnn_defaults_are_every_nonlinearity_call_and_the_techniques_run(name: s
         options: dict[str, Any] = {"stop": 16, "batch_size": 16}
         if technique == "probe-linear":
             options = {"concepts": ["texture=striped"]}
-        if technique == "interaction-basis" and name == "resnet50":  # its default chain of 16 layers is slow on CPU
-            options["layers"] = layers[-4:]
+        expected = layers
+        if technique == "interaction-basis":  # only the calls no residual add goes around: block outputs
+            if name == "convnext":  # its GELUs are all inside residual blocks
+                with pytest.raises(PyengineError, match="5 are bypassed by residual adds"):
+                    pyengine.run(technique, model, data=data, progress=False, **options)
+                continue
+            expected = [layer for layer in layers if layer == "relu" or layer.endswith("#3")]
         result = pyengine.run(technique, model, data=data, progress=False, **options)
         axes = result.unit_axis
-        assert list(axes) == options.get("layers", layers), technique
+        assert list(axes) == expected, technique
         assert set(axes.values()) == set(spectrum.unit_axis.values()), technique
     assert hooks_on(model) == []
 

@@ -65,17 +65,23 @@ def structural(model: nn.Module) -> nn.Module:
 
 
 def measured(
-    model: nn.Module, layer: str, size: int, units: list[tuple[int, int, int]], image: torch.Tensor | None = None
+    model: nn.Module,
+    layer: str,
+    size: int,
+    units: list[tuple[int, int, int]],
+    image: torch.Tensor | None = None,
+    unit_dim: int = 1,
 ) -> list[Box | None]:
     """The bounding box of the input pixels with a nonzero gradient, for each unit (channel, y, x):
-    one copy of the image per unit in one batch (rows are independent in eval mode), one backward."""
+    one copy of the image per unit in one batch (rows are independent in eval mode), one backward.
+    ``unit_dim`` 3: the layer is a channels-last map."""
     ctx = Context(model=model, device=torch.device("cpu"))
     if image is None:  # positive, so that every activation of the structural copy is positive
         image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) + 0.1
     x = image.double().expand(len(units), -1, -1, -1).clone().requires_grad_(True)
     with ctx.record([layer], grad=True) as seen:
         model(x)
-        out = seen[layer]
+        out = seen[layer].movedim(unit_dim, 1)
     c, y, xx = torch.tensor(units).unbind(1)
     out[torch.arange(len(units)), c, y, xx].sum().backward()
     boxes: list[Box | None] = []
@@ -140,6 +146,22 @@ ZOO_LAYERS = [
     ("demo_cnn", "features.pool3"),
     ("vit", "conv_proj"),  # the patch embedding has an exact field
 ]
+
+
+def test_a_channels_last_map_has_the_fields_of_its_channels_first_source() -> None:
+    """ConvNeXt's MLP runs on (N, H, W, C): read with unit_dim=3, unit (c, y, x) of ``mlp.fc1``
+    has the measured gradient support of position (y, x), the field of the depthwise conv before."""
+    model = zoo_model("convnext", 32)
+    example = torch.rand(1, 3, 32, 32)
+    ctx = Context(model=model, device=torch.device("cpu"))
+    field = receptive_field(ctx, "stages.1.blocks.0.mlp.fc1", example, unit_dim=3)
+    depthwise = receptive_field(ctx, "stages.1.blocks.0.conv_dw", example)
+    assert field is not None and depthwise is not None and field.layer_size == depthwise.layer_size
+    height, width = field.layer_size
+    units = sample_units(len(field.group), height, width)
+    boxes = measured(structural(model), "stages.1.blocks.0.mlp.fc1", 32, units, unit_dim=3)
+    for (c, y, x), box in zip(units, boxes, strict=True):
+        assert field.field(c).box(y, x) == box == depthwise.field(0).box(y, x)
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from vision_models import build, zoo_images
 import pyengine
 from pyengine.data import TensorDataset
 from pyengine.errors import PyengineError
-from pyengine.layers import first_block_output, last_spatial_cut, nonlinearity_outputs
+from pyengine.layers import first_block_output, last_spatial_cut, nonlinearity_outputs, traced_pass
 
 try:
     import captum.attr as captum_attr
@@ -59,6 +59,13 @@ def test_defaults_come_from_the_graph(name: str, size: int, spatial: str, first:
     model, x = build(name, size), zoo_images(2, size)
     assert last_spatial_cut(model, x, "t") == spatial
     assert first_block_output(model, x, "t") == first
+
+
+def test_traced_nodes_are_the_modules_own_even_when_the_value_changes_in_place() -> None:
+    """``out = self.bn3(...); out += identity``: the call's node is the BatchNorm's, not the add's."""
+    calls = {c.reference: c for c in traced_pass(build("resnet50"), zoo_images(1)).calls}
+    bottleneck = [ref for ref in calls if ref.endswith(".bn3")]
+    assert bottleneck and all(calls[ref].node.name().startswith("NativeBatchNorm") for ref in bottleneck)
 
 
 def test_nonlinearity_defaults_name_every_call() -> None:

@@ -39,7 +39,9 @@ class InteractionBasisOptions(RowOptions):
     batch_size: int = option(128, "rows per step")
     stop: int = option(0, f"end of the rows analysed (exclusive); 0: the first {DEFAULT_ROWS} (or all, if fewer)")
     layers: tuple[str, ...] = option(
-        (), "the chain, in forward order; default: every nonlinearity's output with <= 4096 units"
+        (),
+        "the chain, in forward order, each on every path to the output; default: every "
+        "nonlinearity output on every path with <= 4096 units",
     )
     cutoff: float = option(1e-8, "relative eigenvalue cut-off for the whitening and the rotation")
     units: str = option("auto", UNITS_OPTION_DOC + "; one basis for all positions")
@@ -124,17 +126,39 @@ class InteractionBasis(Technique):
 
     def _default_layers(self, ctx: Context, probe: torch.Tensor, units: str) -> tuple[str, ...]:
         found = ctx.default_layers(self.name, from_store=False)
+        around = set(ctx.bypassed(self.name, found))
         axes = ctx.unit_axes(units, self.name, found)
         with torch.no_grad():
             seen, _ = self._forward(ctx, found, probe[:1].clone())
         axes.prepare({name: tuple(value.shape) for name, value in seen.items()})
-        kept = tuple(name for name in found if as_unit_matrix(seen[name], axes.dims[name]).shape[1] <= MAX_UNITS)
+        wide = {name for name in found if as_unit_matrix(seen[name], axes.dims[name]).shape[1] > MAX_UNITS}
+        kept = tuple(name for name in found if name not in around and name not in wide)
         if not kept:
+            why = [f"{len(around)} are bypassed by residual adds, concatenations or gates"] if around else []
+            why += [f"{len(wide)} have more than {MAX_UNITS} units (units={units!r})"] if wide else []
             raise PyengineError(
-                f"interaction-basis: none of the {len(found)} nonlinearity outputs has at most {MAX_UNITS} units "
-                f"(units={units!r}); pass layers=[...]"
+                f"interaction-basis: none of the {len(found)} nonlinearity outputs can be in the default chain: "
+                f"{'; '.join(why)}; pass layers=[...], e.g. {self._cuts_hint(ctx)}"
             )
+        shown = ", ".join(kept[:4]) + (f", ... ({len(kept)} in all)" if len(kept) > 4 else "")
+        ctx.defaults_chosen["layers"] = (
+            f"{shown} (every nonlinearity output on every path to the output, with <= {MAX_UNITS} units)"
+        )
         return kept
+
+    def _check_chain(self, ctx: Context, layers: tuple[str, ...]) -> None:
+        """A basis keeps what reaches the output only if the output depends on the inputs through
+        each chain layer alone: refuse layers a residual add or concatenation goes around."""
+        if around := ctx.bypassed(self.name, layers):
+            raise PyengineError(
+                f"interaction-basis: the input reaches the output around {around[0]!r} (a residual add, "
+                "concatenation or gate bypasses it), so its basis would drop directions the output uses; "
+                f"expected layers every path goes through, e.g. {self._cuts_hint(ctx)}"
+            )
+
+    def _cuts_hint(self, ctx: Context) -> str:
+        blocks = ctx.block_cuts(self.name)
+        return ", ".join(repr(ref) for ref in blocks[:4]) + (", ..." if len(blocks) > 4 else "") or "block outputs"
 
     def run(self, ctx: Context, options: InteractionBasisOptions) -> InteractionBasisResult:
         batches = [
@@ -144,6 +168,7 @@ class InteractionBasis(Technique):
             )
         ]
         layers = options.layers or self._default_layers(ctx, batches[0], options.units)
+        self._check_chain(ctx, layers)
         axes = ctx.unit_axes(options.units, self.name, layers)
         with torch.no_grad():
             seen, _ = self._forward(ctx, layers, batches[0][:1].clone())

@@ -207,10 +207,11 @@ def _newest(value: Any) -> int:
 
 
 def receptive_field(
-    ctx: Context, layer: str, example: torch.Tensor, technique: str = "receptive field"
+    ctx: Context, layer: str, example: torch.Tensor, technique: str = "receptive field", unit_dim: int = 1
 ) -> LayerField | None:
     """The receptive fields of the units of ``layer`` (its output), for inputs shaped like
-    ``example``; None for a (N, F) layer, whose units see the whole input."""
+    ``example``; None for a (N, F) layer, whose units see the whole input. ``unit_dim`` 3 reads a
+    4-D output as a channels-last (N, H, W, C) map."""
     if not example.is_floating_point() or example.dim() != 4:
         raise PyengineError(f"{technique}: receptive fields need (N, C, H, W) float images, got {example.dtype} "
                             f"of shape {tuple(example.shape)}")  # fmt: skip
@@ -245,9 +246,11 @@ def receptive_field(
         raise PyengineError(_not_a_map(technique, layer, out, calls, name))
     target = x.view_as(x).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
     root = out.grad_fn if out.grad_fn is not None else target if out is x else None
-    channels, height, width = out.shape[1:]
+    last = unit_dim in (3, -1)
+    channels, height, width = (out.shape[3], *out.shape[1:3]) if last else out.shape[1:]
     eye = lambda n: torch.eye(n, dtype=torch.bool)  # noqa: E731
-    layout = ((Atom("N", 1),), (Atom("C", channels),), (Atom("H", height),), (Atom("W", width),))
+    c, h, w = (Atom("C", channels),), (Atom("H", height),), (Atom("W", width),)
+    layout = ((Atom("N", 1),), h, w, c) if last else ((Atom("N", 1),), c, h, w)
     start = Piece(
         layout,
         Chan.of(torch.arange(channels), eye(channels)),

@@ -224,7 +224,8 @@ class MaxPatches(Technique):
         layer = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer)
         axes = ctx.unit_axes(options.units, self.name, (layer,))
-        field = receptive_field(ctx, layer, ctx.example(self.name), self.name)  # None: dense units
+        example = ctx.example(self.name)  # None below: dense units
+        field = receptive_field(ctx, layer, example, self.name, axes.dim(layer, _shape_of(ctx, layer, example)))
         top, channels, spatial, scanned = self._stream(ctx, layer, options, axes)
         if options.k > scanned:
             raise PyengineError(
@@ -349,6 +350,13 @@ class MaxPatches(Technique):
             guided_patches.reshape(shape) if guided else guided_patches,
             boxes.reshape(c, k, 4),
         )
+
+
+def _shape_of(ctx: Context, layer: str, example: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``layer``'s values for one example row."""
+    with torch.no_grad(), ctx.record([layer]) as seen:
+        ctx.model(example[:1].to(ctx.device))
+    return tuple(seen[layer].shape)
 
 
 def guided_maps(
