@@ -6,7 +6,7 @@ fields where a technique has no outside reference) or raises one ``PyengineError
 why the technique does not apply to the model. A technique registered without an entry in
 ``SPECS`` fails its cells: a new technique joins the matrix with its reference.
 
-``python -P tests/test_architectures.py --table`` prints the matrix as markdown (for the README).
+``python tests/test_architectures.py --table`` prints the matrix as markdown (for the README).
 """
 
 from __future__ import annotations
@@ -770,5 +770,5 @@ def test_the_table_has_a_row_per_technique() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--table"]:
-        raise SystemExit("usage: python -P tests/test_architectures.py --table")
+        raise SystemExit("usage: python tests/test_architectures.py --table")
     print(table())

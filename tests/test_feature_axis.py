@@ -36,18 +36,20 @@ def shapes(n: int, size: int) -> Shapes:
     return Shapes(n, seed=5, size=size)
 
 
-def outputs_of(model: nn.Module, layer: str, inputs: torch.Tensor) -> torch.Tensor:
-    """The output of module ``layer`` (its only call) for ``inputs``, read with a plain forward hook."""
+def outputs_of(model: nn.Module, reference: str, inputs: torch.Tensor) -> torch.Tensor:
+    """The output of ``path`` (its only call) or ``path#k`` (call k, 1-based) for ``inputs``, read
+    with a plain forward hook."""
+    path, _, call = reference.partition("#")
     seen: list[torch.Tensor] = []
-    module = dict(model.named_modules())[layer]
+    module = dict(model.named_modules())[path]
     handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
     try:
         with torch.no_grad():
             model(inputs)
     finally:
         handle.remove()
-    assert len(seen) == 1
-    return seen[0]
+    assert call or len(seen) == 1
+    return seen[int(call or 1) - 1]
 
 
 def covariance_spectrum(samples: np.ndarray) -> np.ndarray:
@@ -314,7 +316,7 @@ def test_cnn_defaults_are_every_nonlinearity_call_and_the_techniques_run(name: s
         assert layers[0] == "stages.0.blocks.0.mlp.act" and len(layers) == 5
         assert set(spectrum.unit_axis.values()) == {"last"} and spectrum.units[layers[0]] == 32
     layer = layers[1]
-    reference = _call_output(model, layer, shapes(32, 32).batch(range(32)).inputs)
+    reference = outputs_of(model, layer, shapes(32, 32).batch(range(32)).inputs)
     dim = 1 if name == "resnet50" else 3
     expected = covariance_spectrum(reference.movedim(dim, -1).reshape(-1, reference.shape[dim]).numpy())
     np.testing.assert_allclose(spectrum.eigenvalues[layer].numpy(), expected, rtol=1e-6, atol=1e-9 * expected[0])
@@ -334,17 +336,3 @@ def test_cnn_defaults_are_every_nonlinearity_call_and_the_techniques_run(name: s
         assert list(axes) == expected, technique
         assert set(axes.values()) == set(spectrum.unit_axis.values()), technique
     assert hooks_on(model) == []
-
-
-def _call_output(model: nn.Module, reference: str, inputs: torch.Tensor) -> torch.Tensor:
-    """The output of call ``#k`` of a module (1-based; no suffix: its only call)."""
-    path, _, call = reference.partition("#")
-    seen: list[torch.Tensor] = []
-    module = dict(model.named_modules())[path]
-    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        handle.remove()
-    return seen[int(call or 1) - 1]
