@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pyengine.capture import model_device, param_hash
 from pyengine.context import Context, resolve_device
 from pyengine.data.base import as_dataset
 from pyengine.errors import PluginError, PyengineError
+from pyengine.inputs import OutputSelector
 from pyengine.store import PendingResult, StoreReader, reserve_run_name, write_results
 from pyengine.technique import Options, Result, Technique
 
@@ -32,9 +34,10 @@ def resolve_model(model: nn.Module | str) -> nn.Module:
 def run(
     name: str,
     model: nn.Module | str,
-    inputs: torch.Tensor | None = None,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     *,
     data: Any = None,
+    output: OutputSelector = None,
     store: StoreReader | str | os.PathLike[str] | None = None,
     save: str | os.PathLike[str] | None = None,
     run_name: str = "",
@@ -46,6 +49,10 @@ def run(
 ) -> Result:
     """Run technique ``name`` on ``model``; ``options`` are the technique's options.
 
+    ``inputs`` is a tensor or a mapping of tensors (a tokenizer's ``input_ids`` with its
+    ``attention_mask``: the model is called as ``model(**inputs)``); ``output`` picks the
+    explained tensor from what the model returns (a key, an index or a callable; default: the
+    tensor itself, a ``ModelOutput``'s logits, a tuple's first element).
     ``data`` is a dataset to analyse, ``store`` an activation store to read from, ``save``
     a results file to add the result to (under ``/results/<name>/<run_name>``).
     ``device`` moves the model there (default: where the model already is). A store captured
@@ -81,6 +88,7 @@ def run(
         store=reader,
         seed=seed,
         show_progress=progress,
+        output=output,
     )
     was_training = model.training
     model.eval()

@@ -1,17 +1,25 @@
 """What attribution techniques share (host API): targets, memory-bounded batching, the
 result type and its heatmap figure, and the guided-ReLU override.
 
-A technique supplies ``attribute(inputs, targets) -> maps`` for a chunk of inputs (N, *S)
-with one target each; ``run_attribution`` does the rest: the rows (``ctx.rows``), target
-resolution (an index, per-input indices, several per input, ``"predicted"`` or ``"label"``),
-a progress bar, and the result. Set ``Technique.attribution = True`` on such a technique:
-smoothgrad and faithfulness then find it in the registry.
+A technique supplies ``attribute(inputs, targets) -> maps`` for a chunk of rows (``ModelInputs``:
+the inputs (N, *S) with their attention mask) with one target each; ``run_attribution`` does the
+rest: the rows (``ctx.rows``), target resolution (an index, per-input indices, several per
+input, ``"predicted"`` or ``"label"``), a progress bar, and the result. Set
+``Technique.attribution = True`` on such a technique: smoothgrad and faithfulness then find it
+in the registry.
+
+``Attributed`` is what gradients are taken for: the inputs, or with ``layer=`` the values a
+layer returns (Captum's Layer* semantics: the model runs on the same inputs with that layer's
+output replaced by the values differentiated). Token-id inputs need a layer (the embedding).
+A causal LM's (N, T, V) output is explained at each row's last real token (the next-token
+prediction there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -22,9 +30,10 @@ from torch.overrides import TorchFunctionMode
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, overlay, spatial_map
+from pyengine.inputs import ModelInputs
 from pyengine.technique import Figure, Result, RowOptions, bad_option, option
 
-Attribute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Attribute = Callable[[ModelInputs, torch.Tensor], torch.Tensor]
 AnyAttributionResult = TypeVar("AnyAttributionResult", bound="AttributionResult")
 TARGET_FORMS = (
     "a class index, 'predicted', 'label', a list/tensor of one index per input, "
@@ -86,8 +95,29 @@ def normalise_target(target: Any) -> int | str | torch.Tensor:
     return tensor.long().cpu()
 
 
-def target_scores(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model output at each row's targets: output (N, K) or (N,), targets (N, T) -> (N, T)."""
+def explained_scores(output: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
+    """The scores targets index: the output itself, or for a sequence model's per-token output
+    (N, T, V) over token-id inputs (N, T), the scores at each row's last real token (its mask)."""
+    main = inputs.main if inputs is not None else None
+    per_token = (
+        main is not None and main.dim() == 2 and output.dim() == 3 and tuple(output.shape[:2]) == tuple(main.shape)
+    )
+    if not per_token:
+        return output
+    assert inputs is not None
+    mask = inputs.mask
+    last = (
+        torch.full((output.shape[0],), output.shape[1] - 1, dtype=torch.long, device=output.device)
+        if mask is None
+        else mask.shape[1] - 1 - (mask != 0).flip(1).to(torch.uint8).argmax(1).to(output.device)
+    )
+    return output[torch.arange(output.shape[0], device=output.device), last]
+
+
+def target_scores(output: torch.Tensor, targets: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
+    """The model output at each row's targets: output (N, K) or (N,), targets (N, T) -> (N, T);
+    a per-token output over token ids is read at each row's last real token."""
+    output = explained_scores(output, inputs)
     flat = output.reshape(output.shape[0], -1)
     if int(targets.max()) >= flat.shape[1]:
         raise PyengineError(f"target {int(targets.max())} is out of range: the model has {flat.shape[1]} outputs")
@@ -95,15 +125,15 @@ def target_scores(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_targets(
-    spec: int | str | torch.Tensor, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, offset: int
+    spec: int | str | torch.Tensor, ctx: Context, inputs: ModelInputs, labels: torch.Tensor | None, offset: int
 ) -> torch.Tensor:
     """(B, T) target indices for rows ``offset .. offset + B`` of the whole run."""
-    b = inputs.shape[0]
+    b = len(inputs)
     if isinstance(spec, int):
         return torch.full((b, 1), spec, dtype=torch.long)
     if spec == "predicted":
         with torch.no_grad():
-            output = model(inputs)
+            output = explained_scores(ctx.forward(inputs), inputs)
         return output.reshape(b, -1).argmax(1, keepdim=True).cpu()
     if spec == "label":
         if labels is None or int(labels.min()) < 0:
@@ -129,7 +159,7 @@ def memory_budget_bytes(device: torch.device, memory_mb: float) -> float:
 
 
 def samples_per_pass(
-    ctx: Context, example: torch.Tensor, options: AttributionOptions, *, backward: bool, extra_bytes: int = 0
+    ctx: Context, example: ModelInputs, options: AttributionOptions, *, backward: bool, extra_bytes: int = 0
 ) -> int:
     """How many samples one forward (and backward) pass may take within the memory budget.
 
@@ -137,10 +167,11 @@ def samples_per_pass(
     about the input plus the two largest consecutive outputs; with gradients every output is
     kept and gets a gradient of its own.
     """
+    one = example.take([0])
     with ctx.trace() as traced, torch.no_grad():
-        ctx.model(example[:1])
+        ctx.forward(one)
     sizes = [c.output.numel() * c.output.element_size() for c in traced.calls if isinstance(c.output, torch.Tensor)]
-    input_bytes = example[:1].numel() * example.element_size()
+    input_bytes = one.main.numel() * one.main.element_size()
     largest = sorted(sizes, reverse=True)[:2]
     per_sample = 2 * (input_bytes + sum(sizes)) if backward else input_bytes + sum(largest)
     per_sample += extra_bytes
@@ -151,12 +182,15 @@ def samples_per_pass(
 
 @dataclass(frozen=True, kw_only=True)
 class AttributionResult(Result):
-    """Attribution maps shaped like the inputs ((B, T, *S) with several targets per input)."""
+    """Attribution maps shaped like the inputs or the attributed layer's output ((B, T, *S) with
+    several targets per input)."""
 
     technique: str
     attributions: torch.Tensor
     targets: torch.Tensor  # (B,) or (B, T) class indices explained
     index: torch.Tensor  # (B,) dataset rows (or positions in the given inputs)
+    layer: str = ""  # the layer whose output is attributed ("": the inputs)
+    token_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B, T) for (B, T, D) maps
 
     def summary(self) -> str:
         shape = "x".join(str(s) for s in self.attributions.shape)
@@ -189,19 +223,20 @@ def run_attribution(
     offset = 0
     with ctx.progress(source.count, technique) as bar:
         for rows in source:
-            inputs = rows.require_inputs()
-            targets = resolve_targets(options.target, ctx.model, inputs, rows.labels, offset)
+            inputs = rows.model_inputs()
+            targets = resolve_targets(options.target, ctx, inputs, rows.labels, offset)
             if multi_target:
                 out = attribute(inputs, targets)
             else:
                 n, t = targets.shape
-                repeated = inputs.repeat_interleave(t, 0) if t > 1 else inputs
-                out = attribute(repeated, targets.reshape(-1)).reshape(n, t, *inputs.shape[1:])
-            maps.append((out[:, 0] if targets.shape[1] == 1 else out).detach().to(map_dtype(inputs)).cpu())
+                repeated = inputs.take(torch.arange(n).repeat_interleave(t)) if t > 1 else inputs
+                out = attribute(repeated, targets.reshape(-1))
+                out = out.reshape(n, t, *out.shape[1:])
+            maps.append((out[:, 0] if targets.shape[1] == 1 else out).detach().to(map_dtype(inputs.main)).cpu())
             all_targets.append(targets[:, 0] if targets.shape[1] == 1 else targets)
             indices.append(rows.index)
             if sum(s.shape[0] for s in shown) < MAX_FIGURE_INPUTS:
-                shown.append(inputs[:MAX_FIGURE_INPUTS].detach().cpu())
+                shown.append(inputs.main[:MAX_FIGURE_INPUTS].detach().cpu())
             offset += len(rows)
             bar.update(len(rows))
     return torch.cat(maps), torch.cat(all_targets), torch.cat(indices), torch.cat(shown)[:MAX_FIGURE_INPUTS]
@@ -215,8 +250,10 @@ def map_dtype(inputs: torch.Tensor) -> torch.dtype:
 def overlay_figure(
     technique: str, inputs: torch.Tensor, attributions: torch.Tensor, targets: torch.Tensor
 ) -> tuple[Figure, ...]:
-    """Inputs with their heatmaps (first target), when the inputs are images."""
-    if inputs.dim() not in (3, 4) or attributions.dim() < inputs.dim():
+    """Inputs with their heatmaps (first target), when the inputs are images and the maps theirs."""
+    if inputs.dim() not in (3, 4) or not inputs.is_floating_point() or attributions.dim() < inputs.dim():
+        return ()
+    if attributions.shape[-inputs.dim() + 1 :] != inputs.shape[1:]:
         return ()
     first = attributions if attributions.shape[1:] == inputs.shape[1:] else attributions[:, 0]
     n = inputs.shape[0]
@@ -244,6 +281,82 @@ def make_result(
     return result_type(
         technique=technique, attributions=attributions, targets=targets, index=index, figures=figures, **extra
     )
+
+
+# --- what gradients are taken for: the inputs, or a layer's output ------------------------------
+
+
+class Attributed:
+    """The inputs (``layer`` None) or the values ``layer`` returns, as the variable z that
+    attributions are computed for: ``values`` gives z for some rows, ``scores`` the target
+    scores with z in its place (the model run on the same inputs), ``gradients`` dscore/dz."""
+
+    def __init__(self, ctx: Context, layer: str | None, technique: str) -> None:
+        self.ctx, self.layer, self.technique = ctx, layer, technique
+        if layer is not None:
+            ctx.module(layer)
+
+    def values(self, inputs: ModelInputs) -> torch.Tensor:
+        if self.layer is None:
+            if not inputs.main.is_floating_point():
+                raise PyengineError(
+                    f"{self.technique}: the inputs are {inputs.main.dtype} (token ids?), and gradients need floating "
+                    f"point values; pass layer=<module> to attribute to its output, e.g. {embedding_hint(self.ctx)}"
+                )
+            return inputs.main
+        with torch.no_grad(), self.ctx.record([self.layer]) as seen:
+            self.ctx.forward(inputs)
+            value = seen[self.layer]
+        if not value.is_floating_point():
+            raise PyengineError(
+                f"{self.technique}: layer {self.layer!r} returns {value.dtype} values; expected a floating point "
+                "output to attribute to"
+            )
+        return value.detach()
+
+    def scores(self, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, T) scores of ``targets`` (N, T) with ``z`` (N rows) in place of the attributed values."""
+        if self.layer is None:
+            output = self.ctx.forward(inputs.with_main(z))
+        else:
+            with self.ctx.record([self.layer], edit={self.layer: lambda _: z}):
+                output = self.ctx.forward(inputs)
+        return target_scores(output, targets, inputs)
+
+    def gradients(
+        self, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor, samples: int, *, guided: bool = False
+    ) -> torch.Tensor:
+        """d score[target] / dz for each row, ``samples`` rows per pass; ``guided``: through
+        guided ReLUs (an error if the model applies none)."""
+        grads = []
+        for start in range(0, len(inputs), samples):
+            rows = torch.arange(start, min(start + samples, len(inputs)))
+            part = z[rows.to(z.device)].detach().requires_grad_(True)
+            with torch.enable_grad():
+                mode = GuidedReLUs()
+                with mode if guided else nullcontext():
+                    score = self.scores(inputs.take(rows), part, targets[rows].reshape(-1, 1)).sum()
+                if guided and not mode.guided:
+                    raise PyengineError(
+                        f"guided-backprop: {type(self.ctx.model).__name__} applies no ReLU, so guided backpropagation "
+                        "would equal the plain gradient; use saliency"
+                    )
+                grads.append(torch.autograd.grad(score, part)[0])
+        return torch.cat(grads)
+
+
+def embedding_hint(ctx: Context) -> str:
+    """The model's first ``nn.Embedding`` (quoted), where token-id models are usually attributed."""
+    name = next((n for n, m in ctx.model.named_modules() if isinstance(m, nn.Embedding)), None)
+    return repr(name) if name else "the embedding module"
+
+
+def token_scores(attributions: torch.Tensor, how: str) -> torch.Tensor | None:
+    """Per-token scores of (N, T, D) layer attributions: summed over the features or their L2 norm."""
+    if attributions.dim() < 3:
+        return None
+    flat = attributions.flatten(2)
+    return flat.sum(-1) if how == "sum" else flat.norm(dim=-1)
 
 
 # --- guided ReLU: positive gradients only, where the forward input was positive -------------

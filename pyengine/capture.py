@@ -16,6 +16,7 @@ from pyengine.context import resolve_device
 from pyengine.data.base import Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
 from pyengine.hashing import param_hash
+from pyengine.inputs import ModelInputs
 from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
 from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
@@ -168,7 +169,7 @@ def _capture_locked(
         ):
             bar.update(done)
             for batch in data.batches(batch_size, start + done, stop):
-                model(batch.inputs.to(device))
+                ModelInputs(batch.inputs, batch.extra, batch.input_name).to(device).call(model)
                 acts = {name: seen[name] for name in layers}
                 if dtype == "float16":
                     _warn_on_float16_overflow(acts)

@@ -23,10 +23,11 @@ from torch import nn
 from pyengine import layers as layer_api
 from pyengine import units as unit_api
 from pyengine.errors import PyengineError
+from pyengine.inputs import MASK_KEY, ModelInputs, OutputSelector, as_model_inputs, select_output
 from pyengine.progress import Progress
 
 if TYPE_CHECKING:
-    from pyengine.data.base import Dataset
+    from pyengine.data.base import Batch, Dataset
     from pyengine.store import StoreReader
     from pyengine.technique import Result
 
@@ -54,6 +55,9 @@ class Rows:
     labels: torch.Tensor | None = None  # (B,) class labels (-1: unknown); None when there are none
     concepts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) codes
     boxes: torch.Tensor | None = None  # (B, 4) x0, y0, x1, y1 of the labelled object, if known
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other per-row model inputs (attention_mask)
+    input_name: str | None = None  # the keyword of ``inputs`` when the model takes keywords
+    mask: torch.Tensor | None = None  # (B, T) 1 = a real token: from the inputs' attention_mask or the store
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -62,6 +66,10 @@ class Rows:
         if self.inputs is None:
             raise PyengineError("these rows come from a store and carry no inputs")
         return self.inputs
+
+    def model_inputs(self) -> ModelInputs:
+        """The rows as the model takes them: the inputs with their attention mask and other keywords."""
+        return ModelInputs(self.require_inputs(), self.extra, self.input_name)
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,9 @@ class RowSource:
             cat([p.labels for p in parts]),
             concepts,
             cat([p.boxes for p in parts]),
+            {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra},
+            parts[0].input_name,
+            cat([p.mask for p in parts]),
         )
 
 
@@ -125,6 +136,14 @@ def _stored_blocks(
         )
         yield rows, dict(zip(layers, blocks))
         first = last
+
+
+def _dataset_rows(batch: Batch, device: torch.device) -> Rows:
+    extra = {key: value.to(device) for key, value in batch.extra.items()}
+    inputs = finite(batch.inputs, batch.index).to(device)
+    return Rows(
+        batch.index, inputs, batch.labels, batch.concepts, batch.boxes, extra, batch.input_name, extra.get(MASK_KEY)
+    )
 
 
 def finite(inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -163,17 +182,31 @@ class Context:
 
     model: nn.Module
     device: torch.device
-    inputs: torch.Tensor | None = None
+    inputs: Any = None  # a tensor or a mapping of tensors (``input_ids``, ``attention_mask``); then ``main``
     data: Dataset | None = None
     store: StoreReader | None = None
     seed: int = 0
     show_progress: bool = True
+    output: OutputSelector = None  # picks the explained tensor from the model's output (see pyengine.inputs)
     rng: torch.Generator = field(init=False)
     rows_read: str = field(init=False, default="")
     defaults_chosen: dict[str, str] = field(init=False, default_factory=dict)  # option -> what and why
+    given: ModelInputs | None = field(init=False, default=None)  # the given inputs as the model takes them
 
     def __post_init__(self) -> None:
         self.rng = torch.Generator(device="cpu").manual_seed(self.seed)
+        if self.inputs is not None:
+            self.given = as_model_inputs(self.inputs)
+            self.inputs = self.given.main
+
+    def forward(self, inputs: ModelInputs | Rows | torch.Tensor) -> torch.Tensor:
+        """The model's output to explain for ``inputs`` (rows with their masks, or a tensor):
+        ``output=`` applied, else a ``ModelOutput``'s logits or a tuple's first element."""
+        if isinstance(inputs, Rows):
+            inputs = inputs.model_inputs()
+        elif isinstance(inputs, torch.Tensor):
+            inputs = ModelInputs(inputs)
+        return select_output(inputs.call(self.model), self.output, type(self.model).__name__)
 
     # --- layers ------------------------------------------------------------------------------
 
@@ -278,27 +311,23 @@ class Context:
         """Rows to analyse: the given inputs, else the dataset (see the module doc). With
         ``stop`` 0, ``at_most`` (if set) limits how many rows from ``start`` are read."""
         technique = technique or "this technique"
-        if self.inputs is not None:
-            inputs = self.inputs
-            end, description = _row_range(start, stop, inputs.shape[0], "the given inputs", technique, at_most)
-            source = RowSource(
-                description,
-                end - start,
-                lambda: (
-                    Rows(index, finite(x, index).to(self.device))
-                    for x, index in zip(inputs[start:end].split(batch_size), torch.arange(start, end).split(batch_size))
-                ),
-            )
+        if self.given is not None:
+            given = self.given
+            end, description = _row_range(start, stop, len(given), "the given inputs", technique, at_most)
+
+            def blocks() -> Iterator[Rows]:
+                for index in torch.arange(start, end).split(batch_size):
+                    part = given.take(index).to(self.device)
+                    yield Rows(index, finite(part.main, index), extra=part.extra, input_name=part.name, mask=part.mask)
+
+            source = RowSource(description, end - start, blocks)
         elif self.data is not None:
             data = self.data
             end, description = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique, at_most)
             source = RowSource(
                 description,
                 end - start,
-                lambda: (
-                    Rows(b.index, finite(b.inputs, b.index).to(self.device), b.labels, b.concepts, b.boxes)
-                    for b in data.batches(batch_size, start, end)
-                ),
+                lambda: (_dataset_rows(b, self.device) for b in data.batches(batch_size, start, end)),
                 dict(data.concept_names),
             )
         else:
@@ -344,7 +373,7 @@ class Context:
         def recorded() -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
             with self.record(layers) as seen, torch.no_grad():
                 for rows in source:
-                    self.model(rows.inputs)
+                    rows.model_inputs().call(self.model)
                     yield rows, {layer: seen[layer] for layer in layers}
 
         return ActivationSource(source.description, source.count, recorded, source.concept_names)
@@ -354,13 +383,15 @@ class Context:
     def progress(self, total: int | None, desc: str) -> Progress:
         return Progress(total, desc, enabled=self.show_progress)
 
-    def run(self, name: str, inputs: torch.Tensor, **options: Any) -> Result:
+    def run(self, name: str, inputs: torch.Tensor | ModelInputs, **options: Any) -> Result:
         """Run another registered technique on ``inputs`` with this model, device and seed,
         through the same entry as ``pyengine.run`` (no progress bars, nothing saved)."""
         from pyengine import host
         from pyengine.api import execute
 
         technique = host.get_technique(name)
-        child = Context(model=self.model, device=self.device, inputs=inputs, seed=self.seed, show_progress=False)
+        child = Context(
+            model=self.model, device=self.device, inputs=inputs, seed=self.seed, show_progress=False, output=self.output
+        )
         child.rng = self.rng
         return execute(technique, child, technique.options(**options))

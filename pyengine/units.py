@@ -293,10 +293,11 @@ class UnitAxes:
             for layer, dim in self.dims.items()
         }
 
-    def matrices(self, block: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each layer's values as (rows * positions, units)."""
+    def matrices(self, block: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each layer's values as (rows * positions, units); with a (B, T) ``mask`` a token
+        sequence's padded positions are dropped."""
         self.prepare({layer: tuple(values.shape) for layer, values in block.items()})
-        return {layer: as_unit_matrix(values, self.dims[layer]) for layer, values in block.items()}
+        return {layer: as_unit_matrix(values, self.dims[layer], mask) for layer, values in block.items()}
 
     def pooling(self, layer: str, how: str) -> str:
         """The pooling ``how`` means for ``layer`` (resolved first): 'auto' is 'max' over a map's
@@ -315,11 +316,16 @@ class UnitAxes:
             )
         return how
 
-    def pooled(self, block: Mapping[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
-        """Each layer's values as (rows, units), its positions pooled by ``how`` (see ``pooling``)."""
+    def pooled(
+        self, block: Mapping[str, torch.Tensor], how: str, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each layer's values as (rows, units), its positions pooled by ``how`` (see ``pooling``),
+        over a token sequence's real positions only when a (B, T) ``mask`` is given."""
         self.prepare({layer: tuple(values.shape) for layer, values in block.items()})
         return {
-            layer: pool_positions(values, self.dims[layer], self.pooling(layer, how) if values.dim() > 2 else "max")
+            layer: pool_positions(
+                values, self.dims[layer], self.pooling(layer, how) if values.dim() > 2 else "max", mask
+            )
             for layer, values in block.items()
         }
 
@@ -341,21 +347,42 @@ def _shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(["B", *map(str, shape[1:])]) + ")"
 
 
-def as_unit_matrix(values: torch.Tensor, dim: int) -> torch.Tensor:
+def as_unit_matrix(values: torch.Tensor, dim: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, ..., units at ``dim``, ...) -> (rows * positions, units): every position of a row is a
-    sample; ``dim`` 0 flattens (rows, every value)."""
+    sample; ``dim`` 0 flattens (rows, every value). A (B, T) ``mask`` (0: padding) keeps only the
+    real tokens of a (B, T, D) sequence."""
     if values.dim() <= 2 or dim == 0:
         return values.reshape(values.shape[0], -1)
+    if _masks(values, dim, mask):
+        assert mask is not None
+        return values[mask.to(values.device).bool()]
     return values.movedim(dim, -1).reshape(-1, values.shape[dim])
 
 
-def pool_positions(values: torch.Tensor, dim: int, how: str) -> torch.Tensor:
+def _masks(values: torch.Tensor, dim: int, mask: torch.Tensor | None) -> bool:
+    """``mask`` marks the tokens of ``values``: a (B, T, D) sequence with units last."""
+    return mask is not None and values.dim() == 3 and dim == 2 and tuple(values.shape[:2]) == tuple(mask.shape)
+
+
+def pool_positions(values: torch.Tensor, dim: int, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, ..., units at ``dim``, ...) -> (rows, units): the positions of each unit pooled by ``how``:
-    'max', 'mean', 'first' (the first position: a ViT's class token) or 'last' (the last token)."""
+    'max', 'mean', 'first' (the first position: a ViT's class token) or 'last' (the last token);
+    with a (B, T) ``mask`` over the real tokens only ('last': the last real token)."""
     if values.dim() <= 2 or dim == 0:
         return values.reshape(values.shape[0], -1)
     if how not in POOLINGS:
         raise PyengineError(f"pooling {how!r} is invalid: expected one of {', '.join(POOLINGS)}")
+    if _masks(values, dim, mask):
+        assert mask is not None
+        real = mask.to(values.device).bool()
+        if how == "max":
+            return values.masked_fill(~real[..., None], float("-inf")).amax(1)
+        if how == "mean":
+            weights = real[..., None].to(values.dtype)
+            return (values * weights).sum(1) / weights.sum(1)
+        if how == "last":
+            last = real.shape[1] - 1 - real.flip(1).to(torch.uint8).argmax(1)
+            return values[torch.arange(values.shape[0], device=values.device), last]
     positions = values.movedim(dim, -1).reshape(values.shape[0], -1, values.shape[dim])
     if how == "max":
         return positions.amax(1)

@@ -10,9 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import pyengine
-from pyengine.data import TensorDataset
-from pyengine.data.base import as_dataset
 from pyengine.errors import PyengineError
 from pyengine.inputs import ModelInputs, as_model_inputs, pad_sequences, select_output
 

@@ -6,17 +6,18 @@ technique runs attribution techniques on held-out images and scores each of them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from pyengine import host
 from pyengine.attribution import AttributionOptions, normalise_target, resolve_targets, samples_per_pass, target_scores
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import gaussian_blur
+from pyengine.inputs import ModelInputs
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, option
 
 
@@ -53,7 +54,7 @@ def pointing_game(
 
 
 def deletion_insertion(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     attributions: torch.Tensor,
     targets: torch.Tensor,
@@ -183,7 +184,7 @@ class Faithfulness(Technique):
         insertion_curves: dict[str, torch.Tensor] = {}
         budget = AttributionOptions(memory_mb=options.memory_mb, target=0)
         samples = samples_per_pass(
-            ctx, inputs, budget, backward=False, extra_bytes=2 * inputs[:1].numel() * inputs.element_size()
+            ctx, ModelInputs(inputs), budget, backward=False, extra_bytes=2 * inputs[:1].numel() * inputs.element_size()
         )  # each curve image and its mask
         with ctx.progress(len(options.techniques), self.name) as bar:
             for name in options.techniques:
@@ -192,7 +193,7 @@ class Faithfulness(Technique):
                     pointing[name] = float(pointing_game(maps, inputs, boxes, options.tolerance).double().mean())
                 if options.curves:
                     removed, inserted = deletion_insertion(
-                        ctx.model,
+                        ctx.forward,
                         inputs,
                         maps,
                         targets,
@@ -239,7 +240,13 @@ class Faithfulness(Technique):
             options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_IMAGES, technique=self.name
         ).all()
         inputs = rows.require_inputs()
-        targets = resolve_targets(options.target, ctx.model, inputs, rows.labels, 0)[:, 0]
+        if inputs.dim() not in (3, 4) or not inputs.is_floating_point() or rows.extra:
+            raise PyengineError(
+                f"{self.name}: deletion/insertion of pixels and the pointing game need images (N, C, H, W) passed "
+                f"alone to the model; got {inputs.dtype} inputs of shape {tuple(inputs.shape)}"
+                + (f" with {', '.join(rows.extra)}" if rows.extra else "")
+            )
+        targets = resolve_targets(options.target, ctx, rows.model_inputs(), rows.labels, 0)[:, 0]
         return inputs, targets, rows.boxes
 
     def _attributions(

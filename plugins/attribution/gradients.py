@@ -7,54 +7,33 @@ memory budget, and every hook or override is removed when the pass ends.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pyengine import host
 from pyengine.attribution import (
     Attribute,
+    Attributed,
     AttributionOptions,
     AttributionResult,
-    GuidedReLUs,
     make_result,
     run_attribution,
     samples_per_pass,
     target_scores,
+    token_scores,
 )
 from pyengine.context import Context
 from pyengine.errors import PyengineError
+from pyengine.inputs import ModelInputs
 from pyengine.technique import Technique, bad_option, layer_tuple, option
 
 REDUCTIONS = ("none", "max", "sum", "mean")
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
-
-
-def input_gradients(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, samples: int, *, guided: bool = False
-) -> torch.Tensor:
-    """d output[target] / d input for each row, ``samples`` rows per pass."""
-    grads = []
-    for x, t in zip(inputs.split(samples), targets.split(samples)):
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            mode = GuidedReLUs()
-            with mode if guided else nullcontext():
-                output = model(x)
-            if guided and not mode.guided:
-                raise PyengineError(
-                    f"guided-backprop: {type(model).__name__} applies no ReLU, so guided backpropagation would "
-                    "equal the plain gradient; use saliency"
-                )
-            score = target_scores(output, t.reshape(-1, 1)).sum()
-            grads.append(torch.autograd.grad(score, x)[0])
-    return torch.cat(grads)
 
 
 class PassSize:
@@ -63,10 +42,27 @@ class PassSize:
     def __init__(self, ctx: Context, options: AttributionOptions, backward: bool = True) -> None:
         self.ctx, self.options, self.backward, self.samples = ctx, options, backward, 0
 
-    def __call__(self, example: torch.Tensor) -> int:
+    def __call__(self, example: ModelInputs) -> int:
         if not self.samples:
             self.samples = samples_per_pass(self.ctx, example, self.options, backward=self.backward)
         return self.samples
+
+
+@dataclass(frozen=True)
+class LayerOptions(AttributionOptions):
+    """Options of techniques that attribute to the inputs or to a layer's output."""
+
+    layer: str = option(
+        "", "attribute to this layer's output (Captum's Layer* techniques; token ids: the embedding); '': the inputs"
+    )
+    token_scores: str = option("sum", "per-token scores of (N, T, D) maps: sum over the features, or l2 (norm)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.layer, str):
+            raise bad_option("layer", self.layer, "a layer reference, or '' for the inputs")
+        if self.token_scores not in ("sum", "l2"):
+            raise bad_option("token_scores", self.token_scores, "sum or l2")
 
 
 class GradientTechnique(Technique):
@@ -82,15 +78,27 @@ class GradientTechnique(Technique):
 
     def run(self, ctx: Context, options: Any) -> AttributionResult:
         maps = run_attribution(ctx, options, self.name, self.attributor(ctx, options))
-        return make_result(self.name, *maps, AttributionResult)
+        return make_result(self.name, *maps, AttributionResult, **layer_fields(options, maps[0]))
+
+
+def layer_fields(options: Any, attributions: torch.Tensor) -> dict[str, Any]:
+    """The result's ``layer`` and ``token_scores`` for techniques with a ``layer`` option."""
+    layer = getattr(options, "layer", "")
+    if not layer:
+        return {}
+    scores = token_scores(attributions, options.token_scores)
+    return {"layer": layer, **({"token_scores": scores} if scores is not None else {})}
 
 
 # --- saliency and guided backprop --------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SaliencyOptions(AttributionOptions):
+class SaliencyOptions(LayerOptions):
     abs: bool = option(True, "|gradient| (Captum's default)")
+    times_values: bool = option(
+        False, "gradient x input (Captum InputXGradient; with layer: LayerGradientXActivation); set abs=false"
+    )
     reduce: str = option("none", "over channels: none, max (Simonyan et al.), sum, mean; broadcast back")
 
     def validate(self) -> None:
@@ -118,8 +126,12 @@ class Saliency(GradientTechnique):
     def attributor(self, ctx: Context, options: SaliencyOptions) -> Attribute:
         size = PassSize(ctx, options)
 
-        def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            grads = input_gradients(ctx.model, x, t, size(x))
+        attributed = Attributed(ctx, options.layer or None, self.name)
+
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            z = attributed.values(inputs)
+            grads = attributed.gradients(inputs, z, t, size(inputs))
+            grads = grads * z if options.times_values else grads
             return reduce_channels(grads.abs() if options.abs else grads, options.reduce)
 
         return attribute
@@ -129,9 +141,16 @@ class GuidedBackprop(GradientTechnique):
     name = "guided-backprop"
     summary = "gradient through ReLUs that pass only positive gradients (Springenberg et al.)"
 
-    def attributor(self, ctx: Context, options: AttributionOptions) -> Attribute:
+    Options = LayerOptions
+
+    def attributor(self, ctx: Context, options: LayerOptions) -> Attribute:
         size = PassSize(ctx, options)
-        return lambda x, t: input_gradients(ctx.model, x, t, size(x), guided=True)
+        attributed = Attributed(ctx, options.layer or None, self.name)
+
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            return attributed.gradients(inputs, attributed.values(inputs), t, size(inputs), guided=True)
+
+        return attribute
 
 
 # --- integrated gradients -------------------------------------------------------------------
@@ -169,10 +188,14 @@ def as_baseline(baseline: float | torch.Tensor, inputs: torch.Tensor, name: str 
 
 
 @dataclass(frozen=True)
-class IntegratedGradientsOptions(AttributionOptions):
+class IntegratedGradientsOptions(LayerOptions):
     n_steps: int = option(50, "points on the path from the baseline to the input")
     method: str = option("gausslegendre", "quadrature: gausslegendre or riemann_left/right/middle/trapezoid")
-    baseline: Any = option(0.0, "a number or a tensor broadcastable to the inputs")
+    baseline: Any = option(
+        0.0,
+        "a number or a tensor broadcastable to the inputs; with layer: inputs whose layer output is the baseline "
+        "(token ids: a token id, e.g. the pad id, for every real token), or a tensor like the layer's output",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -202,27 +225,52 @@ class IntegratedGradientsResult(AttributionResult):
 
 
 def integrated_gradients(
-    model: nn.Module,
-    x: torch.Tensor,
+    attributed: Attributed,
+    inputs: ModelInputs,
     t: torch.Tensor,
     baseline: torch.Tensor,
     alphas: torch.Tensor,
     weights: torch.Tensor,
     samples: int,
 ) -> torch.Tensor:
-    """Σ_k w_k ∇f(x0 + α_k (x − x0)) ⊙ (x − x0), computed ``samples`` path points per pass."""
-    n, steps = x.shape[0], alphas.shape[0]
-    diff = x - baseline
-    total = torch.zeros_like(x, dtype=torch.float64)
+    """Σ_k w_k ∇f(z0 + α_k (z − z0)) ⊙ (z − z0) for the attributed values z (inputs or a layer's
+    output) of each row, ``samples`` path points per pass."""
+    z = attributed.values(inputs)
+    n, steps = z.shape[0], alphas.shape[0]
+    diff = z - baseline
+    total = torch.zeros_like(z, dtype=torch.float64)
     pairs = torch.arange(n * steps)  # step-major, like Captum
     for chunk in pairs.split(samples):
         step, row = chunk // n, chunk % n
-        alpha = alphas[step].to(x.dtype).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        alpha = alphas[step].to(z.dtype).to(z.device).view(-1, *([1] * (z.dim() - 1)))
         points = baseline[row] + alpha * diff[row]
-        grads = input_gradients(model, points, t[row], samples)
-        weight = weights[step].to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        total.index_add_(0, row.to(x.device), grads.double() * weight)
-    return (total * diff.double()).to(x.dtype)
+        grads = attributed.gradients(inputs.take(row), points, t[row], samples)
+        weight = weights[step].to(z.device).view(-1, *([1] * (z.dim() - 1)))
+        total.index_add_(0, row.to(z.device), grads.double() * weight)
+    return (total * diff.double()).to(z.dtype)
+
+
+def layer_baseline(attributed: Attributed, baseline: float | torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
+    """The baseline of the attributed values: for the inputs a number or tensor broadcast to
+    them; for a layer its output on baseline inputs (token ids: ``baseline`` in place of every
+    real token, padding kept; float inputs: the inputs' baseline), or a tensor shaped like it."""
+    if attributed.layer is None:
+        return as_baseline(baseline, inputs.main)
+    z = attributed.values(inputs)
+    if isinstance(baseline, torch.Tensor) and baseline.dim() > 0:
+        return as_baseline(baseline.to(z.dtype), z, "baseline (a tensor, at the layer)")
+    main = inputs.main
+    if main.is_floating_point():
+        return attributed.values(inputs.with_main(as_baseline(baseline, main).contiguous()))
+    value = float(torch.as_tensor(baseline))
+    if value != int(value) or value < 0:
+        raise PyengineError(
+            f"baseline={baseline!r} is invalid for token-id inputs: expected a token id (e.g. the pad id)"
+        )
+    mask = inputs.mask
+    real = torch.ones_like(main, dtype=torch.bool) if mask is None else mask != 0
+    ids = torch.where(real, torch.full_like(main, int(value)), main)
+    return attributed.values(inputs.with_main(ids))
 
 
 class IntegratedGradients(GradientTechnique):
@@ -239,15 +287,18 @@ class IntegratedGradients(GradientTechnique):
         """With ``gaps``, also records (sum of attributions - output change, output change) per row."""
         size = PassSize(ctx, options)
         alphas, weights = quadrature(options.method, options.n_steps)
+        attributed = Attributed(ctx, options.layer or None, self.name)
 
-        def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            baseline = as_baseline(options.baseline, x)
-            maps = integrated_gradients(ctx.model, x, t, baseline, alphas, weights, size(x))
-            if gaps is not None:
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            baseline = layer_baseline(attributed, options.baseline, inputs)
+            maps = integrated_gradients(attributed, inputs, t, baseline, alphas, weights, size(inputs))
+            if gaps is not None:  # completeness: f with the values z minus f with the baseline z0
                 with torch.no_grad():
+                    targets = t.reshape(-1, 1)
+                    z = attributed.values(inputs)
                     change = (
-                        target_scores(ctx.model(x), t.reshape(-1, 1))
-                        - target_scores(ctx.model(baseline.contiguous()), t.reshape(-1, 1))
+                        attributed.scores(inputs, z, targets)
+                        - attributed.scores(inputs, baseline.contiguous(), targets)
                     )[:, 0].double()
                 gaps.append(((maps.double().flatten(1).sum(1) - change).cpu(), change.cpu()))
             return maps
@@ -269,6 +320,7 @@ class IntegratedGradients(GradientTechnique):
             index,
             shown,
             IntegratedGradientsResult,
+            **layer_fields(options, attributions),
             delta=delta,
             max_abs_delta=float(delta.abs().max()),
             mean_relative_delta=float(relative.mean()),
@@ -299,10 +351,11 @@ class GradCamResult(AttributionResult):
     layer_attributions: torch.Tensor  # (B, 1, h, w) before upsampling
 
 
-def grad_cam(ctx: Context, layer_name: str, x: torch.Tensor, t: torch.Tensor, relu: bool) -> torch.Tensor:
+def grad_cam(ctx: Context, layer_name: str, inputs: ModelInputs, t: torch.Tensor, relu: bool) -> torch.Tensor:
     """(N, 1, *spatial) maps: ReLU? of Σ_k mean(∂y/∂A_k) A_k at the layer's output A."""
+    x = inputs.main
     with ctx.record([layer_name], grad=True) as seen, torch.enable_grad():
-        output = ctx.model(x)
+        output = ctx.forward(inputs)
         activation = seen[layer_name]
         if activation.dim() != x.dim():
             raise PyengineError(
@@ -310,7 +363,7 @@ def grad_cam(ctx: Context, layer_name: str, x: torch.Tensor, t: torch.Tensor, re
                 f"map laid out like the {x.dim()}-D inputs (N, channels, *spatial) — e.g. a transformer's "
                 "(N, tokens, features); pass a convolutional layer"
             )
-        grads = torch.autograd.grad(target_scores(output, t.reshape(-1, 1)).sum(), activation)[0]
+        grads = torch.autograd.grad(target_scores(output, t.reshape(-1, 1), inputs).sum(), activation)[0]
     weights = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
     cam = (weights * activation.detach()).sum(1, keepdim=True)
     return cam.clamp(min=0) if relu else cam
@@ -329,12 +382,20 @@ class GradCam(GradientTechnique):
         self.layer = layer_name
         size = PassSize(ctx, options)
 
-        def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if x.dim() not in (3, 4):
-                raise PyengineError(f"grad-cam: inputs of shape {tuple(x.shape)}; expected (N, C, L) or (N, C, H, W)")
-            samples = size(x)
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            x = inputs.main
+            if x.dim() not in (3, 4) or not x.is_floating_point():
+                raise PyengineError(
+                    f"grad-cam: inputs of shape {tuple(x.shape)} and dtype {x.dtype}; expected (N, C, L) or "
+                    "(N, C, H, W) images (for token models: saliency with layer=... and times_values=true, "
+                    "gradient x activation)"
+                )
+            samples = size(inputs)
             cams = torch.cat(
-                [grad_cam(ctx, layer_name, xs, ts, options.relu) for xs, ts in zip(x.split(samples), t.split(samples))]
+                [
+                    grad_cam(ctx, layer_name, part, ts, options.relu)
+                    for part, ts in zip(inputs.split(samples), t.split(samples))
+                ]
             )
             if layer_maps is not None:
                 layer_maps.append(cams.detach().cpu())
@@ -411,7 +472,13 @@ class SmoothGrad(GradientTechnique):
         base_class.options(**base_options, target=0)  # bad base options fail before any work
         chunk = "batch_size" in accepted
 
-        def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            x = inputs.main
+            if not x.is_floating_point():
+                raise PyengineError(
+                    f"smoothgrad: the inputs are {x.dtype} (token ids?); noise needs floating point inputs: use "
+                    "integrated-gradients or saliency with layer=<embedding>"
+                )
             flat = x.flatten(1)
             sigma = options.stdev or options.noise * (flat.amax(1) - flat.amin(1))
             sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
@@ -419,7 +486,7 @@ class SmoothGrad(GradientTechnique):
             for _ in range(options.samples):
                 noise = torch.randn(x.shape, generator=ctx.rng, dtype=x.dtype).to(x.device)
                 rows = {"batch_size": x.shape[0]} if chunk else {}
-                result = ctx.run(options.base, x + sigma * noise, target=t, **rows, **base_options)
+                result = ctx.run(options.base, inputs.with_main(x + sigma * noise), target=t, **rows, **base_options)
                 maps = base_attributions(result, options.base, x).double()
                 total += maps.square() if options.square else maps
             return (total / options.samples).to(x.dtype)

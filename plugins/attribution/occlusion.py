@@ -5,6 +5,10 @@ Captum's ``Occlusion`` definition, so maps are equal for equal window/stride/bas
 occluded batches are built and the drops scattered back by the native ops
 ``occlusion_batch`` / ``occlusion_accumulate``; one forward pass per batch of windows serves
 every target, and batches are sized from a memory budget.
+
+Token ids (N, T): windows of tokens (default one token) are replaced by a baseline token id
+(``baseline=<id>``, e.g. the pad id); padding (attention mask 0) is never occluded and scores
+0. Maps are floating point whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pyengine import ops
 from pyengine.attribution import (
     AttributionOptions,
     AttributionResult,
+    explained_scores,
     make_result,
     run_attribution,
     samples_per_pass,
@@ -27,6 +32,7 @@ from pyengine.attribution import (
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import gaussian_blur
+from pyengine.inputs import ModelInputs
 from pyengine.technique import Technique, bad_option, option
 
 BASELINE_FORMS = "a number, 'mean', 'blur', or a tensor broadcastable to one input"
@@ -165,7 +171,10 @@ class Occlusion(Technique):
     def run(self, ctx: Context, options: OcclusionOptions) -> OcclusionResult:
         geometry: dict[str, Any] = {}
 
-        def sweep(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def sweep(inputs: ModelInputs, targets: torch.Tensor) -> torch.Tensor:
+            x = inputs.main
+            if not x.is_floating_point():
+                return token_occlusion(ctx, inputs, targets, options, geometry)
             if not geometry:
                 window, stride = sweep_geometry(tuple(x.shape[1:]), options.window, options.stride)
                 cover = coverage(tuple(x.shape[1:]), window, stride).to(x.device)
@@ -176,10 +185,10 @@ class Occlusion(Technique):
                     cover=cover,
                     windows=windows,
                     samples=samples_per_pass(
-                        ctx, x, options, backward=False, extra_bytes=x[:1].numel() * x.element_size()
+                        ctx, inputs, options, backward=False, extra_bytes=x[:1].numel() * x.element_size()
                     ),
                 )
-            return occlusion_sweep(ctx, x, targets, options, geometry)
+            return occlusion_sweep(ctx, inputs, targets, options, geometry)
 
         attributions, targets, index, shown = run_attribution(ctx, options, self.name, sweep, multi_target=True)
         return make_result(
@@ -207,13 +216,14 @@ def memory_order(x: torch.Tensor, options: OcclusionOptions, model: torch.nn.Mod
 
 
 def occlusion_sweep(
-    ctx: Context, x: torch.Tensor, targets: torch.Tensor, options: OcclusionOptions, geometry: dict[str, Any]
+    ctx: Context, inputs: ModelInputs, targets: torch.Tensor, options: OcclusionOptions, geometry: dict[str, Any]
 ) -> torch.Tensor:
     """(B, T, *S) maps for inputs x (B, *S) and targets (B, T): one forward per batch of windows.
 
     The native ops see the inputs with their dims in memory order (e.g. H, W, C), so a batch
     comes out in that layout and is handed to the model as a strided view of shape (N, *S).
     """
+    x = inputs.main
     samples, n_windows = geometry["samples"], geometry["windows"]
     order = memory_order(x, options, ctx.model)
     to_memory = (0, *(d + 1 for d in order))
@@ -227,20 +237,77 @@ def occlusion_sweep(
     with torch.inference_mode():
         for rows in range(0, x.shape[0], samples):  # more inputs than one pass holds: split them
             xs, ts = laid_out[rows : rows + samples], targets[rows : rows + samples]
+            these = inputs.take(torch.arange(rows, rows + xs.shape[0]))
             bs = baseline[rows : rows + samples] if baseline.dim() == x.dim() else baseline
             per_pass = max(1, samples // xs.shape[0])
-            reference = score_of(ctx, xs.permute(to_logical), ts, options.output)
+            reference = score_of(ctx, these.with_main(xs.permute(to_logical)), ts, options.output)
             part = sums[rows : rows + samples]
             for first in range(0, n_windows, per_pass):
                 count = min(per_pass, n_windows - first)
                 occluded = ops.occlusion_batch(xs, bs, window, stride, first, count).permute(to_logical)
-                scores = score_of(ctx, occluded, ts.repeat(count, 1), options.output)
+                repeated = these.with_main(occluded, torch.arange(xs.shape[0]).repeat(count))
+                scores = score_of(ctx, repeated, ts.repeat(count, 1), options.output)
                 drops = reference.unsqueeze(0) - scores.reshape(count, *ts.shape)
                 ops.occlusion_accumulate(part, drops, window, stride, first)
     maps = sums.permute(0, 1, *(to_logical[d] + 1 for d in range(1, x.dim())))
     return (maps / geometry["cover"]).to(x.dtype)
 
 
-def score_of(ctx: Context, x: torch.Tensor, targets: torch.Tensor, output: str) -> torch.Tensor:
-    out = ctx.model(x)
+def score_of(ctx: Context, inputs: ModelInputs, targets: torch.Tensor, output: str) -> torch.Tensor:
+    out = explained_scores(ctx.forward(inputs), inputs)
     return target_scores(out.softmax(-1) if output == "probability" else out, targets)
+
+
+def token_occlusion(
+    ctx: Context, inputs: ModelInputs, targets: torch.Tensor, options: OcclusionOptions, geometry: dict[str, Any]
+) -> torch.Tensor:
+    """(B, T_targets, T) float maps for token ids (B, T): each window of real tokens replaced by
+    the baseline id, the mean drop over the windows covering a token; padding stays 0."""
+    ids = inputs.main
+    if ids.dim() != 2:
+        raise PyengineError(f"occlusion: integer inputs of shape {tuple(ids.shape)}; expected token ids (N, T)")
+    baseline = options.baseline
+    if (
+        isinstance(baseline, str)
+        or float(torch.as_tensor(baseline).reshape(-1)[0]) < 0
+        or torch.as_tensor(baseline).numel() != 1
+    ):
+        raise PyengineError(
+            f"occlusion: baseline={baseline!r} cannot replace token ids; pass baseline=<token id> (e.g. the pad id)"
+        )
+    token = int(torch.as_tensor(baseline))
+    length = ids.shape[1]
+    window = (options.window or (1,))[-1]
+    stride = (options.stride or (max(1, window // 2) if options.window else 1,))[-1]
+    if window > length:
+        raise bad_option("window", options.window, f"at most {length} tokens")
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    real = (inputs.mask != 0) if inputs.mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    if not geometry:
+        geometry.update(
+            window=(window,),
+            stride=(stride,),
+            windows=len(starts),
+            samples=samples_per_pass(ctx, inputs, options, backward=False),
+        )
+    n = ids.shape[0]
+    sums = torch.zeros(n, targets.shape[1], length, dtype=torch.float64, device=ids.device)
+    cover = torch.zeros(n, length, dtype=torch.float64, device=ids.device)
+    per_pass = max(1, geometry["samples"] // n)
+    with torch.inference_mode():
+        reference = score_of(ctx, inputs, targets, options.output)
+        for first in range(0, len(starts), per_pass):
+            chunk = starts[first : first + per_pass]
+            region = torch.zeros(len(chunk), n, length, dtype=torch.bool, device=ids.device)
+            for k, start in enumerate(chunk):
+                region[k, :, start : start + window] = True
+            region &= real.unsqueeze(0)
+            occluded = torch.where(region, torch.full_like(ids, token), ids.unsqueeze(0)).reshape(-1, length)
+            repeated = inputs.with_main(occluded, torch.arange(n).repeat(len(chunk)))
+            scores = score_of(ctx, repeated, targets.repeat(len(chunk), 1), options.output).reshape(len(chunk), n, -1)
+            drops = (reference.unsqueeze(0) - scores).double()  # (windows, n, targets)
+            sums += torch.einsum("wnt,wnl->ntl", drops, region.double())
+            cover += region.double().sum(0)
+    return (sums / cover.clamp(min=1).unsqueeze(1)).float()

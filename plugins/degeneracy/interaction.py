@@ -26,6 +26,7 @@ import torch
 from pyengine import ops
 from pyengine.context import Context
 from pyengine.errors import PyengineError
+from pyengine.inputs import ModelInputs
 from pyengine.plugins.degeneracy._ranks import UNITS_OPTION_DOC, axis_note, check_units, note_units
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
 from pyengine.units import UnitAxes, as_unit_matrix
@@ -113,23 +114,23 @@ class InteractionBasis(Technique):
         self,
         ctx: Context,
         layers: tuple[str, ...],
-        inputs: torch.Tensor,
+        inputs: ModelInputs,
         replace: dict[str, tuple[torch.Tensor, int]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Outputs of the chain layers (in the graph) and of the model; ``replace`` maps a layer to
         a projection P and its unit dim, applied to the units at every position as f ↦ f P."""
         edit = {layer: (lambda f, p=p, d=d: _project(f, p, d)) for layer, (p, d) in (replace or {}).items()}
         with ctx.record(layers, grad=True, edit=edit) as seen:
-            output = ctx.model(inputs)
+            output = ctx.forward(inputs.with_main(inputs.main.clone()))
             values = {layer: seen[layer] for layer in layers}
         return values, output.flatten(1)
 
-    def _default_layers(self, ctx: Context, probe: torch.Tensor, units: str) -> tuple[str, ...]:
+    def _default_layers(self, ctx: Context, probe: ModelInputs, units: str) -> tuple[str, ...]:
         found = ctx.default_layers(self.name, from_store=False)
         around = set(ctx.bypassed(self.name, found))
         axes = ctx.unit_axes(units, self.name, found)
         with torch.no_grad():
-            seen, _ = self._forward(ctx, found, probe[:1].clone())
+            seen, _ = self._forward(ctx, found, probe.take([0]))
         axes.prepare({name: tuple(value.shape) for name, value in seen.items()})
         wide = {name for name in found if as_unit_matrix(seen[name], axes.dims[name]).shape[1] > MAX_UNITS}
         kept = tuple(name for name in found if name not in around and name not in wide)
@@ -162,7 +163,7 @@ class InteractionBasis(Technique):
 
     def run(self, ctx: Context, options: InteractionBasisOptions) -> InteractionBasisResult:
         batches = [
-            rows.require_inputs()
+            rows.model_inputs()
             for rows in ctx.rows(
                 options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_ROWS, technique=self.name
             )
@@ -171,7 +172,7 @@ class InteractionBasis(Technique):
         self._check_chain(ctx, layers)
         axes = ctx.unit_axes(options.units, self.name, layers)
         with torch.no_grad():
-            seen, _ = self._forward(ctx, layers, batches[0][:1].clone())
+            seen, _ = self._forward(ctx, layers, batches[0].take([0]))
         axes.prepare({name: tuple(value.shape) for name, value in seen.items()})
         note_units(ctx, axes)
         for layer in layers:
@@ -181,7 +182,7 @@ class InteractionBasis(Technique):
                     f"interaction-basis: layer {layer!r} has {width} units (> {MAX_UNITS}) on its "
                     f"{axes.names()[layer]} axis; choose narrower layers or other units"
                 )
-        count = sum(b.shape[0] for b in batches)
+        count = sum(len(b) for b in batches)
         seconds = {"gram": 0.0, "jacobian": 0.0, "eigh": 0.0}
         basis: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
@@ -195,8 +196,8 @@ class InteractionBasis(Technique):
                 for inputs in batches:
                     started = time.perf_counter()
                     with torch.enable_grad():
-                        values, output = self._forward(ctx, layers, inputs.clone())
-                        f = as_unit_matrix(values[layer], axes.dims[layer])
+                        values, output = self._forward(ctx, layers, inputs)
+                        f = as_unit_matrix(values[layer], axes.dims[layer], inputs.mask)
                         if activation_gram is None or jacobian_gram is None:
                             activation_gram = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
                             jacobian_gram = torch.zeros_like(activation_gram)
@@ -210,9 +211,10 @@ class InteractionBasis(Technique):
                         width = as_unit_matrix(target[:1], target_dim).shape[1]
                         rows = basis[following] if following in basis else torch.eye(width, device=f.device)
                         for row in rows.to(target.dtype):
-                            source = _direction(target, target_dim, row, generator)
+                            source = _direction(target, target_dim, row, generator, inputs.mask)
                             (grad,) = torch.autograd.grad(target, values[layer], grad_outputs=source, retain_graph=True)
-                            ops.gram_accumulate(jacobian_gram, as_unit_matrix(grad.detach(), axes.dims[layer]))
+                            grad_rows = as_unit_matrix(grad.detach(), axes.dims[layer], inputs.mask)
+                            ops.gram_accumulate(jacobian_gram, grad_rows)
                         seconds["jacobian"] += time.perf_counter() - started
                     bar.update()
                 started = time.perf_counter()
@@ -289,7 +291,7 @@ class InteractionBasis(Technique):
         ctx: Context,
         layers: tuple[str, ...],
         axes: UnitAxes,
-        batches: list[torch.Tensor],
+        batches: list[ModelInputs],
         basis: dict[str, torch.Tensor],
         inverse: dict[str, torch.Tensor],
         count: int,
@@ -301,13 +303,16 @@ class InteractionBasis(Technique):
             dim = axes.dims[layer]
             for inputs in batches:
                 with torch.enable_grad():
-                    seen, _ = self._forward(ctx, layers, inputs.clone())
+                    seen, _ = self._forward(ctx, layers, inputs)
                     f, g = seen[layer], seen[following]
-                    coordinates = as_unit_matrix(f.detach(), dim).double() @ basis[layer].T  # f̂ (B * positions, k)
+                    mask = inputs.mask
+                    coordinates = (
+                        as_unit_matrix(f.detach(), dim, mask).double() @ basis[layer].T
+                    )  # f̂ (B * positions, k)
                     for j, row in enumerate(basis[following].to(g.dtype)):
-                        source = _direction(g, axes.dims[following], row, generator)
+                        source = _direction(g, axes.dims[following], row, generator, mask)
                         (grad,) = torch.autograd.grad(g, f, grad_outputs=source, retain_graph=True)
-                        sensitivity = as_unit_matrix(grad.detach(), dim).double() @ inverse[layer]  # ∂f̂_next,j/∂f̂
+                        sensitivity = as_unit_matrix(grad.detach(), dim, mask).double() @ inverse[layer]  # ∂f̂_next,j/∂f̂
                         total[j] += (sensitivity * coordinates).pow(2).sum(0).cpu()
             edges[f"{layer}->{following}"] = total / count
         return edges
@@ -316,7 +321,7 @@ class InteractionBasis(Technique):
         self,
         ctx: Context,
         layers: tuple[str, ...],
-        batches: list[torch.Tensor],
+        batches: list[ModelInputs],
         layer: str,
         projection: tuple[torch.Tensor, int],
     ) -> float:
@@ -324,8 +329,8 @@ class InteractionBasis(Technique):
         matrix, dim = projection
         with torch.no_grad():
             for inputs in batches:
-                _, original = self._forward(ctx, layers, inputs.clone())
-                _, projected = self._forward(ctx, layers, inputs.clone(), {layer: (matrix.T.to(inputs.dtype), dim)})
+                _, original = self._forward(ctx, layers, inputs)
+                _, projected = self._forward(ctx, layers, inputs, {layer: (matrix.T, dim)})
                 worst = max(worst, float((original - projected).abs().max()))
         return worst
 
@@ -338,11 +343,16 @@ def _project(values: torch.Tensor, projection: torch.Tensor, dim: int) -> torch.
     return (moved @ projection.to(values.dtype)).movedim(-1, dim)
 
 
-def _direction(target: torch.Tensor, dim: int, row: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _direction(
+    target: torch.Tensor, dim: int, row: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """A grad_output for ``target``: the basis ``row`` on the units of every position, each row's
-    positions with random ±1 signs (their sum, in expectation); no signs without positions."""
+    positions with random ±1 signs (their sum, in expectation; 0 on a sequence's padding, given
+    its ``mask``); no signs without positions."""
     if target.dim() <= 2 or dim == 0:
         return row.reshape(1, -1).expand(target.shape[0], -1).reshape(target.shape)
     moved = target.movedim(dim, -1)
     signs = torch.randint(0, 2, moved.shape[:-1], generator=generator).to(target.device, target.dtype) * 2 - 1
+    if mask is not None and target.dim() == 3 and dim == 2 and tuple(mask.shape) == tuple(signs.shape):
+        signs = signs * mask.to(signs.device, signs.dtype)
     return (signs.unsqueeze(-1) * row).movedim(-1, dim)

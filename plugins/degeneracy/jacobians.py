@@ -87,18 +87,15 @@ class JacobianGram(Technique):
         target = options.target_layer
         recorded = [*layers, target] if target else list(layers)
         axes = ctx.unit_axes(options.units, self.name, layers)
-        batches = [
-            rows.require_inputs()
-            for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
-        ]
+        batches = list(ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name))
         grams: dict[str, torch.Tensor] = {}
         count = 0
         chosen = options.sources
         generator = torch.Generator().manual_seed(ctx.seed)
         with ctx.record(recorded, grad=True) as seen, ctx.progress(len(batches), self.name) as bar:
-            for inputs in batches:
+            for batch in batches:
                 with torch.enable_grad():
-                    output = ctx.model(inputs)
+                    output = ctx.forward(batch)
                     leaves = [seen[layer] for layer in layers]
                     axes.prepare({layer: tuple(leaf.shape) for layer, leaf in zip(layers, leaves)})
                     y = (seen[target] if target else output).flatten(1)
@@ -118,7 +115,7 @@ class JacobianGram(Technique):
                         for layer, row in zip(layers, rows):
                             if row is None:
                                 raise PyengineError(f"jacobian-gram: the target does not depend on layer {layer!r}")
-                            x = as_unit_matrix(row.detach() * scale, axes.dims[layer])
+                            x = as_unit_matrix(row.detach() * scale, axes.dims[layer], batch.mask)
                             if layer not in grams:
                                 if x.shape[1] > MAX_UNITS:
                                     raise PyengineError(
@@ -127,7 +124,7 @@ class JacobianGram(Technique):
                                     )
                                 grams[layer] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                             ops.gram_accumulate(grams[layer], x)
-                count += inputs.shape[0]
+                count += len(batch)
                 bar.update()
         note_units(ctx, axes)
         eigenvalues, ranks, means = {}, {}, {}

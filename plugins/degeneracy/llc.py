@@ -20,9 +20,10 @@ from torch import nn
 
 from pyengine.context import Context
 from pyengine.errors import PyengineError
+from pyengine.inputs import ModelInputs
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, option
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output of some rows, their numbers)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,11 @@ class LLCOptions(RowOptions):
     chains: int = option(2, "independent SGLD chains")
     draws: int = option(150, "samples kept per chain")
     burn_in: int = option(50, "steps discarded per chain before the draws")
-    loss: str = option("train", "'train' (the training loss) or 'behavioral' (divergence from the original outputs)")
+    loss: str = option(
+        "train",
+        "'train' (the training loss), 'next-token' (a causal LM's next-token cross-entropy) or 'behavioral' "
+        "(divergence from the original outputs)",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -43,8 +48,8 @@ class LLCOptions(RowOptions):
         self.require_int("burn_in", minimum=0)
         if self.batch_size < 2 and self.nbeta == 0:
             raise bad_option("batch_size", self.batch_size, "at least 2 when nbeta is left to default (B / ln B)")
-        if self.loss not in ("train", "behavioral"):
-            raise bad_option("loss", self.loss, "'train' or 'behavioral'")
+        if self.loss not in ("train", "next-token", "behavioral"):
+            raise bad_option("loss", self.loss, "'train', 'next-token' or 'behavioral'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,23 +69,53 @@ class LLCResult(Result):
         return text + (f"; WARNING: {self.warning}" if self.warning else "")
 
 
-def _loss_function(kind: str, labels: torch.Tensor | None, outputs: torch.Tensor) -> tuple[LossFunction, str]:
+def _loss_function(
+    kind: str, labels: torch.Tensor | None, outputs: torch.Tensor, inputs: ModelInputs
+) -> tuple[LossFunction, str]:
+    """loss(output of some rows, their row numbers) for ``kind``; ``outputs`` are the original
+    model's outputs of every row. A sequence model's per-token output (N, T, V) over token ids is
+    read at the real tokens only (attention mask)."""
+    ids = inputs.main
+    per_token = outputs.dim() == 3 and ids.dim() == 2 and tuple(outputs.shape[:2]) == tuple(ids.shape)
+    real = (inputs.mask != 0) if inputs.mask is not None else torch.ones(ids.shape[:2], dtype=torch.bool)
+    real = real.to(outputs.device)
     classifier = outputs.dim() == 2 and outputs.shape[1] > 1
-    if kind == "behavioral":
-        if classifier:
+    if kind == "next-token":
+        if not per_token:
+            raise PyengineError(
+                f"llc: loss='next-token' needs a causal LM: token ids (N, T) in, per-token scores (N, T, V) out; "
+                f"got {tuple(ids.shape)} in, {tuple(outputs.shape)} out"
+            )
 
-            def kl(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        def next_token(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            keep = real[rows]
+            pairs = keep[:, 1:] & keep[:, :-1]
+            return nn.functional.cross_entropy(
+                out[:, :-1][pairs], ids[rows][:, 1:][pairs.to(ids.device)].to(out.device)
+            )
+
+        return next_token, "next-token cross-entropy"
+    if kind == "behavioral":
+        if classifier or per_token:
+
+            def kl(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                ref = outputs[rows]
+                if per_token:
+                    out, ref = out[real[rows]], ref[real[rows]]
                 return nn.functional.kl_div(
-                    out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"
+                    out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"
                 )
 
             return kl, "KL to the original outputs"
-        return (lambda out, ref: (out - ref).pow(2).mean()), "MSE to the original outputs"
+        return (lambda out, rows: (out - outputs[rows]).pow(2).mean()), "MSE to the original outputs"
     if labels is None:
-        raise PyengineError("llc: the training loss needs labels; pass data=<dataset with labels> or loss='behavioral'")
+        hint = " or 'next-token' (a causal LM)" if per_token else ""
+        raise PyengineError(
+            f"llc: the training loss needs labels; pass data=<dataset with labels> or loss='behavioral'{hint}"
+        )
     if not labels.is_floating_point() and classifier:
-        return (lambda out, y: nn.functional.cross_entropy(out, y)), "cross-entropy"
-    return (lambda out, y: (out - y.reshape(out.shape).to(out.dtype)).pow(2).mean()), "MSE"
+        return (lambda out, rows: nn.functional.cross_entropy(out, labels[rows])), "cross-entropy"
+    return (lambda out, rows: (out - labels[rows].reshape(out.shape).to(out.dtype)).pow(2).mean()), "MSE"
 
 
 class LLC(Technique):
@@ -91,24 +126,23 @@ class LLC(Technique):
 
     def run(self, ctx: Context, options: LLCOptions) -> LLCResult:
         data = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name).all()
-        inputs = data.require_inputs()
+        inputs = data.model_inputs()
         labels = data.labels.to(ctx.device) if data.labels is not None and bool((data.labels >= 0).any()) else None
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         if not params:
             raise PyengineError("llc: the model has no trainable parameters")
+        n = len(inputs)
         with torch.no_grad():
-            outputs = torch.cat([ctx.model(chunk) for chunk in inputs.split(options.batch_size)])
-        loss_fn, loss_name = _loss_function(options.loss, labels, outputs)
-        targets = outputs if options.loss == "behavioral" or labels is None else labels
-        n = inputs.shape[0]
+            outputs = torch.cat([ctx.forward(inputs.take(rows)) for rows in torch.arange(n).split(options.batch_size)])
+        loss_fn, loss_name = _loss_function(options.loss, labels, outputs, inputs)
         batch_size = min(options.batch_size, n)
         nbeta = options.nbeta or batch_size / math.log(batch_size)
         originals = [p.detach().clone() for p in params]
         with torch.no_grad():
             init_loss = float(
                 sum(
-                    loss_fn(ctx.model(x), t) * x.shape[0]
-                    for x, t in zip(inputs.split(batch_size), targets.split(batch_size))
+                    loss_fn(ctx.forward(inputs.take(rows)), rows) * len(rows)
+                    for rows in torch.arange(n).split(batch_size)
                 )
                 / n
             )
@@ -123,7 +157,7 @@ class LLC(Technique):
                             p.copy_(w)
                     for step in range(steps):
                         picked = torch.randperm(n, generator=generator)[:batch_size].to(ctx.device)
-                        loss = loss_fn(ctx.model(inputs[picked]), targets[picked])
+                        loss = loss_fn(ctx.forward(inputs.take(picked)), picked)
                         grads = torch.autograd.grad(loss, params)
                         with torch.no_grad():
                             for p, g, w in zip(params, grads, originals):

@@ -86,7 +86,7 @@ class GramSpectrum(Technique):
         )
         with ctx.progress(source.count, "gram-spectrum") as bar:
             for block_rows, block in source:
-                for layer, x in axes.matrices(block).items():
+                for layer, x in axes.matrices(block, block_rows.mask).items():
                     if layer not in grams:
                         if x.shape[1] > MAX_UNITS:
                             raise PyengineError(

@@ -139,10 +139,10 @@ class ReluSync(Technique):
         layers = options.layers or ctx.default_layers(self.name)
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
         axes = ctx.unit_axes(options.units, self.name, layers)
-        for _, block in ctx.activations(
+        for block_rows, block in ctx.activations(
             layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
         ):
-            for layer, samples in axes.matrices(block).items():
+            for layer, samples in axes.matrices(block, block_rows.mask).items():
                 packers[layer].add(samples)
         note_units(ctx, axes)
         fields: dict[str, Any] = {

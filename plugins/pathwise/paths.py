@@ -201,7 +201,7 @@ class PathLinear(Technique):
             x = rows.require_inputs()
             network = trace_network(ctx, x, self.name)
             layers = tuple(network.layers)
-            targets = resolve_targets(options.target, ctx.model, x, rows.labels, offset)[:, 0]
+            targets = resolve_targets(options.target, ctx, rows.model_inputs(), rows.labels, offset)[:, 0]
             whole, output = local_decomposition(ctx, network, x, targets, self.name)
             models = [
                 path_model(ctx.model, network, x, targets, parse_path(network, p, len(targets)))[0]
@@ -373,7 +373,7 @@ class HierarchicalDecomposition(Technique):
             x = rows.require_inputs()
             chain = trace_chain(ctx, x, self.name)
             layers = tuple(chain.layers)
-            targets = resolve_targets(options.target, ctx.model, x, rows.labels, offset)
+            targets = resolve_targets(options.target, ctx, rows.model_inputs(), rows.labels, offset)
             if options.runner_up:
                 others = chain.output.reshape(len(x), -1).scatter(1, targets[:, :1].to(x.device), float("-inf"))
                 targets = torch.cat([targets, others.argmax(1, keepdim=True).cpu()], 1)

@@ -86,7 +86,7 @@ def _read(
     class_labels: list[torch.Tensor] = []
     with ctx.progress(source.count, "probe activations") as bar:
         for rows, values in source:
-            for layer, pooled in axes.pooled(values, options.reduce).items():
+            for layer, pooled in axes.pooled(values, options.reduce, rows.mask).items():
                 parts[layer].append(pooled)
             for name, value in rows.concepts.items():
                 codes.setdefault(name, []).append(value.cpu())

@@ -14,6 +14,7 @@ import torch.utils.data
 
 from pyengine.errors import PyengineError
 from pyengine.hashing import add_tensor, value_bytes
+from pyengine.inputs import MASK_KEY, as_model_inputs, pad_sequences
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Batch:
     index: torch.Tensor
     concepts: Mapping[str, torch.Tensor] = field(default_factory=dict)
     boxes: torch.Tensor | None = None  # (B, 4) x0, y0, x1, y1 of the labelled object, if known
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # other model inputs per row (attention_mask)
+    input_name: str | None = None  # the keyword of ``inputs`` when the model takes keywords (``input_ids``)
 
 
 class Dataset(ABC):
@@ -59,17 +62,20 @@ class Dataset(ABC):
 
 
 class TensorDataset(Dataset):
-    """A dataset over tensors already in memory (user arrays)."""
+    """A dataset over tensors already in memory (user arrays): ``inputs`` a tensor or a mapping
+    such as a tokenizer's output (``input_ids`` with its ``attention_mask``; see
+    ``pyengine.inputs``)."""
 
     def __init__(
         self,
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | Mapping[str, torch.Tensor],
         labels: torch.Tensor | None = None,
         concepts: Mapping[str, torch.Tensor] | None = None,
         name: str = "tensors",
     ) -> None:
-        self.inputs = inputs
-        n = inputs.shape[0]
+        self.model_inputs = as_model_inputs(inputs, name)
+        self.inputs = self.model_inputs.main
+        n = self.inputs.shape[0]
         self.labels = labels if labels is not None else torch.full((n,), -1, dtype=torch.long)
         self.concepts = dict(concepts or {})
         for key, value in [("labels", self.labels), *self.concepts.items()]:
@@ -85,18 +91,19 @@ class TensorDataset(Dataset):
         """Name, size and a content hash, so a resumed capture never mixes two arrays."""
         digest = hashlib.sha256()
         concepts = ((f"concept:{key}", value) for key, value in self.concepts.items())
-        for key, tensor in [("inputs", self.inputs), ("labels", self.labels), *concepts]:
+        extra = ((f"input:{key}", value) for key, value in sorted(self.model_inputs.extra.items()))
+        for key, tensor in [("inputs", self.inputs), *extra, ("labels", self.labels), *concepts]:
             add_tensor(digest, key, tensor)
         return {"name": self.name, "size": len(self), "sha256": digest.hexdigest()}
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
-        return Batch(
-            self.inputs[index], self.labels[index], index, {key: value[index] for key, value in self.concepts.items()}
-        )
+        rows = self.model_inputs.take(index)
+        concepts = {key: value[index] for key, value in self.concepts.items()}
+        return Batch(rows.main, self.labels[index], index, concepts, extra=rows.extra, input_name=rows.name)
 
 
-INPUT_KEYS = ("pixel_values", "image", "img", "input", "inputs", "x")
+INPUT_KEYS = ("input_ids", "pixel_values", "image", "img", "input", "inputs", "x")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 CONCEPTS_KEY = "concepts"
 SAMPLED_ROWS = 32  # rows hashed by TorchDataset.describe
@@ -107,6 +114,7 @@ class _Rows:
     inputs: torch.Tensor  # (B, ...)
     labels: torch.Tensor  # (B,) long, -1: unknown
     concepts: dict[str, torch.Tensor]  # name -> (B,) long
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token companions (attention_mask, ...)
 
 
 class TorchDataset(Dataset):
@@ -124,6 +132,13 @@ class TorchDataset(Dataset):
     dimension. Class names come from the dataset's ``classes`` (torchvision) or the ``names`` of
     its label feature (Hugging Face ``features["label"]``) when it has them.
 
+    Token sequences: an input that is a 1-D tensor of integers (``input_ids``) may differ in
+    length between rows. Rows are right-padded with ``pad_id`` to ``max_length`` (default: the
+    longest sequence, found by reading every row once on construction) and carry an
+    ``attention_mask`` (the item's own, else 1 for each real token); other per-token tensors of
+    a mapping item (``token_type_ids``, ...) are padded with 0. The model is called with the
+    input first and these by name: ``model(input_ids, attention_mask=..., ...)``.
+
     Row 0 is read twice on construction: an item that differs between two reads (a random
     transform) is an error, since pyengine needs the same row for the same index.
     """
@@ -135,11 +150,14 @@ class TorchDataset(Dataset):
         *,
         collate: Callable[[list[Any]], Any] | None = None,
         batch_size_hint: int | None = None,
+        pad_id: int = 0,
+        max_length: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.name = name or type(dataset).__name__
         self.collate = collate
         self.batch_size_hint = batch_size_hint
+        self.pad_id = pad_id
         size = len(dataset)
         if size < 1:
             raise PyengineError(f"{self.name} has {size} rows; expected at least one")
@@ -147,6 +165,11 @@ class TorchDataset(Dataset):
         self._shape: tuple[int, ...] | None = None
         self._dtype: torch.dtype | None = None
         self._concept_keys: tuple[str, ...] | None = None
+        self.max_length: int | None = None  # token sequences only: the padded length
+        if collate is None and _is_token_sequence(_tensor(_split(dataset[0], "row 0")[0], "row 0")):
+            self.max_length = max_length or max(
+                _tensor(_split(dataset[i], f"row {i}")[0], f"row {i}").numel() for i in range(size)
+            )
         first, again = self._load([0]), self._load([0])
         if not _same_rows(first, again):
             raise PyengineError(
@@ -174,7 +197,7 @@ class TorchDataset(Dataset):
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
         rows = self._load(index.tolist())
-        return Batch(rows.inputs, rows.labels, index, rows.concepts)
+        return Batch(rows.inputs, rows.labels, index, rows.concepts, extra=rows.extra)
 
     def _load(self, index: list[int]) -> _Rows:
         items = [self.dataset[i] for i in index]
@@ -189,8 +212,13 @@ class TorchDataset(Dataset):
             parsed.append((_tensor(x, f"row {i}"), _integer(label, f"row {i}: the label", -1), concepts or {}))
             self._check_structure(parsed[-1][0], tuple(parsed[-1][2]), f"row {i}")
         keys = self._concept_keys or ()
+        inputs, extra = (
+            self._padded(index, items, [x for x, _, _ in parsed])
+            if self.max_length is not None
+            else (torch.stack([x for x, _, _ in parsed]), {})
+        )
         return _Rows(
-            torch.stack([x for x, _, _ in parsed]),
+            inputs,
             torch.tensor([label for _, label, _ in parsed], dtype=torch.long),
             {
                 key: torch.tensor(
@@ -199,11 +227,46 @@ class TorchDataset(Dataset):
                 )
                 for key in keys
             },
+            extra,
         )
 
+    def _padded(
+        self, index: list[int], items: list[Any], sequences: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Token sequences right-padded to ``max_length``, with their attention mask and the
+        items' other per-token tensors."""
+        assert self.max_length is not None
+        for i, seq in zip(index, sequences):
+            if seq.numel() > self.max_length:
+                raise PyengineError(
+                    f"{self.name}: row {i} has {seq.numel()} tokens; expected at most max_length={self.max_length}"
+                )
+        ids, mask = pad_sequences(sequences, self.pad_id, self.name)
+        width = self.max_length - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, width), value=self.pad_id)
+        extra = {MASK_KEY: torch.nn.functional.pad(mask, (0, width))}
+        if isinstance(items[0], Mapping):
+            main_key = _input_key(items[0])
+            for key in [
+                k for k, v in items[0].items() if k not in (main_key, MASK_KEY) and _per_token(v, sequences[0])
+            ]:
+                companions = [_tensor(item[key], f"row {i}: {key}") for i, item in zip(index, items)]
+                padded = torch.zeros(len(items), self.max_length, dtype=companions[0].dtype)
+                for row, value in enumerate(companions):
+                    padded[row, : value.numel()] = value
+                extra[str(key)] = padded
+            if MASK_KEY in items[0]:
+                given = [_tensor(item[MASK_KEY], f"row {i}: {MASK_KEY}") for i, item in zip(index, items)]
+                own = torch.zeros(len(items), self.max_length, dtype=torch.long)
+                for row, value in enumerate(given):
+                    own[row, : value.numel()] = value.long()
+                extra[MASK_KEY] = own
+        return ids, extra
+
     def _check_structure(self, x: torch.Tensor, concepts: tuple[str, ...], where: str) -> None:
-        """Every row has row 0's input shape and dtype and its concept names (``x``: one row)."""
-        shape = tuple(x.shape)
+        """Every row has row 0's input shape (token sequences: any length) and dtype and its
+        concept names (``x``: one row)."""
+        shape = tuple(x.shape) if self.max_length is None else ()
         if self._shape is None or self._concept_keys is None:
             self._shape, self._dtype, self._concept_keys = shape, x.dtype, concepts
         elif shape != self._shape:
@@ -222,6 +285,23 @@ class TorchDataset(Dataset):
             )
 
 
+def _is_token_sequence(x: torch.Tensor) -> bool:
+    return x.dim() == 1 and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+def _input_key(item: Any) -> str | None:
+    """The key of a mapping item's input (the model's keyword for it), None for other items."""
+    return next((key for key in INPUT_KEYS if key in item), None) if isinstance(item, Mapping) else None
+
+
+def _per_token(value: Any, ids: torch.Tensor) -> bool:
+    """A tensor-like value with one entry per token of ``ids`` (token_type_ids, ...)."""
+    try:
+        return tuple(_tensor(value, "").shape) == tuple(ids.shape)
+    except PyengineError:
+        return False
+
+
 def _class_names(dataset: Any) -> tuple[str, ...]:
     """torchvision's ``dataset.classes``, or Hugging Face's ``dataset.features[label].names``."""
     features = getattr(dataset, "features", None)
@@ -236,7 +316,13 @@ def _class_names(dataset: Any) -> tuple[str, ...]:
 
 def _named(rows: _Rows) -> list[tuple[str, torch.Tensor]]:
     concepts = sorted(rows.concepts.items(), key=lambda item: item[0])
-    return [("inputs", rows.inputs), ("labels", rows.labels), *((f"concept:{k}", v) for k, v in concepts)]
+    extra = sorted(rows.extra.items(), key=lambda item: item[0])
+    return [
+        ("inputs", rows.inputs),
+        *((f"input:{k}", v) for k, v in extra),
+        ("labels", rows.labels),
+        *((f"concept:{k}", v) for k, v in concepts),
+    ]
 
 
 def _same_rows(a: _Rows, b: _Rows) -> bool:
@@ -325,7 +411,13 @@ def _parse_batch(batch: Any, count: int, where: str) -> _Rows:
         raise PyengineError(
             f"{where}: negative labels or concept codes; expected class indices (-1: unknown), codes >= 0"
         )
-    return _Rows(inputs, labels, codes)
+    key = _input_key(batch)
+    extra = (
+        {str(k): _tensor(v, where) for k, v in batch.items() if k != key and _per_token(v, inputs)}
+        if isinstance(batch, Mapping) and inputs.dim() == 2 and not inputs.is_floating_point()
+        else {}
+    )
+    return _Rows(inputs, labels, codes, extra)
 
 
 def _vector(value: Any, count: int, what: str) -> torch.Tensor:

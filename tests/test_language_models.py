@@ -1,0 +1,286 @@
+"""Language models end to end: Hugging Face BERT and GPT-2 built from configs (tests/lm_models.py),
+token ids of varying length padded with their attention mask, ModelOutput outputs.
+
+References: Captum's LayerIntegratedGradients, LayerGradientXActivation and FeatureAblation
+(tests/lm_references.py), numpy covariances over the real tokens, float64 autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyengine
+from pyengine.data.base import TorchDataset
+from pyengine.errors import PyengineError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("captum")
+warnings.filterwarnings("ignore", module="captum")
+
+from lm_models import PAD_ID, build_lm, pad, token_corpus  # noqa: E402
+from lm_references import (  # noqa: E402
+    layer_gradient_x_activation,
+    layer_integrated_gradients,
+    predicted_next_token,
+    target_logits,
+    token_occlusion,
+)
+
+EMBEDDINGS = {"bert": "bert.embeddings", "gpt2": "transformer.wte"}
+BLOCKS = {"bert": "bert.encoder.layer.0", "gpt2": "transformer.h.0"}
+ROWS = 6
+
+
+def corpus(n: int = ROWS, seed: int = 3) -> list[dict[str, Any]]:
+    """Items with sequence-level concepts only (the per-token one is not a row concept)."""
+    items = token_corpus(n, seed)
+    for item in items:
+        item["concepts"] = {k: v for k, v in item["concepts"].items() if k != "topic_token"}
+    return items
+
+
+def model_and_batch(kind: str, n: int = ROWS) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    ids, mask = pad(corpus(n))
+    return build_lm(kind), {"input_ids": ids, "attention_mask": mask}
+
+
+def relative_close(ours: torch.Tensor, theirs: torch.Tensor, relative: float = 1e-5) -> None:
+    scale = float(theirs.abs().max())
+    assert scale > 0
+    error = float((ours.double() - theirs.double()).abs().max())
+    assert error <= relative * scale, f"max error {error:.3g} vs scale {scale:.3g}"
+
+
+def targets_for(kind: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BERT: the predicted class; GPT-2: the predicted next token at each row's last real token."""
+    with torch.no_grad():
+        if kind == "gpt2":
+            return predicted_next_token(model, batch["input_ids"], batch["attention_mask"])
+        return target_logits(model, batch["input_ids"], batch["attention_mask"]).argmax(1)
+
+
+# --- data: variable lengths, padding, masks ---------------------------------------------------
+
+
+def test_a_dataset_of_variable_length_ids_is_padded_with_its_mask() -> None:
+    items = corpus(8)
+    data = TorchDataset(items)
+    lengths = [int(item["input_ids"].numel()) for item in items]
+    assert data.max_length == max(lengths)
+    batch = data.batch([0, 1, 2])
+    mask = batch.extra["attention_mask"]
+    assert batch.input_name is None and batch.inputs.shape == (3, max(lengths))  # ids first, the mask by name
+    assert mask.sum(1).tolist() == lengths[:3]
+    assert torch.equal(batch.inputs[1, : lengths[1]], items[1]["input_ids"])
+    assert bool((batch.inputs[mask == 0] == PAD_ID).all())
+    assert batch.labels.tolist() == [item["label"] for item in items[:3]]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_dict_inputs_call_the_model_with_its_mask(kind: str) -> None:
+    """predicted targets through the padded batch equal each sequence run alone."""
+    model, batch = model_and_batch(kind)
+    res = pyengine.run("saliency", model, batch, layer=EMBEDDINGS[kind], progress=False)
+    alone = []
+    with torch.no_grad():
+        for item in corpus():
+            logits = model(input_ids=item["input_ids"][None]).logits
+            alone.append(int((logits[0, -1] if kind == "gpt2" else logits[0]).argmax()))
+    assert res.targets.tolist() == alone
+
+
+# --- layer attribution: Captum's Layer* techniques ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_layer_integrated_gradients_equal_captum(kind: str) -> None:
+    model, batch = model_and_batch(kind)
+    target = targets_for(kind, model, batch)
+    baseline_ids = torch.where(batch["attention_mask"] == 1, PAD_ID, batch["input_ids"])
+    theirs = layer_integrated_gradients(
+        model,
+        model.get_submodule(EMBEDDINGS[kind]),
+        batch["input_ids"],
+        batch["attention_mask"],
+        target,
+        baseline_ids,
+        n_steps=16,
+    )
+    res = pyengine.run(
+        "integrated-gradients",
+        model,
+        batch,
+        layer=EMBEDDINGS[kind],
+        baseline=PAD_ID,
+        target=target,
+        n_steps=16,
+        progress=False,
+    )
+    assert res.attributions.shape == theirs.shape and res.attributions.is_floating_point()
+    relative_close(res.attributions, theirs)
+    assert res.layer == EMBEDDINGS[kind]
+    torch.testing.assert_close(res.token_scores, res.attributions.sum(-1))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_gradient_times_activation_equals_captum(kind: str) -> None:
+    model, batch = model_and_batch(kind)
+    target = targets_for(kind, model, batch)
+    layer = BLOCKS[kind] if kind == "gpt2" else EMBEDDINGS[kind]
+    module = model.get_submodule(layer)
+    theirs = layer_gradient_x_activation(model, module, batch["input_ids"], batch["attention_mask"], target)
+    res = pyengine.run(
+        "saliency",
+        model,
+        batch,
+        layer=layer,
+        times_values=True,
+        abs=False,
+        target=target,
+        progress=False,
+    )
+    relative_close(res.attributions, theirs)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_token_occlusion_equals_feature_ablation_and_never_touches_padding(kind: str) -> None:
+    model, batch = model_and_batch(kind)
+    target = targets_for(kind, model, batch)
+    theirs = token_occlusion(model, batch["input_ids"], batch["attention_mask"], target, PAD_ID)
+    res = pyengine.run("occlusion", model, batch, baseline=PAD_ID, target=target, progress=False)
+    assert res.attributions.dtype == torch.float32 and res.attributions.shape == batch["input_ids"].shape
+    relative_close(res.attributions, theirs)
+    assert bool((res.attributions[batch["attention_mask"] == 0] == 0).all())
+
+
+@pytest.mark.parametrize("technique", ["saliency", "integrated-gradients", "guided-backprop"])
+def test_token_ids_without_a_layer_are_refused_naming_the_embedding(technique: str) -> None:
+    model, batch = model_and_batch("bert")
+    with pytest.raises(PyengineError, match=r"token ids.*layer=<module>.*'bert\.embeddings\.word_embeddings'") as caught:
+        pyengine.run(technique, model, batch, progress=False)
+    assert "\n" not in str(caught.value)
+
+
+def test_occlusion_of_ids_needs_a_token_id_baseline() -> None:
+    model, batch = model_and_batch("bert")
+    with pytest.raises(PyengineError, match="pass baseline=<token id>"):
+        pyengine.run("occlusion", model, batch, progress=False)
+
+
+# --- activations: features as units, padding dropped ----------------------------------------------
+
+
+def hidden_states(model: nn.Module, layer: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        seen.append(output.detach().clone())
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_gram_spectrum_reads_features_over_the_real_tokens(kind: str) -> None:
+    items = corpus(12)
+    model = build_lm(kind)
+    layer = BLOCKS[kind]
+    res = pyengine.run("gram-spectrum", model, data=TorchDataset(items), layers=[layer], progress=False)
+    ids, mask = pad(items)
+    h = hidden_states(model, BLOCKS[kind], {"input_ids": ids, "attention_mask": mask})
+    real = h[mask.bool()].double().numpy()
+    assert res.units[layer] == h.shape[-1] and res.samples[layer] == int(mask.sum())
+    centred = real - real.mean(0)
+    expected = np.sort(np.linalg.eigvalsh(centred.T @ centred / len(real)))[::-1]  # the 1/n covariance
+    np.testing.assert_allclose(res.eigenvalues[layer].numpy(), expected, rtol=1e-5, atol=1e-7 * expected[0])
+
+
+def test_linear_probe_pools_the_real_tokens_only() -> None:
+    """probe-linear on mean-pooled hidden states equals scikit-learn on the mean over real tokens."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    items = corpus(120, seed=5)
+    model = build_lm("bert")
+    layer, l2 = BLOCKS["bert"], 1e-2
+    res = pyengine.run(
+        "probe-linear", model, data=TorchDataset(items), layers=[layer], concepts=["marker"], l2=l2, reduce="mean",
+        iterations=5000, progress=False,
+    )  # fmt: skip
+    key = f"{layer}|marker"
+    assert res.unit_axis == {layer: "last"} and res.weights[key].shape == (32,)
+    ids, mask = pad(items)
+    h = hidden_states(model, BLOCKS["bert"], {"input_ids": ids, "attention_mask": mask})
+    features = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).double().numpy()
+    y = np.array([item["concepts"]["marker"] for item in items]) == 1
+    train, test = res.train_rows.numpy(), res.test_rows.numpy()
+    mean, std = features[train].mean(0), features[train].std(0, ddof=1).clip(1e-6)
+    z = (features - mean) / std
+    reference = linear_model.LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10000)
+    reference.fit(z[train], y[train])
+    assert res.test_accuracy[key] == pytest.approx(reference.score(z[test], y[test]), abs=1e-9)
+    np.testing.assert_allclose(res.weights[key].numpy() * std, reference.coef_[0], rtol=2e-3, atol=2e-4)
+
+
+# --- techniques that never need an input gradient ---------------------------------------------------
+
+
+def test_jacobian_gram_on_token_ids_equals_float64_autograd_over_real_tokens() -> None:
+    items = corpus(5, seed=7)
+    model = build_lm("bert").double()
+    layer = BLOCKS["bert"]
+    res = pyengine.run(
+        "jacobian-gram", model, data=TorchDataset(items), layers=[layer], sources="exact", progress=False
+    )
+    ids, mask = pad(items)
+    gram = torch.zeros(res.units[layer], res.units[layer], dtype=torch.float64)
+    for row in range(len(items)):
+        one = {"input_ids": ids[row : row + 1], "attention_mask": mask[row : row + 1]}
+        captured: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output)
+
+        handle = model.get_submodule(BLOCKS["bert"]).register_forward_hook(keep)
+        try:
+            logits = model(**one).logits
+        finally:
+            handle.remove()
+        for k in range(logits.shape[1]):
+            (grad,) = torch.autograd.grad(logits[0, k], captured[0], retain_graph=True)
+            real = grad[0][mask[row].bool()]
+            gram += real.T @ real
+    relative_close(res.gram[layer].double(), gram / len(items), 1e-6)
+
+
+def test_llc_with_the_next_token_loss_starts_at_the_models_own_loss() -> None:
+    items = corpus(16, seed=9)
+    model = build_lm("gpt2")
+    res = pyengine.run(
+        "llc",
+        model,
+        data=TorchDataset(items),
+        loss="next-token",
+        chains=1,
+        draws=3,
+        burn_in=0,
+        batch_size=16,
+        progress=False,
+    )
+    ids, mask = pad(items)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    pairs = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][pairs], ids[:, 1:][pairs])
+    assert res.init_loss == pytest.approx(float(expected), rel=1e-5)
+    assert math.isfinite(res.llc)
