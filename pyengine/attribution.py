@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, overlay, spatial_map
-from pyengine.inputs import ModelInputs
+from pyengine.inputs import ModelInputs, explained_scores
 from pyengine.technique import Figure, Result, RowOptions, bad_option, option
 
 Attribute = Callable[[ModelInputs, torch.Tensor], torch.Tensor]
@@ -93,25 +93,6 @@ def normalise_target(target: Any) -> int | str | torch.Tensor:
     ):
         raise bad_option("target", target, TARGET_FORMS)
     return tensor.long().cpu()
-
-
-def explained_scores(output: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
-    """The scores targets index: the output itself, or for a sequence model's per-token output
-    (N, T, V) over token-id inputs (N, T), the scores at each row's last real token (its mask)."""
-    main = inputs.main if inputs is not None else None
-    per_token = (
-        main is not None and main.dim() == 2 and output.dim() == 3 and tuple(output.shape[:2]) == tuple(main.shape)
-    )
-    if not per_token:
-        return output
-    assert inputs is not None
-    mask = inputs.mask
-    last = (
-        torch.full((output.shape[0],), output.shape[1] - 1, dtype=torch.long, device=output.device)
-        if mask is None
-        else mask.shape[1] - 1 - (mask != 0).flip(1).to(torch.uint8).argmax(1).to(output.device)
-    )
-    return output[torch.arange(output.shape[0], device=output.device), last]
 
 
 def target_scores(output: torch.Tensor, targets: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:

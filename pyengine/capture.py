@@ -160,7 +160,10 @@ def _capture_locked(
     try:
         if writer is None:  # which dim of each layer holds its units, kept with the store
             with torch.no_grad():
-                found = infer_unit_dims(model, data.batch([start]).inputs.to(device), layers)
+                first = data.batch([start])
+                found = infer_unit_dims(
+                    model, ModelInputs(first.inputs, first.extra, first.input_name).to(device), layers
+                )
             unit_dims = {name: f.dim for name, f in found.items() if f.dim is not None and f.dim > 0}
         with (
             record(model, layers) as seen,

@@ -23,7 +23,7 @@ from torch import nn
 from pyengine import layers as layer_api
 from pyengine import units as unit_api
 from pyengine.errors import PyengineError
-from pyengine.inputs import MASK_KEY, ModelInputs, OutputSelector, as_model_inputs, select_output
+from pyengine.inputs import MASK_KEY, ModelInputs, OutputSelector, as_model_inputs, explained_scores, select_output
 from pyengine.progress import Progress
 
 if TYPE_CHECKING:
@@ -208,6 +208,15 @@ class Context:
             inputs = ModelInputs(inputs)
         return select_output(inputs.call(self.model), self.output, type(self.model).__name__)
 
+    def scores(self, inputs: ModelInputs | Rows | torch.Tensor) -> torch.Tensor:
+        """(N, K) scores a target indexes: ``forward``'s output, read at each row's last real
+        token for a sequence model's per-token output over token ids (a causal LM's next token)."""
+        if isinstance(inputs, Rows):
+            inputs = inputs.model_inputs()
+        elif isinstance(inputs, torch.Tensor):
+            inputs = ModelInputs(inputs)
+        return explained_scores(self.forward(inputs), inputs)
+
     # --- layers ------------------------------------------------------------------------------
 
     @property
@@ -230,13 +239,22 @@ class Context:
             return self.data.batch([0]).inputs.to(self.device)
         raise PyengineError(f"{technique}: no layers given and no inputs or data to find them from; pass layers=[...]")
 
+    def example_inputs(self, technique: str) -> ModelInputs:
+        """``example`` with its attention mask and other keywords, as the model takes it."""
+        if self.given is not None:
+            return self.given.take([0]).to(self.device)
+        if self.data is not None and len(self.data):
+            batch = self.data.batch([0])
+            return ModelInputs(batch.inputs, batch.extra, batch.input_name).to(self.device)
+        return ModelInputs(self.example(technique))
+
     def default_layers(self, technique: str, *, from_store: bool = True) -> tuple[str, ...]:
         """The stored layers (when ``from_store``), else every call of a nonlinearity module
         (ReLU, GELU, SiLU, ...) in a forward pass; an error if there is none."""
         if from_store and self.store is not None and self.store.layers:
             self.defaults_chosen["layers"] = f"the {len(self.store.layers)} layers of {self.store.path.name}"
             return tuple(self.store.layers)
-        found = layer_api.nonlinearity_outputs(self.model, self.example(technique))
+        found = layer_api.nonlinearity_outputs(self.model, self.example_inputs(technique))
         if not found:
             kinds = ", ".join(kind.__name__ for kind in layer_api.NONLINEARITIES[:4])
             raise PyengineError(
@@ -250,25 +268,25 @@ class Context:
     def bypassed(self, technique: str, layers: Sequence[str]) -> tuple[str, ...]:
         """Those of ``layers`` that some path from the input to the output goes around (a
         residual add, a concatenation, a gate): not cuts of the model."""
-        return layer_api.bypassed(self.model, self.example(technique), layers)
+        return layer_api.bypassed(self.model, self.example_inputs(technique), layers)
 
     def block_cuts(self, technique: str) -> tuple[str, ...]:
         """The innermost blocks (modules with children) every path from the input to the output
         goes through, in forward order: where a chain of layers can be read on a residual net."""
-        blocks = [c.reference for c in layer_api.module_cuts(self.model, self.example(technique)) if not c.leaf]
+        blocks = [c.reference for c in layer_api.module_cuts(self.model, self.example_inputs(technique)) if not c.leaf]
         return tuple(ref for ref in blocks if not any(other.startswith(ref + ".") for other in blocks))
 
     def spatial_layer(self, technique: str) -> str:
         """The default layer of spatial techniques (grad-cam, max-patches, ...): the last
         (N, C, H, W) output that every path to the output goes through."""
-        layer = layer_api.last_spatial_cut(self.model, self.example(technique), technique)
+        layer = layer_api.last_spatial_cut(self.model, self.example_inputs(technique), technique)
         self.defaults_chosen["layers"] = f"{layer} (the last (N, C, H, W) output every path to the output goes through)"
         return layer
 
     def first_block(self, technique: str) -> str:
         """The first convolution's output after its normalisation and nonlinearity."""
         with torch.no_grad():
-            layer = layer_api.first_block_output(self.model, self.example(technique), technique)
+            layer = layer_api.first_block_output(self.model, self.example_inputs(technique), technique)
         self.defaults_chosen["layers"] = (
             f"{layer} (the first convolution's output after its normalisation/nonlinearity)"
         )
@@ -283,7 +301,7 @@ class Context:
         found: Mapping[str, unit_api.Found] = {}
         if pending and (self.inputs is not None or self.data is not None):
             with torch.no_grad():
-                found = unit_api.infer_unit_dims(self.model, self.example(technique), pending)
+                found = unit_api.infer_unit_dims(self.model, self.example_inputs(technique), pending)
         return unit_api.UnitAxes(choice, technique, found, stored)
 
     def record(

@@ -179,3 +179,21 @@ def pad_sequences(sequences: Sequence[torch.Tensor], pad_id: int, where: str) ->
         ids[k, : seq.numel()] = seq.long()
         mask[k, : seq.numel()] = 1
     return ids, mask
+
+
+def explained_scores(output: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
+    """The scores targets index: the output itself, or for a sequence model's per-token output
+    (N, T, V) over token-id inputs (N, T), the scores at each row's last real token (its mask)."""
+    main = inputs.main if inputs is not None else None
+    per_token = (
+        main is not None and main.dim() == 2 and output.dim() == 3 and tuple(output.shape[:2]) == tuple(main.shape)
+    )
+    if not per_token:
+        return output
+    mask = inputs.mask if inputs is not None else None
+    last = (
+        torch.full((output.shape[0],), output.shape[1] - 1, dtype=torch.long, device=output.device)
+        if mask is None
+        else mask.shape[1] - 1 - (mask != 0).flip(1).to(torch.uint8).argmax(1).to(output.device)
+    )
+    return output[torch.arange(output.shape[0], device=output.device), last]

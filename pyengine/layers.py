@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pyengine.errors import NotFoundError, PyengineError
+from pyengine.inputs import ModelInputs
 
 _REFERENCE = re.compile(
     r"^(?P<path>[^\[\]#@\s]+)(?:#(?P<call>\d+))?(?:\[(?P<element>\d+)\])?(?:#(?P<call_after>\d+))?$"
@@ -339,6 +340,21 @@ NONLINEARITIES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 """Hidden-unit nonlinearities (gates such as Sigmoid/Hardsigmoid are not units' outputs)."""
 
+_ACTIVATION_NAME = re.compile(r"(?i)(gelu|relu|silu|swish|mish|softplus|activation)")
+"""Other libraries' activation modules by class name: Hugging Face's ``GELUActivation``,
+``NewGELUActivation``, ``SiLUActivation``, timm's ``GELUTanh``, ``QuickGELU``."""
+
+
+def is_nonlinearity(module: nn.Module) -> bool:
+    """A hidden-unit nonlinearity module: torch's (``NONLINEARITIES``), or a leaf module without
+    parameters whose class is named like an activation (other libraries' own classes)."""
+    if isinstance(module, NONLINEARITIES):
+        return True
+    if any(True for _ in module.children()) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    return bool(_ACTIVATION_NAME.search(type(module).__name__))
+
+
 PER_POSITION: tuple[type[nn.Module], ...] = (
     *NONLINEARITIES, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity,
@@ -367,23 +383,22 @@ class TracedPass:
     """One forward pass: its module calls, in the order they finished, and its autograd graph."""
 
     calls: list[ModuleCall]
-    input: torch.Tensor
+    sources: tuple[torch.Tensor, ...]  # the input, or for token ids the embeddings' outputs
     output: Any
 
     def separates(self, node: Any) -> bool:
-        """Every path from the output back to the input goes through autograd ``node``."""
+        """Every path from the output back to the input (its sources) goes through autograd ``node``."""
         root = _first_tensor(self.output)
-        if root is None or root.grad_fn is None or not self.input.requires_grad:
+        if root is None or root.grad_fn is None or not self.sources:
             return False
-        view = self.input.view_as(self.input).grad_fn
-        target = view.next_functions[0][0] if view is not None else None  # the input's AccumulateGrad
+        targets = {id(source.view_as(source).grad_fn.next_functions[0][0]) for source in self.sources}  # type: ignore[union-attr]
         stack: list[Any] = [root.grad_fn]
         visited = {id(node)}
         while stack:
             current = stack.pop()
             if current is None or id(current) in visited:
                 continue
-            if current is target:
+            if id(current) in targets:
                 return False
             visited.add(id(current))
             stack.extend(next_node for next_node, _ in current.next_functions)
@@ -397,7 +412,10 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((t for t in map(_first_tensor, items) if t is not None), None)
 
 
-def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
+Example = torch.Tensor | ModelInputs  # one input row, alone or with its attention mask
+
+
+def traced_pass(model: nn.Module, example: Example) -> TracedPass:
     """Every module call (containers too, in the order they finish) of one forward pass of
     ``example``, with references that name the call of modules run several times."""
     names = {id(m): n for n, m in model.named_modules() if n}
@@ -408,14 +426,26 @@ def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
         node = output.grad_fn if isinstance(output, torch.Tensor) else None
         raw.append((names[id(module)], module, args[0] if args else None, output, node))
 
-    x = example.detach().clone()
+    sources: list[torch.Tensor] = []
+
+    def embedded(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        leaf = output.detach().requires_grad_(True)  # token ids: paths start at the embeddings
+        sources.append(leaf)
+        return leaf
+
+    given = example if isinstance(example, ModelInputs) else ModelInputs(example)
+    x = given.main.detach().clone()
     if x.is_floating_point():
-        x.requires_grad_(True)
+        sources.append(x.requires_grad_(True))
     with HookScope() as scope, torch.enable_grad():
         for module in model.modules():
+            if isinstance(module, nn.Embedding) and not x.is_floating_point():
+                scope.forward(module, embedded)
             if id(module) in names:
                 scope.forward(module, hook)
-        output = model(x)
+        output = given.call(model, x)
     counts: dict[str, int] = {}
     for name, *_ in raw:
         counts[name] = counts.get(name, 0) + 1
@@ -426,41 +456,40 @@ def traced_pass(model: nn.Module, example: torch.Tensor) -> TracedPass:
         reference = name if counts[name] == 1 else f"{name}#{seen[name]}"
         leaf = not any(True for _ in module.children())
         calls.append(ModuleCall(reference, module, leaf, first_input, value, node))
-    return TracedPass(calls, x, output)
+    return TracedPass(calls, tuple(sources), output)
 
 
-def bypassed(model: nn.Module, example: torch.Tensor, references: Sequence[str]) -> tuple[str, ...]:
+def bypassed(model: nn.Module, example: Example, references: Sequence[str]) -> tuple[str, ...]:
     """Those module calls of ``references`` that some path from the input to the output goes
     around (a residual add, a concatenation, a gate); references this cannot tell (tuple
-    elements, integer inputs) are not listed."""
-    if not example.is_floating_point():
-        return ()
+    elements; integer inputs of a model without ``nn.Embedding``) are not listed."""
     traced = traced_pass(model, example)
+    if not traced.sources:
+        return ()
     nodes = {c.reference: c.node for c in traced.calls}
     nodes |= {f"{ref}#1": node for ref, node in list(nodes.items()) if "#" not in ref}
     return tuple(ref for ref in references if nodes.get(ref) is not None and not traced.separates(nodes[ref]))
 
 
-def module_cuts(model: nn.Module, example: torch.Tensor) -> tuple[ModuleCall, ...]:
+def module_cuts(model: nn.Module, example: Example) -> tuple[ModuleCall, ...]:
     """The module calls that every path from the input to the output goes through, in the order
     they finished (a residual net's block outputs, its stem, ...)."""
-    if not example.is_floating_point():
-        return ()
     traced = traced_pass(model, example)
     return tuple(call for call in traced.calls if call.node is not None and traced.separates(call.node))
 
 
-def nonlinearity_outputs(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
+def nonlinearity_outputs(model: nn.Module, example: Example) -> tuple[str, ...]:
     """References to every call of a nonlinearity module (ReLU, GELU, SiLU, ...) in a pass."""
-    return tuple(c.reference for c in traced_pass(model, example).calls if isinstance(c.module, NONLINEARITIES))
+    return tuple(c.reference for c in traced_pass(model, example).calls if is_nonlinearity(c.module))
 
 
-def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) -> str:
+def last_spatial_cut(model: nn.Module, example: Example, technique: str) -> str:
     """The last (N, C, H, W) output with H*W > 1 that every path from the input to the output
     goes through (a ResNet's ``layer4``, not a conv inside its last block; the outermost module
     when several return the same value); an error naming why when there is none."""
-    if not example.is_floating_point():
-        raise PyengineError(f"{technique}: no default layer for {example.dtype} inputs; pass layers=<module path>")
+    main = example.main if isinstance(example, ModelInputs) else example
+    if not main.is_floating_point():
+        raise PyengineError(f"{technique}: no default layer for {main.dtype} inputs; pass layers=<module path>")
     traced = traced_pass(model, example)
     spatial = [
         c
@@ -481,7 +510,7 @@ def last_spatial_cut(model: nn.Module, example: torch.Tensor, technique: str) ->
     )
 
 
-def first_block_output(model: nn.Module, example: torch.Tensor, technique: str) -> str:
+def first_block_output(model: nn.Module, example: Example, technique: str) -> str:
     """The first convolution's output after the per-position modules applied to it in turn
     (its normalisation and nonlinearity: a ResNet's ``relu`` after ``conv1``/``bn1``), named by
     the outermost module that returns that value (torchvision's ``features.0`` block)."""

@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pyengine.errors import PyengineError
+from pyengine.inputs import ModelInputs
 from pyengine.layers import HookScope, LayerRef, resolve_module
 
 UNIT_CHOICES = ("auto", "channels", "last", "flatten")
@@ -187,7 +188,7 @@ class Found:
     origin: str  # the operation that set the unit axis
 
 
-def infer_unit_dims(model: nn.Module, example: torch.Tensor, layers: Sequence[str]) -> dict[str, Found]:
+def infer_unit_dims(model: nn.Module, example: torch.Tensor | ModelInputs, layers: Sequence[str]) -> dict[str, Found]:
     """The unit dim of each layer's value, followed through one forward pass of ``example``."""
     references = {name: LayerRef.parse(name) for name in dict.fromkeys(layers)}
     by_module: dict[int, tuple[nn.Module, list[str]]] = {}
@@ -215,7 +216,7 @@ def infer_unit_dims(model: nn.Module, example: torch.Tensor, layers: Sequence[st
         for key, (module, names) in by_module.items():
             scope.forward(module, make_hook(key, names))
         with tracker:
-            model(example)
+            example.call(model) if isinstance(example, ModelInputs) else model(example)
     missing = [name for name in references if name not in found]
     if missing:
         raise PyengineError(f"layer {missing[0]!r} did not run in a forward pass of the example input")

@@ -36,8 +36,8 @@ class LLCOptions(RowOptions):
     burn_in: int = option(50, "steps discarded per chain before the draws")
     loss: str = option(
         "train",
-        "'train' (the training loss), 'next-token' (a causal LM's next-token cross-entropy) or 'behavioral' "
-        "(divergence from the original outputs)",
+        "'train' (the training loss: cross-entropy or MSE with the labels; a causal LM's next-token "
+        "cross-entropy), 'next-token' or 'behavioral' (divergence from the original outputs)",
     )
 
     def validate(self) -> None:
@@ -80,6 +80,8 @@ def _loss_function(
     real = (inputs.mask != 0) if inputs.mask is not None else torch.ones(ids.shape[:2], dtype=torch.bool)
     real = real.to(outputs.device)
     classifier = outputs.dim() == 2 and outputs.shape[1] > 1
+    if kind == "train" and per_token:
+        kind = "next-token"  # a causal LM's training loss
     if kind == "next-token":
         if not per_token:
             raise PyengineError(

@@ -45,7 +45,7 @@ class LogitMargin(pyengine.Technique):
         predictions, margins = [], []
         with torch.no_grad():
             for rows in ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name):
-                best = ctx.model(rows.inputs).topk(options.top, dim=1)
+                best = ctx.scores(rows).topk(options.top, dim=1)
                 predictions.append(best.indices[:, 0].cpu())
                 margins.append((best.values[:, 0] - best.values[:, -1]).cpu())
         margin = torch.cat(margins)
