@@ -264,7 +264,10 @@ class RandomCrop(Items):
         (lambda r: DataLoader(Stream(), batch_size=2), "IterableDataset Stream"),
         (lambda r: DataLoader(Items([torch.zeros(3)] * 4), batch_size=None), "a DataLoader with batch_size=None"),
         (lambda r: Items([]), "Items has 0 rows; expected at least one"),
-        (lambda r: Items([{"image_path": "a.png", "label": 1}]), "expected the input under one of input_ids, pixel_values, image"),
+        (
+            lambda r: Items([{"image_path": "a.png", "label": 1}]),
+            "expected the input under one of input_ids, pixel_values, image",
+        ),
         (lambda r: Items([(torch.zeros(3), 0.5)]), "row 0: the label is 0.5; expected an integer class index"),
         (lambda r: Items([(torch.zeros(3), torch.tensor([0, 1, 0]))]), "the label is a tensor of shape (3,)"),
         (lambda r: Items([(torch.zeros(3), 1, {"red": 1}, "extra")]), "a tuple of 4 values; expected (x,), (x, label)"),

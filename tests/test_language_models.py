@@ -163,7 +163,9 @@ def test_token_occlusion_equals_feature_ablation_and_never_touches_padding(kind:
 @pytest.mark.parametrize("technique", ["saliency", "integrated-gradients", "guided-backprop"])
 def test_token_ids_without_a_layer_are_refused_naming_the_embedding(technique: str) -> None:
     model, batch = model_and_batch("bert")
-    with pytest.raises(PyengineError, match=r"token ids.*layer=<module>.*'bert\.embeddings\.word_embeddings'") as caught:
+    with pytest.raises(
+        PyengineError, match=r"token ids.*layer=<module>.*'bert\.embeddings\.word_embeddings'"
+    ) as caught:
         pyengine.run(technique, model, batch, progress=False)
     assert "\n" not in str(caught.value)
 

@@ -77,7 +77,9 @@ def test_divergence_is_reported(small_cnn: nn.Module, small_shapes: object) -> N
 
 def test_llc_options_are_checked() -> None:
     model, data = regression()
-    with pytest.raises(pyengine.OptionsError, match="option loss='kl' is invalid: expected 'train', 'next-token' or 'behavioral'"):
+    with pytest.raises(
+        pyengine.OptionsError, match="option loss='kl' is invalid: expected 'train', 'next-token' or 'behavioral'"
+    ):
         pyengine.run("llc", model, data=data, loss="kl")
     with pytest.raises(pyengine.OptionsError, match="option epsilon=0 is invalid: expected a positive number"):
         pyengine.run("llc", model, data=data, epsilon=0)
