@@ -249,11 +249,9 @@ def test_jacobian_gram_on_token_ids_equals_float64_autograd_over_real_tokens() -
     for row in range(len(items)):
         one = {"input_ids": ids[row : row + 1], "attention_mask": mask[row : row + 1]}
         captured: list[torch.Tensor] = []
-
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            captured.append(output)
-
-        handle = model.get_submodule(BLOCKS["bert"]).register_forward_hook(keep)
+        handle = model.get_submodule(BLOCKS["bert"]).register_forward_hook(
+            lambda module, args, output, captured=captured: captured.append(output)
+        )
         try:
             logits = model(**one).logits
         finally:
@@ -286,3 +284,70 @@ def test_llc_with_the_next_token_loss_starts_at_the_models_own_loss() -> None:
     expected = torch.nn.functional.cross_entropy(logits[:, :-1][pairs], ids[:, 1:][pairs])
     assert res.init_loss == pytest.approx(float(expected), rel=1e-5)
     assert math.isfinite(res.llc)
+
+
+# --- max-activating texts --------------------------------------------------------------------------
+
+
+def test_max_patches_on_a_token_model_returns_the_texts_around_each_top_token() -> None:
+    """Per feature of a (B, T, D) layer: the k rows and real tokens where it is largest (padding
+    never ranks), and the ids around each, from hook-recorded values."""
+    items = corpus(20, seed=11)
+    model = build_lm("gpt2")
+    layer = "transformer.h.1.mlp.act"
+    res = pyengine.run("max-patches", model, data=TorchDataset(items), layers=[layer], k=3, context=2, progress=False)
+    ids, mask = pad(items)
+    h = hidden_states(model, layer, {"input_ids": ids, "attention_mask": mask})
+    h = h.masked_fill(mask[..., None] == 0, float("-inf"))
+    best, where = h.max(1)  # (rows, features)
+    ranked, rows = torch.sort(best.T, dim=1, descending=True, stable=True)
+    assert res.values.shape == (h.shape[-1], 3) and res.unit_axis == "last"
+    torch.testing.assert_close(res.values, ranked[:, :3], rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.index, rows[:, :3])
+    positions = where.T.gather(1, rows[:, :3])
+    assert torch.equal(res.position[..., 0], positions)
+    for feature in (0, 7):
+        for rank in range(3):
+            row, token = int(res.index[feature, rank]), int(positions[feature, rank])
+            length = int(mask[row].sum())
+            expected = [int(ids[row, t]) if 0 <= t < length else -1 for t in range(token - 2, token + 3)]
+            assert res.texts[feature, rank].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("technique", "options", "pattern"),
+    [
+        ("grad-cam", {}, r"expected \(C, L\) or \(C, H, W\) images \(for token models: saliency with layer="),
+        ("activation-maximization", {"layers": ["bert.encoder.layer.0"]}, "token ids have no pixels to optimise"),
+        ("smoothgrad", {}, "noise needs floating point inputs"),
+        ("faithfulness", {}, "need images"),
+    ],
+)
+def test_image_techniques_refuse_token_models_in_one_line(
+    technique: str, options: dict[str, Any], pattern: str
+) -> None:
+    model, batch = model_and_batch("bert")
+    explained = pyengine.host.get_technique(technique).explains_inputs
+    kwargs: dict[str, Any] = {} if explained else {"data": TorchDataset(corpus())}
+    with pytest.raises(PyengineError, match=pattern) as caught:
+        pyengine.run(technique, model, batch if explained else None, progress=False, **kwargs, **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_interaction_basis_sees_the_residual_stream_go_around_the_gelus() -> None:
+    """Token ids: paths start at the embeddings, so GPT-2's GELUs are bypassed by the residual
+    adds (refused, naming the blocks) and its blocks are cuts whose basis keeps the outputs."""
+    items = corpus(16, seed=13)
+    model = build_lm("gpt2").double()
+    with pytest.raises(PyengineError, match=r"2 are bypassed .*'transformer\.h\.0', 'transformer\.h\.1'"):
+        pyengine.run("interaction-basis", model, data=TorchDataset(items), progress=False)
+    res = pyengine.run(
+        "interaction-basis",
+        model,
+        data=TorchDataset(items),
+        layers=["transformer.h.0", "transformer.h.1"],
+        cutoff=1e-14,
+        progress=False,
+    )
+    assert res.width == {"transformer.h.0": 32, "transformer.h.1": 32}
+    assert max(res.output_change.values()) <= 1e-8

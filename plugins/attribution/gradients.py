@@ -377,6 +377,13 @@ class GradCam(GradientTechnique):
     def attributor(
         self, ctx: Context, options: GradCamOptions, layer_maps: list[torch.Tensor] | None = None
     ) -> Attribute:
+        example = ctx.example(self.name)
+        if example.dim() not in (3, 4) or not example.is_floating_point():
+            raise PyengineError(
+                f"grad-cam: inputs of shape {tuple(example.shape[1:])} and dtype {example.dtype} per row; expected "
+                "(C, L) or (C, H, W) images (for token models: saliency with layer=... and times_values=true, "
+                "gradient x activation)"
+            )
         layer_name = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
         ctx.module(layer_name)
         self.layer = layer_name
@@ -384,12 +391,6 @@ class GradCam(GradientTechnique):
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             x = inputs.main
-            if x.dim() not in (3, 4) or not x.is_floating_point():
-                raise PyengineError(
-                    f"grad-cam: inputs of shape {tuple(x.shape)} and dtype {x.dtype}; expected (N, C, L) or "
-                    "(N, C, H, W) images (for token models: saliency with layer=... and times_values=true, "
-                    "gradient x activation)"
-                )
             samples = size(inputs)
             cams = torch.cat(
                 [

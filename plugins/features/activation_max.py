@@ -256,7 +256,16 @@ class ActivationMaximization(Technique):
         rows = ctx.rows(
             options.batch_size, start=options.start, stop=options.stop, at_most=ROWS_SEARCHED, technique=self.name
         )
-        return next(iter(rows)).require_inputs().cpu()
+        first = next(iter(rows))
+        example = first.require_inputs().cpu()
+        if example.dim() != 4 or not example.is_floating_point() or first.extra:
+            raise PyengineError(
+                f"{self.name}: optimises an image passed alone to the model, (N, C, H, W) floats; these inputs are "
+                f"{example.dtype} of shape {tuple(example.shape)}"
+                + (f" with {', '.join(first.extra)}" if first.extra else "")
+                + " (token ids have no pixels to optimise: use max-patches for the texts that drive a feature)"
+            )
+        return example
 
     def _channel_objectives(
         self, ctx: Context, options: ActivationMaxOptions, example: torch.Tensor

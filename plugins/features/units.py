@@ -9,7 +9,7 @@ maps (channels-last (B, H, W, C) ones too) and (B, units) layers, and refuses to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -173,10 +173,12 @@ class MaxPatchesOptions(RowOptions):
     guided: bool = option(False, "pair each patch with its guided-backprop map toward the unit")
     figure_channels: int = option(8, "channels shown in the figures")
     units: str = option("auto", UNITS_DOC)
+    context: int = option(4, "token models: tokens shown on each side of a text's top token")
 
     def validate(self) -> None:
         super().validate()
         _check_units(self.units)
+        self.require_int("context", minimum=0)
         self._set("layers", layer_tuple(self.layers, single=True))
         self._set("channels", tuple(self.channels) if not isinstance(self.channels, int) else (self.channels,))
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
@@ -190,7 +192,7 @@ class MaxPatchesResult(Result):
     channels: torch.Tensor  # (C',)
     values: torch.Tensor  # (C', k) activation, descending
     index: torch.Tensor  # (C', k) dataset indices (ties: lower index first)
-    position: torch.Tensor  # (C', k, 2) y, x of the unit in the layer (0, 0 for dense layers)
+    position: torch.Tensor  # (C', k, 2) y, x of the unit in the layer (0, 0 for dense layers; token, 0 for texts)
     patches: torch.Tensor  # (C', k, in_channels, field_h, field_w): the unit's field, zero outside it
     guided: torch.Tensor  # same shape: guided-backprop maps toward each unit (empty without guided)
     boxes: torch.Tensor  # (C', k, 4) y0, y1, x0, x1: each unit's exact field in its input (end exclusive)
@@ -199,8 +201,15 @@ class MaxPatchesResult(Result):
     also_global: str  # ops through which the units also depend on the whole input ("" if none)
     scanned: int  # rows scanned
     unit_axis: str  # where the layer's units are: 'channels' (dim 1), 'last' (a channels-last map), 'units'
+    texts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # token models: (C', k, 2 * context + 1) the ids around each top token (-1 past the text's ends)
 
     def summary(self) -> str:
+        if self.texts.numel():
+            return (
+                f"{self.layer}: top {self.values.shape[1]} of {self.scanned} texts for {self.values.shape[0]} features "
+                f"({self.texts.shape[2]} tokens shown around each top token)"
+            )
         text = (
             f"{self.layer}: top {self.values.shape[1]} of {self.scanned} inputs for {self.values.shape[0]} channels, "
             f"receptive field {self.field_size} (jump {self.field_jump})"
@@ -225,6 +234,8 @@ class MaxPatches(Technique):
         ctx.module(layer)
         axes = ctx.unit_axes(options.units, self.name, (layer,))
         example = ctx.example(self.name)  # None below: dense units
+        if not example.is_floating_point() and example.dim() == 2:
+            return self._texts(ctx, layer, options, axes)
         field = receptive_field(ctx, layer, example, self.name, axes.dim(layer, _shape_of(ctx, layer, example)))
         top, channels, spatial, scanned = self._stream(ctx, layer, options, axes)
         if options.k > scanned:
@@ -262,6 +273,92 @@ class MaxPatches(Technique):
             unit_axis=axes.names()[layer],
             figures=figures,
         )
+
+    def _texts(self, ctx: Context, layer: str, options: MaxPatchesOptions, axes: UnitAxes) -> MaxPatchesResult:
+        """Token models: per feature of a (B, T, D) layer, the k texts and real tokens where it is
+        largest, with the ids around each (padding never ranks)."""
+        top: tuple[torch.Tensor, ...] = ()
+        channels = torch.tensor(options.channels, dtype=torch.long)
+        scanned, length = 0, 0
+        blocks = ctx.activations(
+            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+        )
+        with ctx.progress(blocks.count, self.name) as bar:
+            for rows, block in blocks:
+                value = block[layer]
+                dim = axes.dim(layer, tuple(value.shape))
+                if value.dim() != 3 or dim != 2:
+                    raise PyengineError(
+                        f"{self.name}: on token inputs the layer needs (B, T, D) values with the features last; "
+                        f"{layer!r} gives {tuple(value.shape)} with its units on dim {dim}"
+                    )
+                a = value.float()
+                if rows.mask is not None:
+                    a = a.masked_fill(rows.mask.to(a.device)[..., None] == 0, float("-inf"))
+                a = a.transpose(1, 2)  # (B, D, T)
+                if not top:
+                    width, length = a.shape[1], a.shape[2]
+                    if options.channels and max(options.channels) >= width:
+                        raise PyengineError(
+                            f"{self.name}: channel {max(options.channels)} is out of range: {layer!r} has {width} units"
+                        )
+                    channels = channels if options.channels else torch.arange(width)
+                    top = ops.topk_empty(len(channels), options.k, a.device)
+                best, where = a[:, channels.to(a.device)].max(-1)
+                ops.topk_update(best, rows.index.to(a.device), where.contiguous(), *top)
+                scanned += len(rows)
+                bar.update(len(rows))
+        if options.k > scanned:
+            raise PyengineError(
+                f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
+            )
+        values, ids, where = (t.cpu() for t in top)
+        texts = self._spans(ctx, ids, where, options.context)
+        c, k = ids.shape
+        return MaxPatchesResult(
+            layer=layer,
+            channels=channels,
+            values=values.float(),
+            index=ids,
+            position=torch.stack([where, torch.zeros_like(where)], -1),
+            patches=torch.zeros(0),
+            guided=torch.zeros(0),
+            boxes=torch.stack(
+                [
+                    (where - options.context).clamp(min=0),
+                    (where + options.context + 1).clamp(max=length),
+                    torch.zeros_like(where),
+                    torch.ones_like(where),
+                ],
+                -1,
+            ),  # fmt: skip
+            field_size=f"{2 * options.context + 1} tokens",
+            field_jump="-",
+            also_global="",
+            scanned=scanned,
+            unit_axis=axes.names()[layer],
+            texts=texts.reshape(c, k, -1),
+        )
+
+    def _spans(self, ctx: Context, ids: torch.Tensor, where: torch.Tensor, context: int) -> torch.Tensor:
+        """(C' * k, 2 * context + 1) token ids around each top position; -1 outside the real text."""
+        rows = ids.flatten().tolist()
+        if ctx.given is not None:
+            part = ctx.given.take(rows)
+            tokens, mask = part.main.cpu(), part.mask
+        elif ctx.data is not None:
+            batch = ctx.data.batch(rows)
+            tokens, mask = batch.inputs.cpu(), batch.extra.get("attention_mask")
+        else:
+            raise PyengineError(f"{self.name} needs the inputs (to show texts): pass data=<dataset> or inputs")
+        real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.cpu() != 0
+        offsets = torch.arange(-context, context + 1)
+        at = where.flatten()[:, None] + offsets  # (n, window)
+        inside = (at >= 0) & (at < tokens.shape[1])
+        clipped = at.clamp(0, tokens.shape[1] - 1)
+        picked = tokens.gather(1, clipped)
+        keep = inside & real.gather(1, clipped)
+        return torch.where(keep, picked, torch.full_like(picked, -1))
 
     @staticmethod
     def _inputs(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
