@@ -13,10 +13,10 @@ from torch import nn
 
 from pyengine._lock import CaptureLock
 from pyengine.context import resolve_device
-from pyengine.data.base import Dataset, as_dataset
+from pyengine.data.base import Batch, Dataset, as_dataset
 from pyengine.errors import PyengineError, StoreError
 from pyengine.hashing import param_hash
-from pyengine.inputs import ModelInputs
+from pyengine.inputs import MASK_KEY, ModelInputs
 from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
 from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
@@ -173,6 +173,7 @@ def _capture_locked(
             bar.update(done)
             for batch in data.batches(batch_size, start + done, stop):
                 ModelInputs(batch.inputs, batch.extra, batch.input_name).to(device).call(model)
+                tokens = _tokens(batch)
                 acts = {name: seen[name] for name in layers}
                 if dtype == "float16":
                     _warn_on_float16_overflow(acts)
@@ -191,8 +192,9 @@ def _capture_locked(
                         compression=compression,
                         concepts={name: tuple(data.concept_names.get(name, ())) for name in batch.concepts},
                         unit_dims=unit_dims,
+                        token_length=batch.inputs.shape[1] if tokens is not None else 0,
                     )
-                writer.append(batch.index, batch.labels, batch.concepts, acts)
+                writer.append(batch.index, batch.labels, batch.concepts, acts, tokens)
                 bar.update(int(batch.index.shape[0]))
                 if on_batch is not None:
                     on_batch(writer.rows_done)
@@ -205,3 +207,11 @@ def _capture_locked(
     if writer is None:  # nothing to write: cannot happen with start < stop
         raise PyengineError("capture wrote no rows")
     return writer.finish()
+
+
+def _tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token ids, attention mask) of a batch of token-id rows, kept with the activations."""
+    mask = batch.extra.get(MASK_KEY)
+    if mask is None or batch.inputs.dim() != 2 or batch.inputs.is_floating_point():
+        return None
+    return batch.inputs, mask

@@ -128,11 +128,13 @@ def _stored_blocks(
     first = start
     for blocks in zip(*streams):
         last = first + blocks[0].shape[0]
+        tokens = store.tokens(first, last)
         rows = Rows(
             store.index(first, last),
             None,
             store.labels(first, last),
             {name: store.concept(name, first, last) for name in names},
+            mask=tokens[1].to(device) if tokens is not None else None,
         )
         yield rows, dict(zip(layers, blocks))
         first = last

@@ -312,9 +312,12 @@ class ActivationWriter:
         compression: str,
         concepts: Mapping[str, tuple[str, ...]],
         unit_dims: Mapping[str, int] | None = None,
+        token_length: int = 0,
     ) -> ActivationWriter:
         """Create ``X.h5.partial`` (atomically) with empty resizable datasets; ``unit_dims``: the
-        dim of each layer's values that holds its units (``pyengine.units``), kept as an attribute."""
+        dim of each layer's values that holds its units (``pyengine.units``), kept as an attribute;
+        ``token_length`` > 0: token-id inputs, kept as /inputs/token_ids (int64) and /inputs/mask
+        (uint8, 1 = a real token) of that many columns."""
         partial = partial_path(path)
         staging = path.with_name(path.name + ".partial.tmp")
         filters: dict[str, Any] = {}
@@ -342,6 +345,15 @@ class ActivationWriter:
             for name in ("index", "labels"):
                 file.create_dataset(
                     f"inputs/{name}", shape=(0,), maxshape=(None,), chunks=(65536,), dtype=np.int64, **_checksum()
+                )
+            for name, token_dtype in (("token_ids", np.int64), ("mask", np.uint8)) if token_length else ():
+                file.create_dataset(
+                    f"inputs/{name}",
+                    shape=(0, token_length),
+                    maxshape=(None, token_length),
+                    chunks=(chunk_rows((token_length,), 8), token_length),
+                    dtype=token_dtype,
+                    **filters,
                 )
             file.require_group("concepts")
             for name, categories in concepts.items():
@@ -374,8 +386,10 @@ class ActivationWriter:
         labels: torch.Tensor,
         concepts: Mapping[str, torch.Tensor],
         activations: Mapping[str, torch.Tensor],
+        tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Write one batch; /inputs/index grows last, so its length is the rows done.
+        """Write one batch; /inputs/index grows last, so its length is the rows done. ``tokens``:
+        (token ids, attention mask) of the rows, for stores created with ``token_length``.
 
         A write or flush error removes the partial file (see ``_fail``) and raises StoreError.
         """
@@ -383,6 +397,7 @@ class ActivationWriter:
         rows = int(index.shape[0])
         blocks = [(f"activations/{name}", values) for name, values in activations.items()]
         blocks += [(f"concepts/{name}", values) for name, values in concepts.items()]
+        blocks += list(zip(("inputs/token_ids", "inputs/mask"), tokens)) if tokens is not None else []
         blocks += [("inputs/labels", labels), ("inputs/index", index)]
         try:  # the datasets stay open until the flush, which reports their write errors (see write_results)
             datasets = [self.file[name] for name, _ in blocks]
@@ -545,6 +560,14 @@ class StoreReader:
     def labels(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(N,) class labels of the stored rows (-1: unknown)."""
         return self._vector("inputs/labels", start, stop)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids (N, T), attention mask (N, T)) of the stored rows, for token-id inputs; else None."""
+        with _reading(self.path, "/inputs/token_ids"):
+            if "inputs/token_ids" not in self.file or "inputs/mask" not in self.file:
+                return None
+            ids, mask = self.file["inputs/token_ids"][start:stop], self.file["inputs/mask"][start:stop]
+        return torch.from_numpy(ids), torch.from_numpy(mask).long()
 
     def concept(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(N,) codes of one concept for the stored rows (categories: ``concepts[name]``)."""

@@ -351,3 +351,22 @@ def test_interaction_basis_sees_the_residual_stream_go_around_the_gelus() -> Non
     )
     assert res.width == {"transformer.h.0": 32, "transformer.h.1": 32}
     assert max(res.output_change.values()) <= 1e-8
+
+
+def test_capture_keeps_token_ids_and_mask_and_store_runs_drop_padding(tmp_path: Any) -> None:
+    """/inputs/token_ids and /inputs/mask sit beside the (B, T, D) layer; gram-spectrum from the
+    store equals gram-spectrum from a fresh pass (padding dropped both ways)."""
+    items = corpus(12, seed=17)
+    model = build_lm("bert")
+    layer = BLOCKS["bert"]
+    path = tmp_path / "acts.h5"
+    pyengine.capture(model, TorchDataset(items), [layer], path, dtype="float32", progress=False)
+    ids, mask = pad(items)
+    with pyengine.StoreReader(path) as reader:
+        tokens = reader.tokens()
+        assert tokens is not None
+        assert torch.equal(tokens[0], ids) and torch.equal(tokens[1], mask)
+    stored = pyengine.run("gram-spectrum", model, store=path, layers=[layer], progress=False)
+    fresh = pyengine.run("gram-spectrum", model, data=TorchDataset(items), layers=[layer], progress=False)
+    assert stored.samples[layer] == fresh.samples[layer] == int(mask.sum())
+    torch.testing.assert_close(stored.eigenvalues[layer], fresh.eigenvalues[layer], rtol=1e-5, atol=1e-7)
