@@ -295,14 +295,17 @@ class Attributed:
             )
         return value.detach()
 
+    def outputs(self, inputs: ModelInputs, z: torch.Tensor) -> torch.Tensor:
+        """(N, K) scores targets index (``ctx.scores``) with ``z`` (N rows) in place of the
+        attributed values."""
+        if self.layer is None:
+            return self.ctx.scores(inputs.with_main(z))
+        with self.ctx.record([self.layer], edit={self.layer: lambda _: z}):
+            return self.ctx.scores(inputs)
+
     def scores(self, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N, T) scores of ``targets`` (N, T) with ``z`` (N rows) in place of the attributed values."""
-        if self.layer is None:
-            output = self.ctx.forward(inputs.with_main(z))
-        else:
-            with self.ctx.record([self.layer], edit={self.layer: lambda _: z}):
-                output = self.ctx.forward(inputs)
-        return target_scores(output, targets, inputs)
+        return target_scores(self.outputs(inputs, z), targets)
 
     def gradients(
         self, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor, samples: int, *, guided: bool = False

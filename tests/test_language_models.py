@@ -370,3 +370,27 @@ def test_capture_keeps_token_ids_and_mask_and_store_runs_drop_padding(tmp_path: 
     fresh = pyengine.run("gram-spectrum", model, data=TorchDataset(items), layers=[layer], progress=False)
     assert stored.samples[layer] == fresh.samples[layer] == int(mask.sum())
     torch.testing.assert_close(stored.eigenvalues[layer], fresh.eigenvalues[layer], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_occlusion_at_a_layer_equals_captum_layer_feature_ablation(kind: str) -> None:
+    """layer=: each real token's feature vector at the layer set to 0, one token at a time."""
+    import captum.attr as captum_attr
+
+    model, batch = model_and_batch(kind)
+    target = targets_for(kind, model, batch)
+    layer = EMBEDDINGS[kind]
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return target_logits(model, input_ids, attention_mask)
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    groups = torch.arange(ids.shape[1])[None, :, None].expand(ids.shape[0], ids.shape[1], 32)
+    with torch.no_grad():
+        theirs = captum_attr.LayerFeatureAblation(forward, model.get_submodule(layer)).attribute(
+            ids, target=target, additional_forward_args=(mask,), layer_baselines=0.0, layer_mask=groups
+        )
+    theirs = theirs * mask[..., None]  # padding is never occluded here
+    res = pyengine.run("occlusion", model, batch, layer=layer, baseline=0.0, target=target, progress=False)
+    assert res.attributions.shape == theirs.shape
+    relative_close(res.attributions, theirs)

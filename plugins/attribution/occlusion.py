@@ -21,6 +21,7 @@ import torch
 
 from pyengine import ops
 from pyengine.attribution import (
+    Attributed,
     AttributionOptions,
     AttributionResult,
     explained_scores,
@@ -62,6 +63,9 @@ class OcclusionOptions(AttributionOptions):
     output: str = option("logit", "score read from the model: 'logit' (the raw output, as Captum) or 'probability'")
     layout: str = option(
         "auto", "occluded batches: 'auto' (channels last for images into Conv2d models), 'channels-last', 'as-given'"
+    )
+    layer: str = option(
+        "", "occlude this layer's output instead (Captum's LayerFeatureAblation; (N, T, D): one token at a time)"
     )
 
     def validate(self) -> None:
@@ -170,13 +174,18 @@ class Occlusion(Technique):
 
     def run(self, ctx: Context, options: OcclusionOptions) -> OcclusionResult:
         geometry: dict[str, Any] = {}
+        attributed = Attributed(ctx, options.layer or None, self.name)
 
         def sweep(inputs: ModelInputs, targets: torch.Tensor) -> torch.Tensor:
-            x = inputs.main
-            if not x.is_floating_point():
+            if not options.layer and not inputs.main.is_floating_point():
                 return token_occlusion(ctx, inputs, targets, options, geometry)
+            x = attributed.values(inputs)
             if not geometry:
-                window, stride = sweep_geometry(tuple(x.shape[1:]), options.window, options.stride)
+                tokens = bool(options.layer) and x.dim() == 3 and not inputs.main.is_floating_point()
+                default = (1, x.shape[2]) if tokens and options.window is None else None
+                window, stride = sweep_geometry(
+                    tuple(x.shape[1:]), options.window or default, options.stride or default
+                )
                 cover = coverage(tuple(x.shape[1:]), window, stride).to(x.device)
                 windows = math.prod(math.ceil((s - w) / st) + 1 for s, w, st in zip(x.shape[1:], window, stride))
                 geometry.update(
@@ -188,7 +197,10 @@ class Occlusion(Technique):
                         ctx, inputs, options, backward=False, extra_bytes=x[:1].numel() * x.element_size()
                     ),
                 )
-            return occlusion_sweep(ctx, inputs, targets, options, geometry)
+            maps = occlusion_sweep(ctx, attributed, inputs, x, targets, options, geometry)
+            if options.layer and inputs.mask is not None and x.dim() == 3 and x.shape[1] == inputs.mask.shape[1]:
+                maps = maps * (inputs.mask != 0)[:, None, :, None].to(maps.device, maps.dtype)  # padding: 0
+            return maps
 
         attributions, targets, index, shown = run_attribution(ctx, options, self.name, sweep, multi_target=True)
         return make_result(
@@ -216,14 +228,19 @@ def memory_order(x: torch.Tensor, options: OcclusionOptions, model: torch.nn.Mod
 
 
 def occlusion_sweep(
-    ctx: Context, inputs: ModelInputs, targets: torch.Tensor, options: OcclusionOptions, geometry: dict[str, Any]
+    ctx: Context,
+    attributed: Attributed,
+    inputs: ModelInputs,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    options: OcclusionOptions,
+    geometry: dict[str, Any],
 ) -> torch.Tensor:
     """(B, T, *S) maps for inputs x (B, *S) and targets (B, T): one forward per batch of windows.
 
     The native ops see the inputs with their dims in memory order (e.g. H, W, C), so a batch
     comes out in that layout and is handed to the model as a strided view of shape (N, *S).
     """
-    x = inputs.main
     samples, n_windows = geometry["samples"], geometry["windows"]
     order = memory_order(x, options, ctx.model)
     to_memory = (0, *(d + 1 for d in order))
@@ -234,23 +251,31 @@ def occlusion_sweep(
     baseline = baseline.permute(to_memory) if baseline.dim() == x.dim() else baseline.permute(order)
     laid_out = x.permute(to_memory).contiguous()
     sums = torch.zeros(x.shape[0], targets.shape[1], *laid_out.shape[1:], dtype=torch.float64, device=x.device)
-    with torch.inference_mode():
+    # recording a layer watches version counters, which inference tensors do not have
+    with torch.inference_mode() if attributed.layer is None else torch.no_grad():
         for rows in range(0, x.shape[0], samples):  # more inputs than one pass holds: split them
             xs, ts = laid_out[rows : rows + samples], targets[rows : rows + samples]
             these = inputs.take(torch.arange(rows, rows + xs.shape[0]))
             bs = baseline[rows : rows + samples] if baseline.dim() == x.dim() else baseline
             per_pass = max(1, samples // xs.shape[0])
-            reference = score_of(ctx, these.with_main(xs.permute(to_logical)), ts, options.output)
+            reference = attributed_score(attributed, these, xs.permute(to_logical), ts, options.output)
             part = sums[rows : rows + samples]
             for first in range(0, n_windows, per_pass):
                 count = min(per_pass, n_windows - first)
                 occluded = ops.occlusion_batch(xs, bs, window, stride, first, count).permute(to_logical)
-                repeated = these.with_main(occluded, torch.arange(xs.shape[0]).repeat(count))
-                scores = score_of(ctx, repeated, ts.repeat(count, 1), options.output)
+                repeated = these.take(torch.arange(xs.shape[0]).repeat(count))
+                scores = attributed_score(attributed, repeated, occluded, ts.repeat(count, 1), options.output)
                 drops = reference.unsqueeze(0) - scores.reshape(count, *ts.shape)
                 ops.occlusion_accumulate(part, drops, window, stride, first)
     maps = sums.permute(0, 1, *(to_logical[d] + 1 for d in range(1, x.dim())))
     return (maps / geometry["cover"]).to(x.dtype)
+
+
+def attributed_score(
+    attributed: Attributed, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor, output: str
+) -> torch.Tensor:
+    out = attributed.outputs(inputs, z)
+    return target_scores(out.softmax(-1) if output == "probability" else out, targets)
 
 
 def score_of(ctx: Context, inputs: ModelInputs, targets: torch.Tensor, output: str) -> torch.Tensor:
