@@ -174,6 +174,7 @@ def _capture_locked(
             for batch in data.batches(batch_size, start + done, stop):
                 ModelInputs(batch.inputs, batch.extra, batch.input_name).to(device).call(model)
                 tokens = _tokens(batch)
+                row_concepts = {k: v for k, v in batch.concepts.items() if v.dim() == 1}  # token-level ones: not kept
                 acts = {name: seen[name] for name in layers}
                 if dtype == "float16":
                     _warn_on_float16_overflow(acts)
@@ -190,11 +191,11 @@ def _capture_locked(
                         layers={name: tuple(a.shape[1:]) for name, a in acts.items()},
                         dtype=dtype,
                         compression=compression,
-                        concepts={name: tuple(data.concept_names.get(name, ())) for name in batch.concepts},
+                        concepts={name: tuple(data.concept_names.get(name, ())) for name in row_concepts},
                         unit_dims=unit_dims,
                         token_length=batch.inputs.shape[1] if tokens is not None else 0,
                     )
-                writer.append(batch.index, batch.labels, batch.concepts, acts, tokens)
+                writer.append(batch.index, batch.labels, row_concepts, acts, tokens)
                 bar.update(int(batch.index.shape[0]))
                 if on_batch is not None:
                     on_batch(writer.rows_done)

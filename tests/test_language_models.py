@@ -394,3 +394,32 @@ def test_occlusion_at_a_layer_equals_captum_layer_feature_ablation(kind: str) ->
     res = pyengine.run("occlusion", model, batch, layer=layer, baseline=0.0, target=target, progress=False)
     assert res.attributions.shape == theirs.shape
     relative_close(res.attributions, theirs)
+
+
+def test_a_token_level_concept_is_probed_per_real_token() -> None:
+    """'topic_token' (1 for the tokens of the planted topic groups) has one code per token: the
+    probe's rows are the real tokens, equal to scikit-learn on the per-token features."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    items = token_corpus(40, 19)
+    for item in items:
+        item["concepts"] = {"topic_token": item["concepts"]["topic_token"]}
+    model = build_lm("bert")
+    layer, l2 = "bert.embeddings", 1e-2
+    res = pyengine.run(
+        "probe-linear", model, data=TorchDataset(items), layers=[layer], concepts=["topic_token"], l2=l2,
+        iterations=5000, progress=False,
+    )  # fmt: skip
+    ids, mask = pad(items)
+    h = hidden_states(model, layer, {"input_ids": ids, "attention_mask": mask})
+    features = h[mask.bool()].double().numpy()
+    y = torch.cat([item["concepts"]["topic_token"] for item in items]).numpy() == 1
+    key = f"{layer}|topic_token"
+    assert res.train_rows.numel() + res.val_rows.numel() + res.test_rows.numel() == len(y) == int(mask.sum())
+    train, test = res.train_rows.numpy(), res.test_rows.numpy()
+    mean, std = features[train].mean(0), features[train].std(0, ddof=1).clip(1e-6)
+    z = (features - mean) / std
+    reference = linear_model.LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10000)
+    reference.fit(z[train], y[train])
+    assert res.test_accuracy[key] == pytest.approx(reference.score(z[test], y[test]), abs=1e-9)
+    majority = max(float(y[test].mean()), 1 - float(y[test].mean()))
+    assert res.test_accuracy[key] >= majority + 0.1  # the topic groups are fixed token ids

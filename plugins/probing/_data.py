@@ -84,17 +84,65 @@ def _read(
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     codes: dict[str, list[torch.Tensor]] = {}
     class_labels: list[torch.Tensor] = []
+    tokens = token_mode(ctx, options)
     with ctx.progress(source.count, "probe activations") as bar:
         for rows, values in source:
-            for layer, pooled in axes.pooled(values, options.reduce, rows.mask).items():
-                parts[layer].append(pooled)
-            for name, value in rows.concepts.items():
-                codes.setdefault(name, []).append(value.cpu())
             labels = rows.labels if rows.labels is not None else torch.full((len(rows),), -1, dtype=torch.long)
-            class_labels.append(labels.cpu())
+            if tokens:  # one row per real token: its features unpooled, its own code, its id as control type
+                real = rows.mask.bool() if rows.mask is not None else None
+                expected = int(real.sum()) if real is not None else len(rows) * values_width(values)
+                for layer, matrix in axes.matrices(values, rows.mask).items():
+                    if matrix.shape[0] != expected:
+                        raise PyengineError(
+                            f"probing: token-level concepts need (B, T, D) layers with one row per token; {layer!r} "
+                            f"gives {tuple(values[layer].shape)}"
+                        )
+                    parts[layer].append(matrix)
+                for name, value in rows.concepts.items():
+                    if value.dim() == 2:
+                        codes.setdefault(name, []).append(value[real.cpu()] if real is not None else value.flatten())
+                ids = rows.inputs
+                types = ids[real].cpu() if ids is not None and real is not None else torch.zeros(0, dtype=torch.long)
+                codes.setdefault(TOKEN_TYPES, []).append(types)
+                counts = real.sum(1).cpu() if real is not None else torch.full((len(rows),), values_width(values))
+                class_labels.append(labels.cpu().repeat_interleave(counts))
+            else:
+                for layer, pooled in axes.pooled(values, options.reduce, rows.mask).items():
+                    parts[layer].append(pooled)
+                for name, value in rows.concepts.items():
+                    if value.dim() == 1:
+                        codes.setdefault(name, []).append(value.cpu())
+                class_labels.append(labels.cpu())
             bar.update(len(rows))
     concepts = {name: (torch.cat(values), list(source.concept_names.get(name, ()))) for name, values in codes.items()}
     return {layer: torch.cat(p) for layer, p in parts.items()}, concepts, torch.cat(class_labels), axes
+
+
+TOKEN_TYPES = "__token_ids__"  # token mode: each token row's id (the control task's word type)
+
+
+def token_mode(ctx: Context, options: ProbeOptions) -> bool:
+    """Probe tokens, not rows: the concepts chosen are token-level (one code per token). Mixing
+    them with row-level ones is an error; by default row-level concepts win when both exist."""
+    if ctx.data is None or ctx.given is not None:
+        return False
+    example = ctx.data.batch([0]).concepts
+    per_token = {name for name, value in example.items() if value.dim() == 2}
+    chosen = {item.split("=")[0] for item in options.concepts}
+    if not chosen:
+        return bool(per_token) and len(per_token) == len(example)
+    if chosen & per_token and chosen - per_token:
+        raise PyengineError(
+            f"probing: concepts {sorted(chosen & per_token)} are per token and {sorted(chosen - per_token)} per "
+            "row; probe them in separate runs"
+        )
+    return bool(chosen & per_token)
+
+
+def values_width(values: Mapping[str, torch.Tensor]) -> int:
+    """Tokens per row of a block without a mask: every position."""
+    first = next(iter(values.values()))
+    return int(first.shape[1]) if first.dim() == 3 else 1
 
 
 def _binary_targets(
@@ -133,6 +181,7 @@ def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
     if axes.choice == "auto" and any(name != "units" for name in axes.names().values()):
         ctx.defaults_chosen["units"] = axes.summary()
     n = next(iter(features.values())).shape[0]
+    token_types = concepts.pop(TOKEN_TYPES, None)
     for name, values in (options.labels or {}).items():
         array = torch.as_tensor(values).long().flatten()
         if array.numel() < n:
@@ -148,7 +197,10 @@ def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
     for y in targets.values():
         joint = joint * 2 + y.cpu()
     split = stratified_split(joint, options.split, ctx.seed)
-    types = torch.arange(n) if options.control == "input" else class_labels[:n]
+    if token_types is not None and token_types[0].numel() == n:
+        types = token_types[0] if options.control == "input" else class_labels[:n]  # word types (Hewitt & Liang)
+    else:
+        types = torch.arange(n) if options.control == "input" else class_labels[:n]
     controls = {name: control_labels(y, types, ctx.seed + 1 + k) for k, (name, y) in enumerate(targets.items())}
     device = ctx.device
     return ProbeData(
@@ -160,7 +212,10 @@ def collect(ctx: Context, options: ProbeOptions) -> ProbeData:
         types=types,
         seed=ctx.seed,
         unit_axis=axes.names(),
-        pooling={layer: axes.pooling(layer, options.reduce) for layer in layers},
+        pooling={
+            layer: "none: token rows" if token_types is not None else axes.pooling(layer, options.reduce)
+            for layer in layers
+        },
     )
 
 

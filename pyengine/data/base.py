@@ -217,18 +217,33 @@ class TorchDataset(Dataset):
             if self.max_length is not None
             else (torch.stack([x for x, _, _ in parsed]), {})
         )
-        return _Rows(
-            inputs,
-            torch.tensor([label for _, label, _ in parsed], dtype=torch.long),
-            {
-                key: torch.tensor(
-                    [_integer(c[key], f"row {i}: concept {key!r}", 0) for i, (_, _, c) in zip(index, parsed)],
-                    dtype=torch.long,
+        concepts = {}
+        for key in keys:
+            per_token = [c[key] for _, _, c in parsed]
+            if self.max_length is not None and _per_token(per_token[0], parsed[0][0]):
+                concepts[key] = self._token_codes(index, key, per_token, [x for x, _, _ in parsed])
+                continue
+            concepts[key] = torch.tensor(
+                [_integer(c[key], f"row {i}: concept {key!r}", 0) for i, (_, _, c) in zip(index, parsed)],
+                dtype=torch.long,
+            )
+        return _Rows(inputs, torch.tensor([label for _, label, _ in parsed], dtype=torch.long), concepts, extra)
+
+    def _token_codes(
+        self, index: list[int], key: str, values: list[Any], sequences: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """A token-level concept (one code per token): (B, max_length) codes, -1 on padding."""
+        assert self.max_length is not None
+        codes = torch.full((len(values), self.max_length), -1, dtype=torch.long)
+        for row, (i, value, seq) in enumerate(zip(index, values, sequences)):
+            tensor = _tensor(value, f"row {i}: concept {key!r}")
+            if tensor.shape != seq.shape or tensor.is_floating_point() or (tensor.numel() and int(tensor.min()) < 0):
+                raise PyengineError(
+                    f"{self.name}: row {i}: concept {key!r} has shape {tuple(tensor.shape)}; expected one integer "
+                    f"code >= 0 per token ({seq.numel()}) or one per row"
                 )
-                for key in keys
-            },
-            extra,
-        )
+            codes[row, : seq.numel()] = tensor.long()
+        return codes
 
     def _padded(
         self, index: list[int], items: list[Any], sequences: list[torch.Tensor]
