@@ -282,7 +282,7 @@ class Attributed:
             if not inputs.main.is_floating_point():
                 raise PyengineError(
                     f"{self.technique}: the inputs are {inputs.main.dtype} (token ids?), and gradients need floating "
-                    f"point values; pass layer=<module> to attribute to its output, e.g. {embedding_hint(self.ctx)}"
+                    f"point values; pass layers=<module> to attribute to its output, e.g. {embedding_hint(self.ctx)}"
                 )
             return inputs.main
         with torch.no_grad(), self.ctx.record([self.layer]) as seen:

@@ -87,7 +87,7 @@ def test_a_dataset_of_variable_length_ids_is_padded_with_its_mask() -> None:
 def test_dict_inputs_call_the_model_with_its_mask(kind: str) -> None:
     """predicted targets through the padded batch equal each sequence run alone."""
     model, batch = model_and_batch(kind)
-    res = pyengine.run("saliency", model, batch, layer=EMBEDDINGS[kind], progress=False)
+    res = pyengine.run("saliency", model, batch, layers=EMBEDDINGS[kind], progress=False)
     alone = []
     with torch.no_grad():
         for item in corpus():
@@ -117,7 +117,7 @@ def test_layer_integrated_gradients_equal_captum(kind: str) -> None:
         "integrated-gradients",
         model,
         batch,
-        layer=EMBEDDINGS[kind],
+        layers=EMBEDDINGS[kind],
         baseline=PAD_ID,
         target=target,
         n_steps=16,
@@ -140,7 +140,7 @@ def test_gradient_times_activation_equals_captum(kind: str) -> None:
         "saliency",
         model,
         batch,
-        layer=layer,
+        layers=layer,
         times_values=True,
         abs=False,
         target=target,
@@ -164,7 +164,7 @@ def test_token_occlusion_equals_feature_ablation_and_never_touches_padding(kind:
 def test_token_ids_without_a_layer_are_refused_naming_the_embedding(technique: str) -> None:
     model, batch = model_and_batch("bert")
     with pytest.raises(
-        PyengineError, match=r"token ids.*layer=<module>.*'bert\.embeddings\.word_embeddings'"
+        PyengineError, match=r"token ids.*layers=<module>.*'bert\.embeddings\.word_embeddings'"
     ) as caught:
         pyengine.run(technique, model, batch, progress=False)
     assert "\n" not in str(caught.value)
@@ -317,7 +317,7 @@ def test_max_patches_on_a_token_model_returns_the_texts_around_each_top_token() 
 @pytest.mark.parametrize(
     ("technique", "options", "pattern"),
     [
-        ("grad-cam", {}, r"expected \(C, L\) or \(C, H, W\) images \(for token models: saliency with layer="),
+        ("grad-cam", {}, r"expected \(C, L\) or \(C, H, W\) images \(for token models: saliency with layers="),
         ("activation-maximization", {"layers": ["bert.encoder.layer.0"]}, "token ids have no pixels to optimise"),
         ("smoothgrad", {}, "noise needs floating point inputs"),
         ("faithfulness", {}, "need images"),
@@ -391,7 +391,7 @@ def test_occlusion_at_a_layer_equals_captum_layer_feature_ablation(kind: str) ->
             ids, target=target, additional_forward_args=(mask,), layer_baselines=0.0, layer_mask=groups
         )
     theirs = theirs * mask[..., None]  # padding is never occluded here
-    res = pyengine.run("occlusion", model, batch, layer=layer, baseline=0.0, target=target, progress=False)
+    res = pyengine.run("occlusion", model, batch, layers=layer, baseline=0.0, target=target, progress=False)
     assert res.attributions.shape == theirs.shape
     relative_close(res.attributions, theirs)
 

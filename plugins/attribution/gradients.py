@@ -52,15 +52,14 @@ class PassSize:
 class LayerOptions(AttributionOptions):
     """Options of techniques that attribute to the inputs or to a layer's output."""
 
-    layer: str = option(
-        "", "attribute to this layer's output (Captum's Layer* techniques; token ids: the embedding); '': the inputs"
+    layers: tuple[str, ...] = option(
+        (), "one layer: attribute to its output (Captum's Layer* techniques; token ids: the embedding); (): the inputs"
     )
     token_scores: str = option("sum", "per-token scores of (N, T, D) maps: sum over the features, or l2 (norm)")
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.layer, str):
-            raise bad_option("layer", self.layer, "a layer reference, or '' for the inputs")
+        self._set("layers", layer_tuple(self.layers, single=True))
         if self.token_scores not in ("sum", "l2"):
             raise bad_option("token_scores", self.token_scores, "sum or l2")
 
@@ -81,11 +80,18 @@ class GradientTechnique(Technique):
         return make_result(self.name, *maps, AttributionResult, **layer_fields(options, maps[0]))
 
 
+def attributed_layer(options: Any) -> str | None:
+    """The layer whose output a technique attributes to (its ``layers`` option), None: the inputs."""
+    layers = getattr(options, "layers", ())
+    return layers[0] if layers else None
+
+
 def layer_fields(options: Any, attributions: torch.Tensor) -> dict[str, Any]:
     """The result's ``layer`` and ``token_scores`` for techniques with a ``layer`` option."""
-    layer = getattr(options, "layer", "")
-    if not layer:
+    layers = getattr(options, "layers", ())
+    if not layers:
         return {}
+    layer = layers[0]
     scores = token_scores(attributions, options.token_scores)
     return {"layer": layer, **({"token_scores": scores} if scores is not None else {})}
 
@@ -126,7 +132,7 @@ class Saliency(GradientTechnique):
     def attributor(self, ctx: Context, options: SaliencyOptions) -> Attribute:
         size = PassSize(ctx, options)
 
-        attributed = Attributed(ctx, options.layer or None, self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             z = attributed.values(inputs)
@@ -145,7 +151,7 @@ class GuidedBackprop(GradientTechnique):
 
     def attributor(self, ctx: Context, options: LayerOptions) -> Attribute:
         size = PassSize(ctx, options)
-        attributed = Attributed(ctx, options.layer or None, self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             return attributed.gradients(inputs, attributed.values(inputs), t, size(inputs), guided=True)
@@ -287,7 +293,7 @@ class IntegratedGradients(GradientTechnique):
         """With ``gaps``, also records (sum of attributions - output change, output change) per row."""
         size = PassSize(ctx, options)
         alphas, weights = quadrature(options.method, options.n_steps)
-        attributed = Attributed(ctx, options.layer or None, self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             baseline = layer_baseline(attributed, options.baseline, inputs)
@@ -381,7 +387,7 @@ class GradCam(GradientTechnique):
         if example.dim() not in (3, 4) or not example.is_floating_point():
             raise PyengineError(
                 f"grad-cam: inputs of shape {tuple(example.shape[1:])} and dtype {example.dtype} per row; expected "
-                "(C, L) or (C, H, W) images (for token models: saliency with layer=... and times_values=true, "
+                "(C, L) or (C, H, W) images (for token models: saliency with layers=... and times_values=true, "
                 "gradient x activation)"
             )
         layer_name = options.layers[0] if options.layers else ctx.spatial_layer(self.name)
@@ -422,7 +428,7 @@ class GradCam(GradientTechnique):
             index,
             shown,
             GradCamResult,
-            layer=self.layer,
+            layers=self.layer,
             layer_attributions=cams,
         )
 
@@ -478,7 +484,7 @@ class SmoothGrad(GradientTechnique):
             if not x.is_floating_point():
                 raise PyengineError(
                     f"smoothgrad: the inputs are {x.dtype} (token ids?); noise needs floating point inputs: use "
-                    "integrated-gradients or saliency with layer=<embedding>"
+                    "integrated-gradients or saliency with layers=<embedding>"
                 )
             flat = x.flatten(1)
             sigma = options.stdev or options.noise * (flat.amax(1) - flat.amin(1))

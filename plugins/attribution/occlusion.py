@@ -34,7 +34,7 @@ from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import gaussian_blur
 from pyengine.inputs import ModelInputs
-from pyengine.technique import Technique, bad_option, option
+from pyengine.technique import Technique, bad_option, layer_tuple, option
 
 BASELINE_FORMS = "a number, 'mean', 'blur', or a tensor broadcastable to one input"
 WINDOW_FRACTION = 8  # default window: 1/8 of each spatial side, all channels
@@ -64,12 +64,13 @@ class OcclusionOptions(AttributionOptions):
     layout: str = option(
         "auto", "occluded batches: 'auto' (channels last for images into Conv2d models), 'channels-last', 'as-given'"
     )
-    layer: str = option(
-        "", "occlude this layer's output instead (Captum's LayerFeatureAblation; (N, T, D): one token at a time)"
+    layers: tuple[str, ...] = option(
+        (), "one layer: occlude its output instead (Captum's LayerFeatureAblation; (N, T, D): a token at a time)"
     )
 
     def validate(self) -> None:
         super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
         self._set("window", _int_tuple(self.window, "window"))
         self._set("stride", _int_tuple(self.stride, "stride"))
         if isinstance(self.baseline, str):
@@ -174,14 +175,14 @@ class Occlusion(Technique):
 
     def run(self, ctx: Context, options: OcclusionOptions) -> OcclusionResult:
         geometry: dict[str, Any] = {}
-        attributed = Attributed(ctx, options.layer or None, self.name)
+        attributed = Attributed(ctx, options.layers[0] if options.layers else None, self.name)
 
         def sweep(inputs: ModelInputs, targets: torch.Tensor) -> torch.Tensor:
-            if not options.layer and not inputs.main.is_floating_point():
+            if not options.layers and not inputs.main.is_floating_point():
                 return token_occlusion(ctx, inputs, targets, options, geometry)
             x = attributed.values(inputs)
             if not geometry:
-                tokens = bool(options.layer) and x.dim() == 3 and not inputs.main.is_floating_point()
+                tokens = bool(options.layers) and x.dim() == 3 and not inputs.main.is_floating_point()
                 default = (1, x.shape[2]) if tokens and options.window is None else None
                 window, stride = sweep_geometry(
                     tuple(x.shape[1:]), options.window or default, options.stride or default
@@ -198,7 +199,7 @@ class Occlusion(Technique):
                     ),
                 )
             maps = occlusion_sweep(ctx, attributed, inputs, x, targets, options, geometry)
-            if options.layer and inputs.mask is not None and x.dim() == 3 and x.shape[1] == inputs.mask.shape[1]:
+            if options.layers and inputs.mask is not None and x.dim() == 3 and x.shape[1] == inputs.mask.shape[1]:
                 maps = maps * (inputs.mask != 0)[:, None, :, None].to(maps.device, maps.dtype)  # padding: 0
             return maps
 

@@ -98,7 +98,11 @@ class JacobianGram(Technique):
                     output = ctx.forward(batch)
                     leaves = [seen[layer] for layer in layers]
                     axes.prepare({layer: tuple(leaf.shape) for layer, leaf in zip(layers, leaves)})
-                    y = (seen[target] if target else output).flatten(1)
+                    y = seen[target] if target else output
+                    mask = batch.mask
+                    if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+                        y = y * mask[..., None].to(y.device, y.dtype)  # a padded position is no output
+                    y = y.flatten(1)
                     width = y.shape[1]
                     if chosen == "auto":
                         chosen = "random" if width > options.random_sources else "exact"

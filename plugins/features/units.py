@@ -130,10 +130,13 @@ class Activations(Technique):
             technique=self.name,
         )
         axes = ctx.unit_axes(options.units, self.name, (layer,))
-        maps = torch.cat([values[layer].float().cpu() for _, values in blocks])
+        read = [(rows.mask, values[layer].float().cpu()) for rows, values in blocks]
+        maps = torch.cat([value for _, value in read])
+        masks = [mask for mask, _ in read]
+        mask = torch.cat([m.cpu() for m in masks]) if all(m is not None for m in masks) else None  # type: ignore[union-attr]
         dim = axes.dim(layer, tuple(maps.shape))
-        per_channel = as_unit_matrix(maps, dim).T
-        scale = float(maps.abs().max().clamp(min=1e-12))
+        per_channel = as_unit_matrix(maps, dim, mask).T  # a token sequence's padding dropped
+        scale = float(per_channel.abs().max().clamp(min=1e-12))
         figures = []
         if maps.dim() == 4 and dim in (1, 3):  # channel maps (channels-last ones moved first)
             shown = maps.movedim(dim, 1)[:, : options.max_channels]
@@ -150,7 +153,7 @@ class Activations(Technique):
         return ActivationsResult(
             layer=layer,
             maps=maps,
-            zero_fraction=float((maps == 0).double().mean()),
+            zero_fraction=float((per_channel == 0).double().mean()),
             channel_zero_fraction=(per_channel == 0).double().mean(1),
             channel_max=per_channel.amax(1),
             scale=scale,
