@@ -20,7 +20,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setuptools
 RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
-TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7" "hypothesis>=6"
+TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7" "hypothesis>=6" "transformers>=4.40"
 GATE_DEPS := "ruff==0.17.6" "mypy==2.4.1"
 SOURCES := pyengine plugins tests benchmarks examples
 CUDA_ARCH ?= 90
