@@ -423,3 +423,15 @@ def test_a_token_level_concept_is_probed_per_real_token() -> None:
     assert res.test_accuracy[key] == pytest.approx(reference.score(z[test], y[test]), abs=1e-9)
     majority = max(float(y[test].mean()), 1 - float(y[test].mean()))
     assert res.test_accuracy[key] >= majority + 0.1  # the topic groups are fixed token ids
+
+
+def test_max_patches_text_boxes_end_with_their_text() -> None:
+    items = corpus(20, seed=11)
+    res = pyengine.run(
+        "max-patches", build_lm("gpt2"), data=TorchDataset(items), layers=["transformer.h.1"], k=3, context=2,
+        progress=False,
+    )  # fmt: skip
+    lengths = torch.tensor([int(item["input_ids"].numel()) for item in items])
+    first, end = res.boxes[..., 0], res.boxes[..., 1]
+    assert bool((end <= lengths[res.index]).all()) and bool((first >= 0).all())
+    assert torch.equal(end - first, (res.texts >= 0).sum(-1))

@@ -123,6 +123,9 @@ class InteractionBasis(Technique):
         with ctx.record(layers, grad=True, edit=edit) as seen:
             output = ctx.forward(inputs.with_main(inputs.main.clone()))
             values = {layer: seen[layer] for layer in layers}
+        mask = inputs.mask
+        if mask is not None and output.dim() == 3 and tuple(output.shape[:2]) == tuple(mask.shape):
+            output = output * mask[..., None].to(output.device, output.dtype)  # a padded position is no output
         return values, output.flatten(1)
 
     def _default_layers(self, ctx: Context, probe: ModelInputs, units: str) -> tuple[str, ...]:

@@ -282,7 +282,7 @@ class MaxPatches(Technique):
         largest, with the ids around each (padding never ranks)."""
         top: tuple[torch.Tensor, ...] = ()
         channels = torch.tensor(options.channels, dtype=torch.long)
-        scanned, length = 0, 0
+        scanned = 0
         blocks = ctx.activations(
             (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
         )
@@ -300,7 +300,7 @@ class MaxPatches(Technique):
                     a = a.masked_fill(rows.mask.to(a.device)[..., None] == 0, float("-inf"))
                 a = a.transpose(1, 2)  # (B, D, T)
                 if not top:
-                    width, length = a.shape[1], a.shape[2]
+                    width = a.shape[1]
                     if options.channels and max(options.channels) >= width:
                         raise PyengineError(
                             f"{self.name}: channel {max(options.channels)} is out of range: {layer!r} has {width} units"
@@ -316,7 +316,7 @@ class MaxPatches(Technique):
                 f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
             )
         values, ids, where = (t.cpu() for t in top)
-        texts = self._spans(ctx, ids, where, options.context)
+        texts, first, end = self._spans(ctx, ids, where, options.context)
         c, k = ids.shape
         return MaxPatchesResult(
             layer=layer,
@@ -326,15 +326,7 @@ class MaxPatches(Technique):
             position=torch.stack([where, torch.zeros_like(where)], -1),
             patches=torch.zeros(0),
             guided=torch.zeros(0),
-            boxes=torch.stack(
-                [
-                    (where - options.context).clamp(min=0),
-                    (where + options.context + 1).clamp(max=length),
-                    torch.zeros_like(where),
-                    torch.ones_like(where),
-                ],
-                -1,
-            ),  # fmt: skip
+            boxes=torch.stack([first, end, torch.zeros_like(first), torch.ones_like(first)], -1).reshape(c, k, 4),
             field_size=f"{2 * options.context + 1} tokens",
             field_jump="-",
             also_global="",
@@ -343,8 +335,11 @@ class MaxPatches(Technique):
             texts=texts.reshape(c, k, -1),
         )
 
-    def _spans(self, ctx: Context, ids: torch.Tensor, where: torch.Tensor, context: int) -> torch.Tensor:
-        """(C' * k, 2 * context + 1) token ids around each top position; -1 outside the real text."""
+    def _spans(
+        self, ctx: Context, ids: torch.Tensor, where: torch.Tensor, context: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C' * k, 2 * context + 1) token ids around each top position (-1 outside the real
+        text), and the first and end (exclusive) token positions shown."""
         rows = ids.flatten().tolist()
         if ctx.given is not None:
             part = ctx.given.take(rows)
@@ -361,7 +356,9 @@ class MaxPatches(Technique):
         clipped = at.clamp(0, tokens.shape[1] - 1)
         picked = tokens.gather(1, clipped)
         keep = inside & real.gather(1, clipped)
-        return torch.where(keep, picked, torch.full_like(picked, -1))
+        shown = torch.where(keep, at, torch.full_like(at, -1))
+        first = torch.where(keep, at, torch.full_like(at, tokens.shape[1])).amin(1)
+        return torch.where(keep, picked, torch.full_like(picked, -1)), first, shown.amax(1) + 1
 
     @staticmethod
     def _inputs(ctx: Context, ids: torch.Tensor) -> torch.Tensor:
