@@ -66,6 +66,19 @@ def targets_for(kind: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> 
         return target_logits(model, batch["input_ids"], batch["attention_mask"]).argmax(1)
 
 
+def sklearn_probe(features: np.ndarray, y: np.ndarray, res: Any, l2: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """scikit-learn's logistic regression on the probe's own split, z-scored with the training
+    rows' statistics: (test accuracy, coefficients, the features' std). Mean BCE + l2/2 |w|^2 is
+    sklearn's C * sum BCE + 1/2 |w|^2 with C = 1 / (l2 * n)."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    train, test = res.train_rows.numpy(), res.test_rows.numpy()
+    mean, std = features[train].mean(0), features[train].std(0, ddof=1).clip(1e-6)
+    z = (features - mean) / std
+    reference = linear_model.LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10000)
+    reference.fit(z[train], y[train])
+    return float(reference.score(z[test], y[test])), reference.coef_[0], std
+
+
 # --- data: variable lengths, padding, masks ---------------------------------------------------
 
 
@@ -211,7 +224,6 @@ def test_gram_spectrum_reads_features_over_the_real_tokens(kind: str) -> None:
 
 def test_linear_probe_pools_the_real_tokens_only() -> None:
     """probe-linear on mean-pooled hidden states equals scikit-learn on the mean over real tokens."""
-    linear_model = pytest.importorskip("sklearn.linear_model")
     items = corpus(120, seed=5)
     model = build_lm("bert")
     layer, l2 = BLOCKS["bert"], 1e-2
@@ -225,13 +237,9 @@ def test_linear_probe_pools_the_real_tokens_only() -> None:
     h = hidden_states(model, BLOCKS["bert"], {"input_ids": ids, "attention_mask": mask})
     features = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).double().numpy()
     y = np.array([item["concepts"]["marker"] for item in items]) == 1
-    train, test = res.train_rows.numpy(), res.test_rows.numpy()
-    mean, std = features[train].mean(0), features[train].std(0, ddof=1).clip(1e-6)
-    z = (features - mean) / std
-    reference = linear_model.LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10000)
-    reference.fit(z[train], y[train])
-    assert res.test_accuracy[key] == pytest.approx(reference.score(z[test], y[test]), abs=1e-9)
-    np.testing.assert_allclose(res.weights[key].numpy() * std, reference.coef_[0], rtol=2e-3, atol=2e-4)
+    accuracy, coef, std = sklearn_probe(features, y, res, l2)
+    assert res.test_accuracy[key] == pytest.approx(accuracy, abs=1e-9)
+    np.testing.assert_allclose(res.weights[key].numpy() * std, coef, rtol=2e-3, atol=2e-4)
 
 
 # --- techniques that never need an input gradient ---------------------------------------------------
@@ -399,7 +407,6 @@ def test_occlusion_at_a_layer_equals_captum_layer_feature_ablation(kind: str) ->
 def test_a_token_level_concept_is_probed_per_real_token() -> None:
     """'topic_token' (1 for the tokens of the planted topic groups) has one code per token: the
     probe's rows are the real tokens, equal to scikit-learn on the per-token features."""
-    linear_model = pytest.importorskip("sklearn.linear_model")
     items = token_corpus(40, 19)
     for item in items:
         item["concepts"] = {"topic_token": item["concepts"]["topic_token"]}
@@ -415,12 +422,9 @@ def test_a_token_level_concept_is_probed_per_real_token() -> None:
     y = torch.cat([item["concepts"]["topic_token"] for item in items]).numpy() == 1
     key = f"{layer}|topic_token"
     assert res.train_rows.numel() + res.val_rows.numel() + res.test_rows.numel() == len(y) == int(mask.sum())
-    train, test = res.train_rows.numpy(), res.test_rows.numpy()
-    mean, std = features[train].mean(0), features[train].std(0, ddof=1).clip(1e-6)
-    z = (features - mean) / std
-    reference = linear_model.LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10000)
-    reference.fit(z[train], y[train])
-    assert res.test_accuracy[key] == pytest.approx(reference.score(z[test], y[test]), abs=1e-9)
+    accuracy, _, _ = sklearn_probe(features, y, res, l2)
+    assert res.test_accuracy[key] == pytest.approx(accuracy, abs=1e-9)
+    test = res.test_rows.numpy()
     majority = max(float(y[test].mean()), 1 - float(y[test].mean()))
     assert res.test_accuracy[key] >= majority + 0.1  # the topic groups are fixed token ids
 
