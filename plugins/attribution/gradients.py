@@ -428,7 +428,7 @@ class GradCam(GradientTechnique):
             index,
             shown,
             GradCamResult,
-            layers=self.layer,
+            layer=self.layer,
             layer_attributions=cams,
         )
 
