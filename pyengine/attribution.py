@@ -48,10 +48,14 @@ class TargetOptions(RowOptions):
     """Rows and the output explained."""
 
     target: Any = option("predicted", "the explained output: " + TARGET_FORMS)
+    position: int = option(
+        -1, "sequence models' per-token outputs: the token position explained; -1: each row's last real token"
+    )
 
     def validate(self) -> None:
         super().validate()
         self._set("target", normalise_target(self.target))
+        self.require_int("position", minimum=-1)
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,12 @@ def normalise_target(target: Any) -> int | str | torch.Tensor:
     return tensor.long().cpu()
 
 
-def target_scores(output: torch.Tensor, targets: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
+def target_scores(
+    output: torch.Tensor, targets: torch.Tensor, inputs: ModelInputs | None = None, position: int = -1
+) -> torch.Tensor:
     """The model output at each row's targets: output (N, K) or (N,), targets (N, T) -> (N, T);
-    a per-token output over token ids is read at each row's last real token."""
-    output = explained_scores(output, inputs)
+    a per-token output over token ids is read at ``position`` (-1: each row's last real token)."""
+    output = explained_scores(output, inputs, position)
     flat = output.reshape(output.shape[0], -1)
     if int(targets.max()) >= flat.shape[1]:
         raise PyengineError(f"target {int(targets.max())} is out of range: the model has {flat.shape[1]} outputs")
@@ -106,7 +112,12 @@ def target_scores(output: torch.Tensor, targets: torch.Tensor, inputs: ModelInpu
 
 
 def resolve_targets(
-    spec: int | str | torch.Tensor, ctx: Context, inputs: ModelInputs, labels: torch.Tensor | None, offset: int
+    spec: int | str | torch.Tensor,
+    ctx: Context,
+    inputs: ModelInputs,
+    labels: torch.Tensor | None,
+    offset: int,
+    position: int = -1,
 ) -> torch.Tensor:
     """(B, T) target indices for rows ``offset .. offset + B`` of the whole run."""
     b = len(inputs)
@@ -114,7 +125,7 @@ def resolve_targets(
         return torch.full((b, 1), spec, dtype=torch.long)
     if spec == "predicted":
         with torch.no_grad():
-            output = explained_scores(ctx.forward(inputs), inputs)
+            output = ctx.scores(inputs, position)
         return output.reshape(b, -1).argmax(1, keepdim=True).cpu()
     if spec == "label":
         if labels is None or int(labels.min()) < 0:
@@ -205,7 +216,7 @@ def run_attribution(
     with ctx.progress(source.count, technique) as bar:
         for rows in source:
             inputs = rows.model_inputs()
-            targets = resolve_targets(options.target, ctx, inputs, rows.labels, offset)
+            targets = resolve_targets(options.target, ctx, inputs, rows.labels, offset, options.position)
             if multi_target:
                 out = attribute(inputs, targets)
             else:
@@ -272,8 +283,8 @@ class Attributed:
     attributions are computed for: ``values`` gives z for some rows, ``scores`` the target
     scores with z in its place (the model run on the same inputs), ``gradients`` dscore/dz."""
 
-    def __init__(self, ctx: Context, layer: str | None, technique: str) -> None:
-        self.ctx, self.layer, self.technique = ctx, layer, technique
+    def __init__(self, ctx: Context, layer: str | None, technique: str, position: int = -1) -> None:
+        self.ctx, self.layer, self.technique, self.position = ctx, layer, technique, position
         if layer is not None:
             ctx.module(layer)
 
@@ -299,9 +310,9 @@ class Attributed:
         """(N, K) scores targets index (``ctx.scores``) with ``z`` (N rows) in place of the
         attributed values."""
         if self.layer is None:
-            return self.ctx.scores(inputs.with_main(z))
+            return self.ctx.scores(inputs.with_main(z), self.position)
         with self.ctx.record([self.layer], edit={self.layer: lambda _: z}):
-            return self.ctx.scores(inputs)
+            return self.ctx.scores(inputs, self.position)
 
     def scores(self, inputs: ModelInputs, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N, T) scores of ``targets`` (N, T) with ``z`` (N rows) in place of the attributed values."""

@@ -210,14 +210,15 @@ class Context:
             inputs = ModelInputs(inputs)
         return select_output(inputs.call(self.model), self.output, type(self.model).__name__)
 
-    def scores(self, inputs: ModelInputs | Rows | torch.Tensor) -> torch.Tensor:
-        """(N, K) scores a target indexes: ``forward``'s output, read at each row's last real
-        token for a sequence model's per-token output over token ids (a causal LM's next token)."""
+    def scores(self, inputs: ModelInputs | Rows | torch.Tensor, position: int = -1) -> torch.Tensor:
+        """(N, K) scores a target indexes: ``forward``'s output, read at ``position`` (-1: each
+        row's last real token) for a sequence model's per-token output over token ids (a causal
+        LM's next token)."""
         if isinstance(inputs, Rows):
             inputs = inputs.model_inputs()
         elif isinstance(inputs, torch.Tensor):
             inputs = ModelInputs(inputs)
-        return explained_scores(self.forward(inputs), inputs)
+        return explained_scores(self.forward(inputs), inputs, position)
 
     # --- layers ------------------------------------------------------------------------------
 

@@ -181,19 +181,36 @@ def pad_sequences(sequences: Sequence[torch.Tensor], pad_id: int, where: str) ->
     return ids, mask
 
 
-def explained_scores(output: torch.Tensor, inputs: ModelInputs | None = None) -> torch.Tensor:
+def explained_scores(output: torch.Tensor, inputs: ModelInputs | None = None, position: int = -1) -> torch.Tensor:
     """The scores targets index: the output itself, or for a sequence model's per-token output
-    (N, T, V) over token-id inputs (N, T), the scores at each row's last real token (its mask)."""
+    (N, T, V) over token-id inputs (N, T), the scores at ``position`` (-1: each row's last real
+    token, by its mask); a position that is padding in some row is an error."""
     main = inputs.main if inputs is not None else None
     per_token = (
         main is not None and main.dim() == 2 and output.dim() == 3 and tuple(output.shape[:2]) == tuple(main.shape)
     )
     if not per_token:
+        if position != -1:
+            raise PyengineError(
+                f"position={position} picks a token of a per-token output (N, T, V) over token ids; this model "
+                f"outputs {tuple(output.shape)}: leave position at -1"
+            )
         return output
     mask = inputs.mask if inputs is not None else None
+    rows = torch.arange(output.shape[0], device=output.device)
+    if position >= 0:
+        if position >= output.shape[1]:
+            raise PyengineError(f"position={position} is past the {output.shape[1]} tokens; expected 0 <= position")
+        if mask is not None and not bool((mask[:, position] != 0).all()):
+            row = int((mask[:, position] == 0).nonzero()[0])
+            raise PyengineError(
+                f"position={position} is padding in input row {row} (it has {int((mask[row] != 0).sum())} tokens); "
+                "expected a real token of every row, or -1 (each row's last real token)"
+            )
+        return output[:, position]
     last = (
         torch.full((output.shape[0],), output.shape[1] - 1, dtype=torch.long, device=output.device)
         if mask is None
         else mask.shape[1] - 1 - (mask != 0).flip(1).to(torch.uint8).argmax(1).to(output.device)
     )
-    return output[torch.arange(output.shape[0], device=output.device), last]
+    return output[rows, last]

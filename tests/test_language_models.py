@@ -439,3 +439,31 @@ def test_max_patches_text_boxes_end_with_their_text() -> None:
     first, end = res.boxes[..., 0], res.boxes[..., 1]
     assert bool((end <= lengths[res.index]).all()) and bool((first >= 0).all())
     assert torch.equal(end - first, (res.texts >= 0).sum(-1))
+
+
+def test_a_causal_lm_is_explained_at_a_chosen_position() -> None:
+    """position=k: the next-token logits after token k (Captum with a forward reading position k);
+    a position that is padding in some row is refused."""
+    import captum.attr as captum_attr
+
+    model, batch = model_and_batch("gpt2")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position = int(mask.sum(1).min()) - 1  # real in every row
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, position]
+
+    with torch.no_grad():
+        target = forward(ids, mask).argmax(1)
+    theirs = captum_attr.LayerGradientXActivation(forward, model.get_submodule("transformer.h.0")).attribute(
+        ids, target=target, additional_forward_args=(mask,)
+    )
+    res = pyengine.run(
+        "saliency", model, batch, layers="transformer.h.0", times_values=True, abs=False, position=position,
+        progress=False,
+    )  # fmt: skip
+    assert torch.equal(res.targets, target)  # "predicted" at that position
+    relative_close(res.attributions, theirs.detach())
+    padded = int(mask.sum(1).max()) - 1
+    with pytest.raises(PyengineError, match=f"position={padded} is padding in input row"):
+        pyengine.run("saliency", model, batch, layers="transformer.h.0", position=padded, progress=False)

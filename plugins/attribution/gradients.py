@@ -132,7 +132,7 @@ class Saliency(GradientTechnique):
     def attributor(self, ctx: Context, options: SaliencyOptions) -> Attribute:
         size = PassSize(ctx, options)
 
-        attributed = Attributed(ctx, attributed_layer(options), self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name, options.position)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             z = attributed.values(inputs)
@@ -151,7 +151,7 @@ class GuidedBackprop(GradientTechnique):
 
     def attributor(self, ctx: Context, options: LayerOptions) -> Attribute:
         size = PassSize(ctx, options)
-        attributed = Attributed(ctx, attributed_layer(options), self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name, options.position)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             return attributed.gradients(inputs, attributed.values(inputs), t, size(inputs), guided=True)
@@ -293,7 +293,7 @@ class IntegratedGradients(GradientTechnique):
         """With ``gaps``, also records (sum of attributions - output change, output change) per row."""
         size = PassSize(ctx, options)
         alphas, weights = quadrature(options.method, options.n_steps)
-        attributed = Attributed(ctx, attributed_layer(options), self.name)
+        attributed = Attributed(ctx, attributed_layer(options), self.name, options.position)
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             baseline = layer_baseline(attributed, options.baseline, inputs)

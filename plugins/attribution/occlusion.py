@@ -24,7 +24,6 @@ from pyengine.attribution import (
     Attributed,
     AttributionOptions,
     AttributionResult,
-    explained_scores,
     make_result,
     run_attribution,
     samples_per_pass,
@@ -175,7 +174,7 @@ class Occlusion(Technique):
 
     def run(self, ctx: Context, options: OcclusionOptions) -> OcclusionResult:
         geometry: dict[str, Any] = {}
-        attributed = Attributed(ctx, options.layers[0] if options.layers else None, self.name)
+        attributed = Attributed(ctx, options.layers[0] if options.layers else None, self.name, options.position)
 
         def sweep(inputs: ModelInputs, targets: torch.Tensor) -> torch.Tensor:
             if not options.layers and not inputs.main.is_floating_point():
@@ -279,8 +278,8 @@ def attributed_score(
     return target_scores(out.softmax(-1) if output == "probability" else out, targets)
 
 
-def score_of(ctx: Context, inputs: ModelInputs, targets: torch.Tensor, output: str) -> torch.Tensor:
-    out = explained_scores(ctx.forward(inputs), inputs)
+def score_of(ctx: Context, inputs: ModelInputs, targets: torch.Tensor, output: str, position: int = -1) -> torch.Tensor:
+    out = ctx.scores(inputs, position)
     return target_scores(out.softmax(-1) if output == "probability" else out, targets)
 
 
@@ -323,7 +322,7 @@ def token_occlusion(
     cover = torch.zeros(n, length, dtype=torch.float64, device=ids.device)
     per_pass = max(1, geometry["samples"] // n)
     with torch.inference_mode():
-        reference = score_of(ctx, inputs, targets, options.output)
+        reference = score_of(ctx, inputs, targets, options.output, options.position)
         for first in range(0, len(starts), per_pass):
             chunk = starts[first : first + per_pass]
             region = torch.zeros(len(chunk), n, length, dtype=torch.bool, device=ids.device)
@@ -332,7 +331,9 @@ def token_occlusion(
             region &= real.unsqueeze(0)
             occluded = torch.where(region, torch.full_like(ids, token), ids.unsqueeze(0)).reshape(-1, length)
             repeated = inputs.with_main(occluded, torch.arange(n).repeat(len(chunk)))
-            scores = score_of(ctx, repeated, targets.repeat(len(chunk), 1), options.output).reshape(len(chunk), n, -1)
+            scores = score_of(ctx, repeated, targets.repeat(len(chunk), 1), options.output, options.position).reshape(
+                len(chunk), n, -1
+            )
             drops = (reference.unsqueeze(0) - scores).double()  # (windows, n, targets)
             sums += torch.einsum("wnt,wnl->ntl", drops, region.double())
             cover += region.double().sum(0)
