@@ -36,7 +36,6 @@ REFUSED: dict[str, Refusal] = {  # on both models
         r"images \(for token models: saliency with layers=",
         "token ids are no image: points to saliency with times_values",
     ),
-    "smoothgrad": Refusal(r"token ids\?\); noise needs floating point inputs", "no noise on token ids"),
     "faithfulness": Refusal(
         r"need images \(N, C, H, W\) passed alone to the model; got torch\.int64",
         "pixel deletion/insertion and the pointing game need images",

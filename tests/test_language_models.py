@@ -467,3 +467,31 @@ def test_a_causal_lm_is_explained_at_a_chosen_position() -> None:
     padded = int(mask.sum(1).max()) - 1
     with pytest.raises(PyengineError, match=f"position={padded} is padding in input row"):
         pyengine.run("saliency", model, batch, layers="transformer.h.0", position=padded, progress=False)
+
+
+def test_smoothgrad_adds_its_noise_at_the_layer() -> None:
+    """layers=: noise of 0.15 x each row's range of the layer's values, drawn from the run's seeded
+    generator; the mean of the layer gradients at the noisy values (autograd through a hook)."""
+    model, batch = model_and_batch("bert")
+    layer, samples = "bert.embeddings", 3
+    res = pyengine.run(
+        "smoothgrad", model, batch, layers=layer, samples=samples, base_options={"abs": False}, progress=False
+    )
+    target = res.targets
+    z = hidden_states(model, layer, batch)
+    flat = z.flatten(1)
+    sigma = (0.15 * (flat.amax(1) - flat.amin(1))).reshape(-1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    total = torch.zeros_like(z, dtype=torch.float64)
+    for _ in range(samples):
+        noisy = (z + sigma * torch.randn(z.shape, generator=generator)).requires_grad_(True)
+        handle = model.get_submodule(layer).register_forward_hook(lambda module, args, output, noisy=noisy: noisy)
+        try:
+            logits = model(**batch).logits
+        finally:
+            handle.remove()
+        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), noisy)
+        total += grad.double()
+    relative_close(res.attributions, total / samples)
+    with pytest.raises(PyengineError, match="saliency or guided-backprop with layers"):
+        pyengine.run("smoothgrad", model, batch, layers=layer, base="integrated-gradients", progress=False)

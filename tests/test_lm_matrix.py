@@ -234,6 +234,38 @@ def check_saliency(cell: Cell, res: Any) -> None:
     check_layer_maps(cell, res, expected, layer)
 
 
+def check_smoothgrad(cell: Cell, res: Any) -> None:
+    """Noise of 0.15 x each row's range of the embedding's output, drawn from the run's seeded
+    generator; the mean of the gradients at the noisy values (a hook puts them in the model)."""
+    from lm_references import target_logits
+
+    targets, layer = cell.predicted(), EMBEDDINGS[cell.name]
+    assert torch.equal(res.targets, targets)
+    module = cell.model.get_submodule(layer)
+    ids, mask = cell.inputs["input_ids"], cell.inputs["attention_mask"]
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            target_logits(cell.model, ids, mask)
+    finally:
+        handle.remove()
+    z = seen[0]
+    flat = z.flatten(1)
+    sigma = (0.15 * (flat.amax(1) - flat.amin(1))).reshape(-1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    total = torch.zeros_like(z, dtype=torch.float64)
+    for _ in range(2):
+        noisy = (z + sigma * torch.randn(z.shape, generator=generator)).requires_grad_(True)
+        handle = module.register_forward_hook(lambda m, a, out, noisy=noisy: noisy)
+        try:
+            score = target_logits(cell.model, ids, mask).gather(1, targets[:, None]).sum()
+        finally:
+            handle.remove()
+        total += torch.autograd.grad(score, noisy)[0].double()
+    check_layer_maps(cell, res, (total / 2).float(), layer)
+
+
 def check_integrated_gradients(cell: Cell, res: Any) -> None:
     """Captum LayerIntegratedGradients at the embedding from PAD at every real token; the delta
     from the model's scores on the input and on those baseline ids."""
@@ -547,7 +579,10 @@ SPECS: dict[str, Spec] = {
     "occlusion": Spec("Captum FeatureAblation per token, baseline PAD", check_occlusion, {"baseline": PAD_ID}),
     "grad-cam": Spec(REFUSED, check_refused, per_model=ON_BLOCKS),
     "smoothgrad": Spec(
-        REFUSED, check_refused, {"samples": 2}, per_model={n: {"base_options": o} for n, o in ON_EMBEDDINGS.items()}
+        "mean of float autograd gradients at the embedding's output plus the same seeded noise",
+        check_smoothgrad,
+        {"samples": 2, "base_options": {"abs": False}},
+        per_model=ON_EMBEDDINGS,
     ),
     "faithfulness": Spec(REFUSED, check_refused, {"techniques": ("saliency",), "stop": 8, "steps": 4}),
     "filters": Spec(REFUSED, check_refused),

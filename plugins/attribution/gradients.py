@@ -92,7 +92,7 @@ def layer_fields(options: Any, attributions: torch.Tensor) -> dict[str, Any]:
     if not layers:
         return {}
     layer = layers[0]
-    scores = token_scores(attributions, options.token_scores)
+    scores = token_scores(attributions, getattr(options, "token_scores", "sum"))
     return {"layer": layer, **({"token_scores": scores} if scores is not None else {})}
 
 
@@ -124,6 +124,12 @@ def reduce_channels(maps: torch.Tensor, how: str) -> torch.Tensor:
     return reduced.expand_as(maps).contiguous()
 
 
+def saliency_maps(grads: torch.Tensor, values: torch.Tensor, options: SaliencyOptions) -> torch.Tensor:
+    """Saliency from the gradients at ``values``: times the values, |.|, reduced over channels."""
+    grads = grads * values if options.times_values else grads
+    return reduce_channels(grads.abs() if options.abs else grads, options.reduce)
+
+
 class Saliency(GradientTechnique):
     name = "saliency"
     summary = "gradient of the target output with respect to the input"
@@ -136,9 +142,7 @@ class Saliency(GradientTechnique):
 
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             z = attributed.values(inputs)
-            grads = attributed.gradients(inputs, z, t, size(inputs))
-            grads = grads * z if options.times_values else grads
-            return reduce_channels(grads.abs() if options.abs else grads, options.reduce)
+            return saliency_maps(attributed.gradients(inputs, z, t, size(inputs)), z, options)
 
         return attribute
 
@@ -449,15 +453,21 @@ class SmoothGradOptions(AttributionOptions):
     noise: float = option(0.15, "noise std as a fraction of each input's value range (Smilkov et al.)")
     stdev: float = option(0.0, "absolute noise std (Captum's stdevs); overrides noise when > 0")
     square: bool = option(False, "average squared maps (SmoothGrad-Squared)")
+    layers: tuple[str, ...] = option(
+        (), "one layer: add the noise to its output and attribute to it (bases saliency, guided-backprop)"
+    )
 
     def validate(self) -> None:
         super().validate()
+        self._set("layers", layer_tuple(self.layers, single=True))
+        if self.layers and self.base not in LAYER_NOISE_BASES:
+            raise bad_option("base", self.base, f"{' or '.join(LAYER_NOISE_BASES)} with layers (noise at the layer)")
         choices = smoothable()
         if self.base not in choices:
             raise bad_option("base", self.base, " / ".join(choices))
         if not isinstance(self.base_options, dict):
             raise bad_option("base_options", self.base_options, "a table of the base technique's options")
-        shared = sorted(set(self.base_options) & {"target", "start", "stop", "batch_size"})
+        shared = sorted(set(self.base_options) & {"target", "start", "stop", "batch_size", "layers", "position"})
         if shared:
             raise bad_option("base_options", self.base_options, f"no {shared[0]!r}: set it on smoothgrad itself")
         self.require_int("samples")
@@ -479,12 +489,15 @@ class SmoothGrad(GradientTechnique):
         base_class.options(**base_options, target=0)  # bad base options fail before any work
         chunk = "batch_size" in accepted
 
+        if options.layers:
+            return self._at_layer(ctx, options, options.layers[0], base_options)
+
         def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
             x = inputs.main
             if not x.is_floating_point():
                 raise PyengineError(
-                    f"smoothgrad: the inputs are {x.dtype} (token ids?); noise needs floating point inputs: use "
-                    "integrated-gradients or saliency with layers=<embedding>"
+                    f"smoothgrad: the inputs are {x.dtype} (token ids?); noise needs floating point inputs: add it "
+                    "at a layer (layers=<embedding>) or use integrated-gradients with layers=<embedding>"
                 )
             flat = x.flatten(1)
             sigma = options.stdev or options.noise * (flat.amax(1) - flat.amin(1))
@@ -499,6 +512,35 @@ class SmoothGrad(GradientTechnique):
             return (total / options.samples).to(x.dtype)
 
         return attribute
+
+    def _at_layer(
+        self, ctx: Context, options: SmoothGradOptions, layer: str, base_options: dict[str, Any]
+    ) -> Attribute:
+        """Noise added to ``layer``'s output (its values' range per row sets the scale), the
+        base's maps taken at the noisy values: saliency's gradients (with its own options) or
+        guided-backprop's, averaged."""
+        attributed = Attributed(ctx, layer, self.name, options.position)
+        base = host.get_technique(options.base).options(**base_options, target=0)
+        size = PassSize(ctx, options)
+
+        def attribute(inputs: ModelInputs, t: torch.Tensor) -> torch.Tensor:
+            z = attributed.values(inputs)
+            flat = z.flatten(1)
+            sigma = options.stdev or options.noise * (flat.amax(1) - flat.amin(1))
+            sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device).reshape(-1, *([1] * (z.dim() - 1)))
+            total = torch.zeros_like(z, dtype=torch.float64)
+            for _ in range(options.samples):
+                noisy = z + sigma * torch.randn(z.shape, generator=ctx.rng, dtype=z.dtype).to(z.device)
+                guided = options.base == GuidedBackprop.name
+                grads = attributed.gradients(inputs, noisy, t, size(inputs), guided=guided)
+                maps = saliency_maps(grads, noisy, base) if isinstance(base, SaliencyOptions) else grads
+                total += maps.double().square() if options.square else maps.double()
+            return (total / options.samples).to(z.dtype)
+
+        return attribute
+
+
+LAYER_NOISE_BASES = (Saliency.name, GuidedBackprop.name)
 
 
 def base_attributions(result: Any, name: str, x: torch.Tensor) -> torch.Tensor:
