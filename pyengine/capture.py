@@ -69,7 +69,7 @@ def capture(
     *,
     batch_size: int | None = None,
     dtype: str = "float16",
-    compression: str = "lzf",
+    compression: str = "gzip",
     device: str | torch.device | None = None,
     start: int = 0,
     stop: int | None = None,

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
+    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"])
     p.add_argument("--device")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--stop", type=int)

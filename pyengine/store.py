@@ -48,7 +48,10 @@ from pyengine.errors import PyengineError, StoreError
 FORMAT = "pyengine"
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
-COMPRESSIONS = ("lzf", "gzip", "none")
+COMPRESSIONS = ("gzip", "lzf", "none")
+LIBVER = ("v110", "v110")
+"""HDF5 format bounds of the files written: the oldest that SWMR needs (v110), so HDF5 1.10, 1.12,
+1.14 and 2.x all open them (``"latest"`` would use 2.0's formats that older libraries reject)."""
 STORED_DTYPES = {"float16": np.float16, "float32": np.float32}
 CHECKSUMS = True  # fletcher32 on every dataset written; False only to measure its cost
 
@@ -135,7 +138,7 @@ def _writing(path: Path, mode: str, what: str) -> Iterator[h5py.File]:
     HDF5 and OS errors become one StoreError naming ``what``, the file and the cause.
     """
     try:
-        file = h5py.File(path, mode, libver="latest")
+        file = h5py.File(path, mode, libver=LIBVER)
     except H5_ERRORS as error:
         _remove(path)
         raise _write_failure(what, path, error) from None
@@ -282,7 +285,7 @@ class ActivationWriter:
             return None
         with _reading(partial, "the superblock"):
             clear_consistency_flags(partial)
-        file = _open_h5(partial, "r+", libver="latest")
+        file = _open_h5(partial, "r+", libver=LIBVER)
         try:
             found = _check_meta(file, partial)["config"]
             if found != json.loads(json.dumps(config, sort_keys=True)):
@@ -322,7 +325,7 @@ class ActivationWriter:
         staging = path.with_name(path.name + ".partial.tmp")
         filters: dict[str, Any] = {}
         if compression == "gzip":
-            filters = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+            filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
         elif compression == "lzf":
             filters = {"compression": "lzf"}
         filters.update(_checksum())
@@ -371,7 +374,7 @@ class ActivationWriter:
         except OSError as error:
             _remove(staging)
             raise _write_failure(f"capture to {path}", partial, error) from None
-        file = _open_h5(partial, "r+", libver="latest")
+        file = _open_h5(partial, "r+", libver=LIBVER)
         try:
             file.swmr_mode = True
         except H5_ERRORS as error:
@@ -477,7 +480,7 @@ class StoreReader:
         self.writer_pid: int | None = None
         if self.path.name.endswith(".partial"):
             self.writer_pid = _running_writer(self.path, running_ok)
-            self.file = _open_h5(self.path, "r", libver="latest", swmr=True)
+            self.file = _open_h5(self.path, "r", libver=LIBVER, swmr=True)
         else:
             self.file = _open_h5(self.path, "r")
         try:

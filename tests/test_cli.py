@@ -93,7 +93,7 @@ def test_capture_and_info(tmp_path: Path) -> None:
     assert info["rows"] == 30 and set(info["layers"]) == {"features.relu1", "classifier.relu4"}
     assert info["meta"]["schema_version"] == 1
     text = run_cli("info", str(out)).stdout
-    assert "/activations/features.relu1  (30, 4, 16, 16) float16 lzf" in text
+    assert "/activations/features.relu1  (30, 4, 16, 16) float16 gzip" in text
 
 
 @pytest.mark.parametrize(
