@@ -354,15 +354,18 @@ def as_unit_matrix(values: torch.Tensor, dim: int, mask: torch.Tensor | None = N
     real tokens of a (B, T, D) sequence."""
     if values.dim() <= 2 or dim == 0:
         return values.reshape(values.shape[0], -1)
-    if _masks(values, dim, mask):
-        assert mask is not None
-        return values[mask.to(values.device).bool()]
+    real = _real_tokens(values, dim, mask)
+    if real is not None:
+        return values[real]
     return values.movedim(dim, -1).reshape(-1, values.shape[dim])
 
 
-def _masks(values: torch.Tensor, dim: int, mask: torch.Tensor | None) -> bool:
-    """``mask`` marks the tokens of ``values``: a (B, T, D) sequence with units last."""
-    return mask is not None and values.dim() == 3 and dim == 2 and tuple(values.shape[:2]) == tuple(mask.shape)
+def _real_tokens(values: torch.Tensor, dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, T) boolean real tokens of ``values`` when ``mask`` marks them (a (B, T, D) sequence
+    with units last), else None."""
+    if mask is None or values.dim() != 3 or dim != 2 or tuple(values.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(values.device).bool()
 
 
 def pool_positions(values: torch.Tensor, dim: int, how: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,9 +376,8 @@ def pool_positions(values: torch.Tensor, dim: int, how: str, mask: torch.Tensor 
         return values.reshape(values.shape[0], -1)
     if how not in POOLINGS:
         raise PyengineError(f"pooling {how!r} is invalid: expected one of {', '.join(POOLINGS)}")
-    if _masks(values, dim, mask):
-        assert mask is not None
-        real = mask.to(values.device).bool()
+    real = _real_tokens(values, dim, mask)
+    if real is not None:
         if how == "max":
             return values.masked_fill(~real[..., None], float("-inf")).amax(1)
         if how == "mean":

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from matrix_harness import Refusal
+
 MODELS = ("bert", "gpt2")  # tests/lm_models.py: BertForSequenceClassification, GPT2LMHeadModel
 ROWS = 24  # dataset rows (labels, the concept "marker") for techniques that read data
 EXPLAINED = 4  # rows explained by the per-input techniques
@@ -18,12 +20,6 @@ BLOCKS = {"bert": "bert.encoder.layer.0", "gpt2": "transformer.h.0"}  # (B, T, D
 # BERT's GELUs are bypassed by the residual add of BertOutput (LayerNorm(dense(h) + input)); its
 # pooler's Tanh is not. GPT-2's GELUs are bypassed by its blocks' residual adds: refused below.
 INTERACTION_LAYERS = {"bert": ("bert.pooler.activation",)}
-
-
-@dataclass(frozen=True)
-class Refusal:
-    pattern: str  # a regular expression the one-line message must contain
-    reason: str  # the table's words
 
 
 PATHWISE = Refusal(

@@ -9,7 +9,7 @@ are found by patching ``torch.nn.functional.relu``, which ``nn.ReLU`` and ``F.re
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,17 +70,23 @@ def float64(model: nn.Module) -> nn.Module:
 NONLINEARITIES = (nn.ReLU, nn.GELU, nn.Hardswish, nn.SiLU, nn.Tanh)  # the zoo's hidden-unit nonlinearities
 
 
-def nonlinearity_calls(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """References to every call of a hidden-unit nonlinearity module, in the order they run."""
+def is_nonlinearity(module: nn.Module) -> bool:
+    """torch's hidden-unit nonlinearities and every activation module of transformers (GELUActivation, ...)."""
+    return isinstance(module, NONLINEARITIES) or type(module).__module__ == "transformers.activations"
+
+
+def nonlinearity_calls(model: nn.Module, x: torch.Tensor | Mapping[str, torch.Tensor]) -> list[str]:
+    """References to every call of a hidden-unit nonlinearity module, in the order they run, for
+    the first row of ``x`` (a tensor, or keyword tensors: ``model(**x)``)."""
     names = {id(m): n for n, m in model.named_modules()}
     order: list[str] = []
     handles = [
         m.register_forward_hook(lambda module, args, out: order.append(names[id(module)]))
         for m in model.modules()
-        if isinstance(m, NONLINEARITIES)
+        if is_nonlinearity(m)
     ]
     with torch.no_grad():
-        model(x[:1])
+        model(**{key: value[:1] for key, value in x.items()}) if isinstance(x, Mapping) else model(x[:1])
     for handle in handles:
         handle.remove()
     seen: dict[str, int] = {}
@@ -289,3 +295,31 @@ def locate_patch(patch: torch.Tensor, image: torch.Tensor) -> tuple[int, int, in
     assert len(found) == 1, f"the patch is not one crop of its input ({len(found)} matches)"
     y0, x0 = (int(v) for v in found[0])
     return y0, y0 + py1 - py0, x0, x0 + px1 - px0
+
+
+# --- relu-sync: firing patterns of recorded values ------------------------------------------------
+
+
+def check_firing(res: Any, layer: str, fires: torch.Tensor) -> None:
+    """relu-sync's result for ``layer`` against ``fires`` (samples, units) in {0, 1}: agreement,
+    firing rates, dead and always-on units, and the groups of live units with identical patterns."""
+    n = fires.shape[0]
+    assert res.samples[layer] == n and res.group[layer].shape == (fires.shape[1],)
+    torch.testing.assert_close(
+        res.agreement[layer].double(), (fires.T @ fires + (1 - fires).T @ (1 - fires)) / n, rtol=1e-6, atol=1e-6
+    )
+    rate = fires.mean(0)
+    torch.testing.assert_close(res.firing_rate[layer].double(), rate, rtol=1e-6, atol=1e-6)
+    assert res.dead[layer] == int((rate == 0).sum()) and res.always_on[layer] == int((rate == 1).sum())
+    live = (rate > 0) & (rate < 1)
+    patterns: dict[bytes, list[int]] = {}
+    for unit in live.nonzero().flatten().tolist():
+        patterns.setdefault(fires[:, unit].numpy().tobytes(), []).append(unit)
+    groups = [units for units in patterns.values() if len(units) > 1]
+    assert res.groups[layer] == len(groups)
+    grouped = {unit for units in groups for unit in units}
+    for unit in range(fires.shape[1]):
+        assert (int(res.group[layer][unit]) >= 0) == (unit in grouped)
+    assert len({tuple(int(res.group[layer][u]) for u in units) for units in groups}) == len(groups)
+    for units in groups:
+        assert len({int(res.group[layer][u]) for u in units}) == 1

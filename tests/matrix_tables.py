@@ -3,7 +3,7 @@ where a technique refuses a model (with the pattern its one-line message must co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from matrix_harness import Refusal
 
 # --- the models and the layers each cell reads ---------------------------------------------------
 
@@ -50,12 +50,6 @@ INTERACTION_LAYERS = {
     "demo_cnn": ("features.pool3", "classifier.relu4"),
 }
 CHAINS = ("vgg16_bn", "demo_cnn")  # plain chains of ReLU layers: hierarchical paths have a reference
-
-
-@dataclass(frozen=True)
-class Refusal:
-    pattern: str  # a regular expression the one-line message must contain
-    reason: str  # the table's words
 
 
 NOT_PL = "is not piecewise linear"

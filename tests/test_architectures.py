@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -28,6 +28,8 @@ from torch import nn
 import pyengine
 from pyengine import host
 from pyengine.errors import PyengineError
+
+from matrix_harness import FIT_MLP_CALLS, Spec, markdown_table, run_cell, single_thread, spy_fit_mlp  # isort: skip
 
 from matrix_tables import (  # isort: skip
     MODELS,
@@ -74,18 +76,6 @@ class Cell:
 
 
 Check = Callable[[Cell, Any], None]
-
-
-@dataclass(frozen=True)
-class Spec:
-    reference: str  # the table's words for a cell that runs
-    check: Check
-    options: dict[str, Any] = field(default_factory=dict)
-    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # options for one model
-    notes: dict[str, str] = field(default_factory=dict)  # the table's words for one model (default ✓)
-
-    def options_for(self, name: str) -> dict[str, Any]:
-        return {**self.options, **self.per_model.get(name, {})}
 
 
 @cache
@@ -367,22 +357,9 @@ def check_probe_mlp(cell: Cell, res: Any) -> None:
     assert FIT_MLP_CALLS == [shape for shape in widths for _ in concepts for _ in range(2)]  # concept and control
 
 
-FIT_MLP_CALLS: list[tuple[int, int, int]] = []
-
-
 @pytest.fixture
 def spy_on_fit_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records (features, training rows, validation rows) of every MLP probe fitted."""
-    from pyengine.plugins.probing import probes
-
-    fit = probes.fit_mlp
-
-    def spy(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        FIT_MLP_CALLS.append((x_train.shape[1], x_train.shape[0], x_val.shape[0]))
-        return fit(x_train, y_train, x_val, *args, **kwargs)
-
-    FIT_MLP_CALLS.clear()
-    monkeypatch.setattr(probes, "fit_mlp", spy)
+    spy_fit_mlp(monkeypatch)
 
 
 # --- pathwise --------------------------------------------------------------------------------------------
@@ -484,28 +461,10 @@ def check_jacobian_gram(cell: Cell, res: Any) -> None:
 def check_relu_sync(cell: Cell, res: Any) -> None:
     """Firing (> 0) per unit over rows and positions: agreement, rates, dead and always-on units,
     and the groups of live units with identical patterns."""
-    from matrix_references import unit_rows
+    from matrix_references import check_firing, unit_rows
 
     for layer, values in default_values(cell, res.group).items():
-        fires = (unit_rows(values) > 0).double()
-        n = fires.shape[0]
-        assert res.samples[layer] == n and res.group[layer].shape == (fires.shape[1],)
-        close(res.agreement[layer], (fires.T @ fires + (1 - fires).T @ (1 - fires)) / n, 1e-6)
-        rate = fires.mean(0)
-        close(res.firing_rate[layer], rate, 1e-6)
-        assert res.dead[layer] == int((rate == 0).sum()) and res.always_on[layer] == int((rate == 1).sum())
-        live = (rate > 0) & (rate < 1)
-        patterns: dict[bytes, list[int]] = {}
-        for unit in live.nonzero().flatten().tolist():
-            patterns.setdefault(fires[:, unit].numpy().tobytes(), []).append(unit)
-        groups = [units for units in patterns.values() if len(units) > 1]
-        assert res.groups[layer] == len(groups)
-        grouped = {unit for units in groups for unit in units}
-        for unit in range(fires.shape[1]):
-            assert (int(res.group[layer][unit]) >= 0) == (unit in grouped)
-        assert len({tuple(int(res.group[layer][u]) for u in units) for units in groups}) == len(groups)
-        for units in groups:
-            assert len({int(res.group[layer][u]) for u in units}) == 1
+        check_firing(res, layer, (unit_rows(values) > 0).double())
 
 
 def check_interaction_basis(cell: Cell, res: Any, layers: tuple[str, ...] = ()) -> None:
@@ -639,12 +598,8 @@ SPECS: dict[str, Spec] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """These models are small: a second thread gains nothing, and on a loaded 2-core machine it
-    spins (the file took 9x the CPU time with two threads there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def cells() -> list[Any]:
@@ -657,27 +612,12 @@ def cells() -> list[Any]:
 
 @pytest.mark.parametrize("technique, name", cells())
 def test_cell(technique: str, name: str, request: pytest.FixtureRequest) -> None:
-    from conftest import hooks_on
-
     assert technique in SPECS, f"technique {technique!r} has no reference in the architecture matrix; add one"
     spec = SPECS[technique]
     if technique == "probe-mlp":
         request.getfixturevalue("spy_on_fit_mlp")
     cell = Cell(technique, name, zoo_model(name))
-    weights = {key: value.clone() for key, value in cell.model.state_dict().items()}
-    refusal = REFUSALS.get((technique, name))
-    if refusal is None:
-        result = cell.run(**spec.options_for(name))
-        assert hooks_on(cell.model) == []
-        spec.check(cell, result)
-    else:
-        with pytest.raises(PyengineError) as caught:
-            cell.run(**spec.options_for(name))
-        message = str(caught.value)
-        assert "\n" not in message and re.search(refusal.pattern, message), message
-        assert hooks_on(cell.model) == []
-    assert all(torch.equal(value, weights[key]) for key, value in cell.model.state_dict().items())
-    assert not cell.model.training
+    run_cell(cell, spec, REFUSALS.get((technique, name)))
 
 
 def test_grad_cam_refuses_a_token_layer() -> None:
@@ -744,22 +684,8 @@ def test_the_tables_name_real_cells() -> None:
 
 
 def table() -> str:
-    """The matrix as markdown: what each technique is checked against, and per model whether it
-    is (✓) or why the technique refuses."""
-    lines = [
-        "| technique | checked against | " + " | ".join(MODELS) + " |",
-        "| --- | --- |" + " --- |" * len(MODELS),
-    ]
-    for technique in host.techniques():
-        spec = SPECS.get(technique)
-        row = []
-        for name in MODELS:
-            refusal = REFUSALS.get((technique, name))
-            text = f"refused: {refusal.reason}" if refusal else spec.notes.get(name, "✓") if spec else "?"
-            row.append(text)
-        reference = spec.reference if spec else "no reference"
-        lines.append(f"| {technique} | {reference} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    """The matrix as markdown (see ``matrix_harness.markdown_table``)."""
+    return markdown_table(MODELS, SPECS, REFUSALS)
 
 
 def test_the_table_has_a_row_per_technique() -> None:

@@ -80,3 +80,21 @@ def test_faithfulness_curves_rank_techniques(trained_demo: nn.Module) -> None:
     assert res.deletion_auc["occlusion"] < res.insertion_auc["occlusion"]
     assert res.deletion_curves["occlusion"].shape == (9,)
     assert "occlusion: pointing" in "\n".join(res.lines())
+
+
+def test_default_techniques_that_do_not_apply_are_skipped_with_their_reason() -> None:
+    """A SiLU model has no ReLU to guide: by default guided-backprop is skipped (its refusal kept in
+    the result); named explicitly, its refusal is the answer."""
+    import pytest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    data = Shapes(8, seed=2, size=16)
+    res = pyengine.run("faithfulness", model, data=data, stop=4, steps=2, progress=False)
+    assert "guided-backprop" in res.skipped and "no ReLU" in res.skipped["guided-backprop"]
+    assert "saliency" in res.deletion_auc and "guided-backprop" not in res.deletion_auc
+    assert any(line.startswith("guided-backprop: skipped") for line in res.lines())
+    with pytest.raises(pyengine.PyengineError, match="applies no ReLU"):
+        pyengine.run("faithfulness", model, data=data, stop=4, steps=2, techniques=["guided-backprop"], progress=False)

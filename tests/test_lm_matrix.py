@@ -19,7 +19,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -32,6 +32,9 @@ from torch import nn
 import pyengine
 from pyengine import host
 from pyengine.errors import PyengineError
+
+from matrix_references import check_firing, nonlinearity_calls  # isort: skip
+from matrix_harness import FIT_MLP_CALLS, Spec, markdown_table, run_cell, single_thread, spy_fit_mlp  # isort: skip
 
 pytest.importorskip("transformers")
 pytest.importorskip("captum")
@@ -129,17 +132,6 @@ class Cell:
 Check = Callable[[Cell, Any], None]
 
 
-@dataclass(frozen=True)
-class Spec:
-    reference: str  # the table's words for a cell that runs
-    check: Check
-    options: dict[str, Any] = field(default_factory=dict)
-    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)  # options for one model
-
-    def options_for(self, name: str) -> dict[str, Any]:
-        return {**self.options, **self.per_model.get(name, {})}
-
-
 def close(ours: Any, theirs: Any, relative: float = 1e-5) -> None:
     """Equal up to ``relative`` times the largest magnitude of the reference."""
     ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
@@ -149,36 +141,6 @@ def close(ours: Any, theirs: Any, relative: float = 1e-5) -> None:
 
 
 # --- layer values over the real tokens (forward hooks that clone; nothing from pyengine) ----------------
-
-
-def is_nonlinearity(module: nn.Module) -> bool:
-    """torch's hidden-unit nonlinearities and every activation module of transformers (GELUActivation, ...)."""
-    from matrix_references import NONLINEARITIES
-
-    return isinstance(module, NONLINEARITIES) or type(module).__module__ == "transformers.activations"
-
-
-def nonlinearity_calls(model: nn.Module, batch: Batch) -> list[str]:
-    """Every call of a nonlinearity module, in the order they run (``path#k`` for repeated calls)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    order: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda module, args, out: order.append(names[id(module)]))
-        for m in model.modules()
-        if is_nonlinearity(m)
-    ]
-    try:
-        with torch.no_grad():
-            model(**{key: value[:1] for key, value in batch.items()})
-    finally:
-        for handle in handles:
-            handle.remove()
-    seen: dict[str, int] = {}
-    references = []
-    for name in order:
-        seen[name] = seen.get(name, 0) + 1
-        references.append(name if order.count(name) == 1 else f"{name}#{seen[name]}")
-    return references
 
 
 def record(model: nn.Module, references: list[str], batch: Batch) -> dict[str, torch.Tensor]:
@@ -403,22 +365,9 @@ def check_probe_linear(cell: Cell, res: Any) -> None:
         assert error <= max(1e-3 * float(np.abs(reference.coef_).max()), 2 * res.gradient_norm[layer] / PROBE_L2)
 
 
-FIT_MLP_CALLS: list[tuple[int, int, int]] = []
-
-
 @pytest.fixture
 def spy_on_fit_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records (features, training rows, validation rows) of every MLP probe fitted."""
-    from pyengine.plugins.probing import probes
-
-    fit = probes.fit_mlp
-
-    def spy(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        FIT_MLP_CALLS.append((x_train.shape[1], x_train.shape[0], x_val.shape[0]))
-        return fit(x_train, y_train, x_val, *args, **kwargs)
-
-    FIT_MLP_CALLS.clear()
-    monkeypatch.setattr(probes, "fit_mlp", spy)
+    spy_fit_mlp(monkeypatch)
 
 
 def check_probe_mlp(cell: Cell, res: Any) -> None:
@@ -479,24 +428,7 @@ def check_relu_sync(cell: Cell, res: Any) -> None:
     and the groups of live units with identical patterns."""
     values, mask = default_values(cell, res.group)
     for layer, value in values.items():
-        fires = (real_rows(value, mask) > 0).double()
-        n = fires.shape[0]
-        assert res.samples[layer] == n and res.group[layer].shape == (value.shape[-1],)
-        close(res.agreement[layer], (fires.T @ fires + (1 - fires).T @ (1 - fires)) / n, 1e-6)
-        rate = fires.mean(0)
-        close(res.firing_rate[layer], rate, 1e-6)
-        assert res.dead[layer] == int((rate == 0).sum()) and res.always_on[layer] == int((rate == 1).sum())
-        live = (rate > 0) & (rate < 1)
-        patterns: dict[bytes, list[int]] = {}
-        for unit in live.nonzero().flatten().tolist():
-            patterns.setdefault(fires[:, unit].numpy().tobytes(), []).append(unit)
-        groups = [units for units in patterns.values() if len(units) > 1]
-        assert res.groups[layer] == len(groups)
-        grouped = {unit for units in groups for unit in units}
-        for unit in range(fires.shape[1]):
-            assert (int(res.group[layer][unit]) >= 0) == (unit in grouped)
-        for units in groups:
-            assert len({int(res.group[layer][u]) for u in units}) == 1
+        check_firing(res, layer, (real_rows(value, mask) > 0).double())
 
 
 def check_interaction_basis(cell: Cell, res: Any, layer: str = "", batch: Batch | None = None) -> None:
@@ -636,11 +568,8 @@ SPECS: dict[str, Spec] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """These models are tiny: a second thread gains nothing, and on a loaded machine it spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def cells() -> list[Any]:
@@ -655,27 +584,12 @@ def cells() -> list[Any]:
 
 @pytest.mark.parametrize("technique, name", cells())
 def test_cell(technique: str, name: str, request: pytest.FixtureRequest) -> None:
-    from conftest import hooks_on
-
     assert technique in SPECS, f"technique {technique!r} has no reference in the language-model matrix; add one"
     spec = SPECS[technique]
     if technique == "probe-mlp":
         request.getfixturevalue("spy_on_fit_mlp")
     cell = Cell(technique, name, lm(name))
-    weights = {key: value.clone() for key, value in cell.model.state_dict().items()}
-    refusal = REFUSALS.get((technique, name))
-    if refusal is None:
-        result = cell.run(**spec.options_for(name))
-        assert hooks_on(cell.model) == []
-        spec.check(cell, result)
-    else:
-        with pytest.raises(PyengineError) as caught:
-            cell.run(**spec.options_for(name))
-        message = str(caught.value)
-        assert "\n" not in message and re.search(refusal.pattern, message), message
-        assert hooks_on(cell.model) == []
-    assert all(torch.equal(value, weights[key]) for key, value in cell.model.state_dict().items())
-    assert not cell.model.training
+    run_cell(cell, spec, REFUSALS.get((technique, name)))
 
 
 def without_layer_or_baseline(options: dict[str, Any]) -> dict[str, Any]:
@@ -718,22 +632,8 @@ def test_the_tables_name_real_cells() -> None:
 
 
 def table() -> str:
-    """The matrix as markdown: what each technique is checked against, and per model whether it
-    is (✓), why the technique refuses, or what is pending a fix."""
-    lines = [
-        "| technique | checked against | " + " | ".join(MODELS) + " |",
-        "| --- | --- |" + " --- |" * len(MODELS),
-    ]
-    for technique in host.techniques():
-        spec = SPECS.get(technique)
-        row = []
-        for name in MODELS:
-            refusal, pending = REFUSALS.get((technique, name)), PENDING.get((technique, name))
-            text = f"refused: {refusal.reason}" if refusal else "✓" if spec else "?"
-            row.append(f"pending: {pending.reason}" if pending else text)
-        reference = spec.reference if spec else "no reference"
-        lines.append(f"| {technique} | {reference} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    """The matrix as markdown (see ``matrix_harness.markdown_table``)."""
+    return markdown_table(MODELS, SPECS, REFUSALS, {key: value.reason for key, value in PENDING.items()})
 
 
 def test_the_table_has_a_row_per_technique() -> None:

@@ -44,10 +44,10 @@ HIDDEN_ACTIVATIONS = {
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """The models are tiny: a second intra-op thread only waits on a busy machine (seconds instead of ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from matrix_harness import single_thread
+
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

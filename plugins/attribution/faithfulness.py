@@ -7,7 +7,7 @@ technique runs attribution techniques on held-out images and scores each of them
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -111,7 +111,9 @@ DEFAULT_IMAGES = 200  # images scored when stop is 0
 class FaithfulnessOptions(RowOptions):
     stop: int = option(0, f"end of the images scored (exclusive); 0: the first {DEFAULT_IMAGES} (or all, if fewer)")
     batch_size: int = option(50, "images per attribution call")
-    techniques: tuple[str, ...] = option((), "attribution techniques scored; default: every registered one")
+    techniques: tuple[str, ...] = option(
+        (), "attribution techniques scored; default: every registered one that applies to the model"
+    )
     technique_options: dict[str, dict[str, Any]] = option({}, "technique name -> its options")
     target: Any = option("label", "the explained class: 'label', 'predicted' or an index")
     curves: bool = option(True, "deletion/insertion curves (the pointing game needs only the maps)")
@@ -124,7 +126,7 @@ class FaithfulnessOptions(RowOptions):
         super().validate()
         if isinstance(self.techniques, str):
             self._set("techniques", (self.techniques,))
-        self._set("techniques", tuple(self.techniques) or tuple(attribution_techniques()))
+        self._set("techniques", tuple(self.techniques))
         known = attribution_techniques()
         unknown = [name for name in self.techniques if name not in known]
         if unknown:
@@ -148,6 +150,7 @@ class FaithfulnessResult(Result):
     insertion_auc: dict[str, float]  # higher is better
     deletion_curves: dict[str, torch.Tensor]  # technique -> (steps + 1,) mean curve
     insertion_curves: dict[str, torch.Tensor]
+    skipped: dict[str, str] = field(default_factory=dict)  # default techniques that refused: name -> why
 
     def lines(self) -> list[str]:
         out = [
@@ -159,6 +162,7 @@ class FaithfulnessResult(Result):
             if name in self.deletion_auc:
                 parts.append(f"deletion {self.deletion_auc[name]:.3f}, insertion {self.insertion_auc[name]:.3f}")
             out.append(f"{name}: " + ", ".join(parts))
+        out += [f"{name}: skipped: {why}" for name, why in self.skipped.items()]
         return out
 
     def summary(self) -> str:
@@ -186,9 +190,18 @@ class Faithfulness(Technique):
         samples = samples_per_pass(
             ctx, ModelInputs(inputs), budget, backward=False, extra_bytes=2 * inputs[:1].numel() * inputs.element_size()
         )  # each curve image and its mask
-        with ctx.progress(len(options.techniques), self.name) as bar:
-            for name in options.techniques:
-                maps = self._attributions(ctx, name, options, inputs, targets)
+        names = options.techniques or tuple(attribution_techniques())
+        skipped: dict[str, str] = {}  # default techniques that refused this model
+        with ctx.progress(len(names), self.name) as bar:
+            for name in names:
+                try:
+                    maps = self._attributions(ctx, name, options, inputs, targets)
+                except PyengineError as error:
+                    if options.techniques:  # asked for by name: its refusal is the answer
+                        raise
+                    skipped[name] = str(error)  # a default that does not apply to this model
+                    bar.update(1)
+                    continue
                 if boxes is not None:
                     pointing[name] = float(pointing_game(maps, inputs, boxes, options.tolerance).double().mean())
                 if options.curves:
@@ -207,6 +220,10 @@ class Faithfulness(Technique):
                     )
                     deletion_curves[name], insertion_curves[name] = removed.mean(0), inserted.mean(0)
                 bar.update(1)
+        if skipped and len(skipped) == len(names):
+            raise PyengineError(
+                f"{self.name}: no attribution technique applies to this model; {next(iter(skipped.values()))}"
+            )
         figures = []
         if options.curves:
             x = [k / options.steps for k in range(options.steps + 1)]
@@ -230,6 +247,7 @@ class Faithfulness(Technique):
             insertion_auc=insertion,
             deletion_curves=deletion_curves,
             insertion_curves=insertion_curves,
+            skipped=skipped,
             figures=tuple(figures),
         )
 

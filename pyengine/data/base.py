@@ -213,7 +213,7 @@ class TorchDataset(Dataset):
             self._check_structure(parsed[-1][0], tuple(parsed[-1][2]), f"row {i}")
         keys = self._concept_keys or ()
         inputs, extra = (
-            self._padded(index, items, [x for x, _, _ in parsed])
+            self._padded(index, items, [x for x, _, _ in parsed], self.max_length)
             if self.max_length is not None
             else (torch.stack([x for x, _, _ in parsed]), {})
         )
@@ -221,7 +221,8 @@ class TorchDataset(Dataset):
         for key in keys:
             per_token = [c[key] for _, _, c in parsed]
             if self.max_length is not None and _per_token(per_token[0], parsed[0][0]):
-                concepts[key] = self._token_codes(index, key, per_token, [x for x, _, _ in parsed])
+                sequences = [x for x, _, _ in parsed]
+                concepts[key] = self._token_codes(index, key, per_token, sequences, self.max_length)
                 continue
             concepts[key] = torch.tensor(
                 [_integer(c[key], f"row {i}: concept {key!r}", 0) for i, (_, _, c) in zip(index, parsed)],
@@ -230,11 +231,10 @@ class TorchDataset(Dataset):
         return _Rows(inputs, torch.tensor([label for _, label, _ in parsed], dtype=torch.long), concepts, extra)
 
     def _token_codes(
-        self, index: list[int], key: str, values: list[Any], sequences: list[torch.Tensor]
+        self, index: list[int], key: str, values: list[Any], sequences: list[torch.Tensor], max_length: int
     ) -> torch.Tensor:
         """A token-level concept (one code per token): (B, max_length) codes, -1 on padding."""
-        assert self.max_length is not None
-        codes = torch.full((len(values), self.max_length), -1, dtype=torch.long)
+        codes = torch.full((len(values), max_length), -1, dtype=torch.long)
         for row, (i, value, seq) in enumerate(zip(index, values, sequences)):
             tensor = _tensor(value, f"row {i}: concept {key!r}")
             if tensor.shape != seq.shape or tensor.is_floating_point() or (tensor.numel() and int(tensor.min()) < 0):
@@ -246,18 +246,17 @@ class TorchDataset(Dataset):
         return codes
 
     def _padded(
-        self, index: list[int], items: list[Any], sequences: list[torch.Tensor]
+        self, index: list[int], items: list[Any], sequences: list[torch.Tensor], max_length: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Token sequences right-padded to ``max_length``, with their attention mask and the
         items' other per-token tensors."""
-        assert self.max_length is not None
         for i, seq in zip(index, sequences):
-            if seq.numel() > self.max_length:
+            if seq.numel() > max_length:
                 raise PyengineError(
-                    f"{self.name}: row {i} has {seq.numel()} tokens; expected at most max_length={self.max_length}"
+                    f"{self.name}: row {i} has {seq.numel()} tokens; expected at most max_length={max_length}"
                 )
         ids, mask = pad_sequences(sequences, self.pad_id, self.name)
-        width = self.max_length - ids.shape[1]
+        width = max_length - ids.shape[1]
         ids = torch.nn.functional.pad(ids, (0, width), value=self.pad_id)
         extra = {MASK_KEY: torch.nn.functional.pad(mask, (0, width))}
         if isinstance(items[0], Mapping):
@@ -266,13 +265,13 @@ class TorchDataset(Dataset):
                 k for k, v in items[0].items() if k not in (main_key, MASK_KEY) and _per_token(v, sequences[0])
             ]:
                 companions = [_tensor(item[key], f"row {i}: {key}") for i, item in zip(index, items)]
-                padded = torch.zeros(len(items), self.max_length, dtype=companions[0].dtype)
+                padded = torch.zeros(len(items), max_length, dtype=companions[0].dtype)
                 for row, value in enumerate(companions):
                     padded[row, : value.numel()] = value
                 extra[str(key)] = padded
             if MASK_KEY in items[0]:
                 given = [_tensor(item[MASK_KEY], f"row {i}: {MASK_KEY}") for i, item in zip(index, items)]
-                own = torch.zeros(len(items), self.max_length, dtype=torch.long)
+                own = torch.zeros(len(items), max_length, dtype=torch.long)
                 for row, value in enumerate(given):
                     own[row, : value.numel()] = value.long()
                 extra[MASK_KEY] = own
