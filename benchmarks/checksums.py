@@ -2,7 +2,7 @@
 
 Captures --rows (default 4,000) shapes images through DemoCNN at 32x32 (random weights) into
 a fresh store, three layers (features.relu1, features.relu2, classifier.relu4; float16, lzf),
-with every dataset checksummed (the default) and with ``pyengine.store.CHECKSUMS = False``.
+with every dataset checksummed (the default) and with ``pyengine.store._h5.CHECKSUMS = False``.
 Runs alternate; the best of --repeats is kept for each, as wall time and as this process's
 CPU time (steadier on a shared machine). Prints both ratios.
 
@@ -21,7 +21,7 @@ import h5py
 import torch
 
 import pyengine
-import pyengine.store
+import pyengine.store._h5
 from pyengine.data import Shapes
 from pyengine.models import DemoCNN
 
@@ -32,13 +32,13 @@ def capture_once(
     model: torch.nn.Module, data: Shapes, path: Path, compression: str, checksums: bool
 ) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one capture into a fresh ``path``."""
-    pyengine.store.CHECKSUMS = checksums
+    pyengine.store._h5.CHECKSUMS = checksums
     try:
         start, cpu = time.perf_counter(), time.process_time()
         pyengine.capture(model, data, LAYERS, path, batch_size=256, compression=compression, progress=False)
         seconds = (time.perf_counter() - start, time.process_time() - cpu)
     finally:
-        pyengine.store.CHECKSUMS = True
+        pyengine.store._h5.CHECKSUMS = True
     with h5py.File(path, "r") as file:
         if file[f"activations/{LAYERS[0]}"].fletcher32 != checksums:
             raise RuntimeError("the CHECKSUMS switch did not take effect")
