@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyengine import host
+from pyengine import distributed, host
 from pyengine.capture import model_device, param_hash
 from pyengine.context import Context, resolve_device
 from pyengine.data.base import as_dataset
@@ -55,14 +55,21 @@ def run(
     tensor itself, a ``ModelOutput``'s logits, a tuple's first element).
     ``data`` is a dataset to analyse, ``store`` an activation store to read from, ``save``
     a results file to add the result to (under ``/results/<name>/<run_name>``).
-    ``device`` moves the model there (default: where the model already is). A store captured
+    ``device`` moves the model there (default: where the model already is; ``cuda:LOCAL_RANK``
+    for a process of a distributed run on a machine with GPUs). A store captured
     from other weights is an error unless ``accept_other_model``.
+
+    When ``torch.distributed`` is initialised (``torchrun``), every process calls ``run`` with
+    the same arguments: techniques split the rows and reduce over processes
+    (``pyengine.distributed``); every process gets the result; only rank 0 writes ``save``.
     """
     technique_class = host.get_technique(name)
     parsed = technique_class.options(**options)
     model = resolve_model(model)
-    target = resolve_device(device) if device is not None else model_device(model)
-    if device is not None:
+    ranks = distributed.current()
+    chosen = resolve_device(device) if device is not None else distributed.default_device(ranks)
+    target = chosen if chosen is not None else model_device(model)
+    if chosen is not None:
         model = model.to(target)
     if technique_class.needs_inputs and inputs is None:
         raise PyengineError(f"{name} needs inputs: call pyengine.run({name!r}, model, inputs, ...)")
@@ -71,7 +78,7 @@ def run(
 
     if save is not None:
         check_output_path(save)
-        run_name = reserve_run_name(save, name, run_name)
+        run_name = ranks.on_main(lambda: reserve_run_name(save, name, run_name))
     reader = StoreReader(store) if isinstance(store, (str, os.PathLike)) else store
     try:
         if reader is not None and not accept_other_model:
@@ -89,6 +96,7 @@ def run(
         seed=seed,
         show_progress=progress,
         output=output,
+        ranks=ranks,
     )
     was_training = model.training
     model.eval()
@@ -99,7 +107,8 @@ def run(
         if reader is not None and reader is not store:
             reader.close()
     if save is not None:
-        write_results(save, [stored_result(name, run_name, parsed, result)], meta=model_meta(model))
+        pending = stored_result(name, run_name, parsed, result)
+        ranks.on_main(lambda: write_results(save, [pending], meta=model_meta(model)))
     return result
 
 

@@ -201,18 +201,19 @@ def run_attribution(
     ``attribute(x, t)`` maps N inputs with one target each (t: (N,)) to N maps; with several
     targets per input the rows are repeated. A ``multi_target`` attribute takes all targets
     at once, t: (N, T), and returns (N, T, *S).
+    Several processes explain their contiguous parts of the rows; each gets every row's result.
     """
-    source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=technique)
-    if isinstance(options.target, torch.Tensor) and options.target.shape[0] not in (1, source.count):
+    source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=technique, split=True)
+    if isinstance(options.target, torch.Tensor) and options.target.shape[0] not in (1, source.total):
         raise PyengineError(
-            f"{technique}: target has {options.target.shape[0]} rows but there are {source.count} "
+            f"{technique}: target has {options.target.shape[0]} rows but there are {source.total} "
             "inputs; expected one row per input or a single row"
         )
     maps: list[torch.Tensor] = []
     all_targets: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     shown: list[torch.Tensor] = []
-    offset = 0
+    offset = source.offset
     with ctx.progress(source.count, technique) as bar:
         for rows in source:
             inputs = rows.model_inputs()
@@ -231,7 +232,13 @@ def run_attribution(
                 shown.append(inputs.main[:MAX_FIGURE_INPUTS].detach().cpu())
             offset += len(rows)
             bar.update(len(rows))
-    return torch.cat(maps), torch.cat(all_targets), torch.cat(indices), torch.cat(shown)[:MAX_FIGURE_INPUTS]
+    gather = ctx.gather_rows
+    return (
+        gather(torch.cat(maps)),
+        gather(torch.cat(all_targets)),
+        gather(torch.cat(indices)),
+        gather(torch.cat(shown))[:MAX_FIGURE_INPUTS],
+    )
 
 
 def map_dtype(inputs: torch.Tensor) -> torch.dtype:

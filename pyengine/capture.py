@@ -1,4 +1,9 @@
-"""Capture layer activations over a dataset into the HDF5 store, crash-safe and resumable."""
+"""Capture layer activations over a dataset into the HDF5 store, crash-safe and resumable.
+
+Run by several processes (``torchrun``; ``pyengine.distributed``), each writes the part file of
+its contiguous rows and rank 0 joins them into one capture of virtual datasets
+(``pyengine.store.shards``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyengine import distributed
 from pyengine._lock import CaptureLock
 from pyengine.context import resolve_device
 from pyengine.data.base import Batch, Dataset, as_dataset
@@ -19,7 +25,7 @@ from pyengine.hashing import param_hash
 from pyengine.inputs import MASK_KEY, ModelInputs
 from pyengine.layers import LayerRef, record, resolve_module
 from pyengine.progress import Progress
-from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path
+from pyengine.store import COMPRESSIONS, STORED_DTYPES, ActivationWriter, partial_path, shards
 from pyengine.units import infer_unit_dims
 
 
@@ -83,6 +89,10 @@ def capture(
     configuration is resumed; a complete one is returned as is. One capture writes a store
     at a time: a second one, while the first runs, is a StoreError naming the first's pid.
     ``batch_size`` defaults to a DataLoader's own batch size, else 64.
+
+    With ``torch.distributed`` initialised, every process calls ``capture`` with the same
+    arguments; each captures its contiguous part of the rows (on ``cuda:LOCAL_RANK`` when there
+    are GPUs) and rank 0 joins the parts (``pyengine.store.shards``). Run again to resume.
     """
     data: Dataset = as_dataset(dataset)
     if batch_size is None:
@@ -92,7 +102,9 @@ def capture(
     for name in layers:
         resolve_module(model, LayerRef.parse(name).path)
     stop = len(data) if stop is None else stop
-    device = resolve_device(device) if device is not None else model_device(model)
+    ranks = distributed.current()
+    chosen = resolve_device(device) if device is not None else distributed.default_device(ranks)
+    device = chosen if chosen is not None else model_device(model)
     config = {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_param_hash": param_hash(model),
@@ -103,6 +115,22 @@ def capture(
         "start": start,
         "stop": stop,
     }
+    if ranks.active:
+        return _capture_sharded(
+            ranks,
+            model,
+            data,
+            layers,
+            path,
+            config,
+            batch_size=batch_size,
+            dtype=dtype,
+            compression=compression,
+            device=device,
+            overwrite=overwrite,
+            progress=progress,
+            on_batch=on_batch,
+        )
     with CaptureLock(path):  # before anything reads, removes or resumes the store's files
         return _capture_locked(
             model,
@@ -120,6 +148,83 @@ def capture(
             progress=progress,
             on_batch=on_batch,
         )
+
+
+def _capture_sharded(
+    ranks: distributed.Ranks,
+    model: nn.Module,
+    data: Dataset,
+    layers: Sequence[str],
+    path: Path,
+    config: dict[str, Any],
+    *,
+    overwrite: bool,
+    **settings: Any,
+) -> Path:
+    """``capture`` by one process of several: its part file, then rank 0 joins the parts."""
+    start, stop, batch_size = int(config["start"]), int(config["stop"]), int(settings["batch_size"])
+    if -(-(stop - start) // batch_size) < ranks.world:
+        raise PyengineError(
+            f"capture: {stop - start} rows in batches of {batch_size} cannot be split over {ranks.world} "
+            "processes; expected at least one batch per process (lower batch_size or run fewer processes)"
+        )
+
+    def prepare() -> bool:  # rank 0: is the capture already complete? (else clear what cannot be used)
+        with CaptureLock(path):
+            if overwrite:
+                path.unlink(missing_ok=True)
+                partial_path(path).unlink(missing_ok=True)
+                shards.remove_parts(path)
+            finished = ActivationWriter.finished_config(path)
+            if finished is not None and finished != config:
+                raise StoreError(
+                    f"{path} exists with a different capture configuration; choose another path or replace it "
+                    "(overwrite=True; on the CLI: --overwrite)"
+                )
+            if finished is None:
+                shards.parts_folder(path).mkdir(exist_ok=True)
+                shards.remove_other_parts(path, ranks.world)
+            return finished is not None
+
+    if ranks.on_main(prepare):
+        return path
+    first, last = ranks.part(start, stop, batch_size)  # whole batches: the rows one process batches together
+    part = shards.part_path(path, ranks.rank, ranks.world)
+    part_config = {**config, "start": first, "stop": last, "part": ranks.rank, "parts": ranks.world}
+    failure: BaseException | None = None
+    try:
+        with CaptureLock(part):
+            _capture_locked(
+                model,
+                data,
+                layers,
+                part,
+                part_config,
+                start=first,
+                stop=last,
+                overwrite=False,
+                **{**settings, "progress": settings["progress"] and ranks.is_main},
+            )
+    except Exception as error:  # every rank learns of it below
+        failure = error
+    ranks.check_all(failure)
+
+    def join() -> Path:
+        with CaptureLock(path):
+            parts = [shards.part_path(path, rank, ranks.world) for rank in range(ranks.world)]
+            return shards.join_parts(path, parts, meta=_capture_meta(config, data), config=config)
+
+    return ranks.on_main(join)
+
+
+def _capture_meta(config: dict[str, Any], data: Dataset) -> dict[str, Any]:
+    """What ``/meta`` records about a capture besides its configuration."""
+    return {
+        "model_class": config["model_class"],
+        "model_param_hash": config["model_param_hash"],
+        "dataset_name": data.name,
+        "dataset_size": len(data),
+    }
 
 
 def _capture_locked(
@@ -181,12 +286,7 @@ def _capture_locked(
                 if writer is None:
                     writer = ActivationWriter.create(
                         path,
-                        meta={
-                            "model_class": config["model_class"],
-                            "model_param_hash": config["model_param_hash"],
-                            "dataset_name": data.name,
-                            "dataset_size": len(data),
-                        },
+                        meta=_capture_meta(config, data),
                         config=config,
                         layers={name: tuple(a.shape[1:]) for name, a in acts.items()},
                         dtype=dtype,

@@ -1,4 +1,8 @@
-"""The ``pyengine`` command. User errors print one line on stderr and exit 2."""
+"""The ``pyengine`` command. User errors print one line on stderr and exit 2.
+
+Under ``torchrun --nproc-per-node N -m pyengine capture|run ...`` every process joins the process
+group first (``pyengine.distributed``); rank 0 alone prints, shows progress and writes results.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from typing import Any
 
 import torch
 
-from pyengine import host
+from pyengine import distributed, host
 from pyengine.errors import PyengineError
 
 USAGE_ERROR = 2
+DISTRIBUTED_COMMANDS = ("capture", "run")  # what torchrun may launch over several processes
 
 
 def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
@@ -46,6 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyengine.store import StoreReader, reserve_run_name, write_results
 
     config = load_config(args.config)
+    ranks = distributed.current()
+    say = print if ranks.is_main else _silent
     # Everything is checked before anything runs or is written.
     if config.device is not None:
         resolve_device(config.device)
@@ -55,10 +62,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.data and config.data.store is not None:
         StoreReader(config.data.store).close()
     check_output_path(config.out)
-    run_names: list[str] = []
-    for spec, _ in parsed:
-        taken = {name for (other, _), name in zip(parsed, run_names) if other.name == spec.name}
-        run_names.append(reserve_run_name(config.out, spec.name, spec.run, taken))
+
+    def reserve() -> list[str]:
+        names: list[str] = []
+        for spec, _ in parsed:
+            taken = {name for (other, _), name in zip(parsed, names) if other.name == spec.name}
+            names.append(reserve_run_name(config.out, spec.name, spec.run, taken))
+        return names
+
+    run_names = ranks.on_main(reserve)
     given = config.data.inputs if config.data else 0
     if data is not None and given > len(data):
         raise PyengineError(f"data.inputs={given} is larger than the {len(data)} rows of dataset {data.name!r}")
@@ -82,18 +94,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                 **spec.options,
             )
             pending.append(stored_result(spec.name, run_name, options, result))
-            print(f"{spec.name}/{run_name}: {result.summary()}")
+            say(f"{spec.name}/{run_name}: {result.summary()}")
     except KeyboardInterrupt:
         if not pending:
-            print("pyengine: interrupted before any technique finished; nothing written", file=sys.stderr)
+            say("pyengine: interrupted before any technique finished; nothing written", file=sys.stderr)
             return 130
-        write_results(config.out, pending, meta=model_meta(model))
+        if ranks.is_main:
+            write_results(config.out, pending, meta=model_meta(model))
         done = ", ".join(f"{p.technique}/{p.run}" for p in pending)
-        print(f"pyengine: interrupted; the finished results are in {config.out}: {done}", file=sys.stderr)
+        say(f"pyengine: interrupted; the finished results are in {config.out}: {done}", file=sys.stderr)
         return 130
-    write_results(config.out, pending, meta=model_meta(model))
-    print(f"wrote {config.out}")
+    ranks.on_main(lambda: write_results(config.out, pending, meta=model_meta(model)))
+    say(f"wrote {config.out}")
     return 0
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` for the ranks other than 0 of a distributed run: they print nothing."""
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -129,7 +146,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"wrote {path}")
+    if distributed.current().is_main:
+        print(f"wrote {path}")
     return 0
 
 
@@ -248,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command in DISTRIBUTED_COMMANDS:
+            distributed.init_from_env()
         return int(args.handler(args) or 0)
     except PyengineError as error:
         print(f"pyengine: error: {error}", file=sys.stderr)
@@ -261,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyengine: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pyengine import distributed
 from pyengine import layers as layer_api
 from pyengine import units as unit_api
 from pyengine.errors import PyengineError
@@ -80,6 +81,8 @@ class RowSource:
     count: int
     blocks: Callable[[], Iterator[Rows]]
     concept_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # concept -> category names
+    offset: int = 0  # rows of the range before this part (``split``: the rows of lower ranks)
+    total: int = -1  # rows of the whole range (``split``: of all ranks together); -1: ``count``
 
     def __iter__(self) -> Iterator[Rows]:
         return self.blocks()
@@ -178,6 +181,20 @@ def _row_range(start: int, stop: int, size: int, what: str, technique: str, at_m
     return end, f"rows {start}-{end - 1} of {what} ({size} rows{note})"
 
 
+def _rank_part(ranks: distributed.Ranks, start: int, end: int, batch_size: int, technique: str) -> tuple[int, int, str]:
+    """This rank's contiguous rows of ``start .. end`` (whole batches) and how the description
+    names them."""
+    if not ranks.active:
+        return start, end, ""
+    if -(-(end - start) // batch_size) < ranks.world:
+        raise PyengineError(
+            f"{technique}: {end - start} rows in batches of {batch_size} cannot be split over {ranks.world} "
+            "processes; expected at least one batch per process (lower batch_size or run fewer processes)"
+        )
+    first, last = ranks.part(start, end, batch_size)
+    return first, last, f"; rank {ranks.rank} of {ranks.world} reads rows {first}-{last - 1}"
+
+
 @dataclass
 class Context:
     """Everything a technique may use. Built by ``pyengine.run``; techniques never open files."""
@@ -193,6 +210,7 @@ class Context:
     rng: torch.Generator = field(init=False)
     rows_read: str = field(init=False, default="")
     defaults_chosen: dict[str, str] = field(init=False, default_factory=dict)  # option -> what and why
+    ranks: distributed.Ranks = field(default_factory=distributed.current)  # this process among a run's
     given: ModelInputs | None = field(init=False, default=None)  # the given inputs as the model takes them
 
     def __post_init__(self) -> None:
@@ -327,35 +345,54 @@ class Context:
     # --- rows --------------------------------------------------------------------------------
 
     def rows(
-        self, batch_size: int, *, start: int = 0, stop: int = 0, at_most: int = 0, technique: str = ""
+        self,
+        batch_size: int,
+        *,
+        start: int = 0,
+        stop: int = 0,
+        at_most: int = 0,
+        technique: str = "",
+        split: bool = False,
     ) -> RowSource:
         """Rows to analyse: the given inputs, else the dataset (see the module doc). With
-        ``stop`` 0, ``at_most`` (if set) limits how many rows from ``start`` are read."""
+        ``stop`` 0, ``at_most`` (if set) limits how many rows from ``start`` are read. With
+        ``split``, each process of a distributed run gets its contiguous part of those rows
+        (``pyengine.distributed``): the technique then reduces or gathers what it computed."""
         technique = technique or "this technique"
         if self.given is not None:
             given = self.given
             end, description = _row_range(start, stop, len(given), "the given inputs", technique, at_most)
+            first, last, part = _rank_part(
+                self.ranks if split else distributed.Ranks(), start, end, batch_size, technique
+            )
 
             def blocks() -> Iterator[Rows]:
-                for index in torch.arange(start, end).split(batch_size):
-                    part = given.take(index).to(self.device)
-                    yield Rows(index, finite(part.main, index), extra=part.extra, input_name=part.name, mask=part.mask)
+                for index in torch.arange(first, last).split(batch_size):
+                    taken = given.take(index).to(self.device)
+                    yield Rows(
+                        index, finite(taken.main, index), extra=taken.extra, input_name=taken.name, mask=taken.mask
+                    )
 
-            source = RowSource(description, end - start, blocks)
+            source = RowSource(description + part, last - first, blocks, offset=first - start, total=end - start)
         elif self.data is not None:
             data = self.data
             end, description = _row_range(start, stop, len(data), f"dataset {data.name!r}", technique, at_most)
+            first, last, part = _rank_part(
+                self.ranks if split else distributed.Ranks(), start, end, batch_size, technique
+            )
             source = RowSource(
-                description,
-                end - start,
-                lambda: (_dataset_rows(b, self.device) for b in data.batches(batch_size, start, end)),
+                description + part,
+                last - first,
+                lambda: (_dataset_rows(b, self.device) for b in data.batches(batch_size, first, last)),
                 dict(data.concept_names),
+                offset=first - start,
+                total=end - start,
             )
         else:
             raise PyengineError(
                 f"{technique} needs rows: pass inputs (pyengine.run(name, model, inputs)) or data=<dataset>"
             )
-        self.rows_read = f"{source.count} {source.description}"
+        self.rows_read = f"{end - start} {description}"
         return source
 
     def require_inputs(self, technique: str) -> torch.Tensor:
@@ -374,22 +411,27 @@ class Context:
         stop: int = 0,
         at_most: int = 0,
         technique: str = "",
+        split: bool = False,
     ) -> ActivationSource:
         """Blocks of (rows, {layer: activations}): streamed from the store when it holds every
-        layer (and no inputs are given), else from a recorded pass over ``ctx.rows``."""
+        layer (and no inputs are given), else from a recorded pass over ``ctx.rows``. ``split``
+        as for ``rows``."""
         layers = tuple(layers)
         store = self.store
         if self.inputs is None and store is not None and all(layer in store.layers for layer in layers):
             what, technique = f"store {store.path.name}", technique or "this technique"
             end, description = _row_range(start, stop, len(store), what, technique, at_most)
+            first, last, part = _rank_part(
+                self.ranks if split else distributed.Ranks(), start, end, batch_size, technique
+            )
             self.rows_read = f"{end - start} {description}"
             return ActivationSource(
-                description,
-                end - start,
-                lambda: _stored_blocks(store, layers, batch_size, start, end, self.device),
+                description + part,
+                last - first,
+                lambda: _stored_blocks(store, layers, batch_size, first, last, self.device),
                 {k: tuple(v) for k, v in store.concepts.items()},
             )
-        source = self.rows(batch_size, start=start, stop=stop, at_most=at_most, technique=technique)
+        source = self.rows(batch_size, start=start, stop=stop, at_most=at_most, technique=technique, split=split)
 
         def recorded() -> Iterator[tuple[Rows, dict[str, torch.Tensor]]]:
             with self.record(layers) as seen, torch.no_grad():
@@ -402,7 +444,22 @@ class Context:
     # --- running -----------------------------------------------------------------------------
 
     def progress(self, total: int | None, desc: str) -> Progress:
-        return Progress(total, desc, enabled=self.show_progress)
+        """A progress bar; drawn by one process only (rank 0) in a distributed run."""
+        return Progress(total, desc, enabled=self.show_progress and self.ranks.is_main)
+
+    # --- several processes (see pyengine.distributed; no-ops in one process) ---------------------
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the processes of the run, added in rank order."""
+        return self.ranks.all_reduce(tensor)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order."""
+        return self.ranks.all_gather(value)
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Per-row values of rows read with ``split=True``, for all rows, in row order."""
+        return self.ranks.gather_rows(tensor)
 
     def run(self, name: str, inputs: torch.Tensor | ModelInputs, **options: Any) -> Result:
         """Run another registered technique on ``inputs`` with this model, device and seed,
@@ -412,7 +469,13 @@ class Context:
 
         technique = host.get_technique(name)
         child = Context(
-            model=self.model, device=self.device, inputs=inputs, seed=self.seed, show_progress=False, output=self.output
+            model=self.model,
+            device=self.device,
+            inputs=inputs,
+            seed=self.seed,
+            show_progress=False,
+            output=self.output,
+            ranks=distributed.Ranks(),  # the inputs this process was given, all of them
         )
         child.rng = self.rng
         return execute(technique, child, technique.options(**options))

@@ -5,6 +5,8 @@ The only module that imports the native extension ``pyengine._C``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 import pyengine._C as _C
@@ -218,6 +220,19 @@ def _topk_update_fake(
         top_payload=top_payload,
     )
     return None
+
+
+def topk_merge(lists: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, ...]:
+    """The top-k lists (values, ids, payload), each (C, k), of disjoint sets of rows merged into
+    one by ``topk_update``'s rule: value descending, then id ascending; empty slots (id -1) last.
+    Equal to one ``topk_update`` over all the rows, whatever the split."""
+    values = torch.cat([v for v, _, _ in lists], 1)
+    ids = torch.cat([i for _, i, _ in lists], 1)
+    payload = torch.cat([p for _, _, p in lists], 1)
+    order = torch.argsort(torch.where(ids < 0, torch.iinfo(torch.long).max, ids), dim=1, stable=True)
+    values, ids, payload = values.gather(1, order), ids.gather(1, order), payload.gather(1, order)
+    order = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), ids.gather(1, order), payload.gather(1, order)
 
 
 def topk_empty(

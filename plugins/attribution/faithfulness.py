@@ -202,8 +202,10 @@ class Faithfulness(Technique):
                     skipped[name] = str(error)  # a default that does not apply to this model
                     bar.update(1)
                     continue
+                # Several processes score their parts of the rows; the means are over every row.
                 if boxes is not None:
-                    pointing[name] = float(pointing_game(maps, inputs, boxes, options.tolerance).double().mean())
+                    hits = ctx.gather_rows(pointing_game(maps, inputs, boxes, options.tolerance).double())
+                    pointing[name] = float(hits.mean())
                 if options.curves:
                     removed, inserted = deletion_insertion(
                         ctx.forward,
@@ -214,6 +216,7 @@ class Faithfulness(Technique):
                         samples=samples,
                         probability=options.score == "probability",
                     )
+                    removed, inserted = ctx.gather_rows(removed), ctx.gather_rows(inserted)
                     deletion[name], insertion[name] = (
                         float(area_under(removed).mean()),
                         float(area_under(inserted).mean()),
@@ -241,7 +244,7 @@ class Faithfulness(Technique):
                     )
                 )
         return FaithfulnessResult(
-            images=inputs.shape[0],
+            images=int(ctx.all_reduce(torch.tensor(inputs.shape[0]))),
             pointing=pointing,
             deletion_auc=deletion,
             insertion_auc=insertion,
@@ -254,9 +257,15 @@ class Faithfulness(Technique):
     def _rows(
         self, ctx: Context, options: FaithfulnessOptions
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        rows = ctx.rows(
-            options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_IMAGES, technique=self.name
-        ).all()
+        source = ctx.rows(
+            options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            at_most=DEFAULT_IMAGES,
+            technique=self.name,
+            split=True,
+        )
+        rows = source.all()
         inputs = rows.require_inputs()
         if inputs.dim() not in (3, 4) or not inputs.is_floating_point() or rows.extra:
             raise PyengineError(
@@ -264,7 +273,7 @@ class Faithfulness(Technique):
                 f"alone to the model; got {inputs.dtype} inputs of shape {tuple(inputs.shape)}"
                 + (f" with {', '.join(rows.extra)}" if rows.extra else "")
             )
-        targets = resolve_targets(options.target, ctx, rows.model_inputs(), rows.labels, 0)[:, 0]
+        targets = resolve_targets(options.target, ctx, rows.model_inputs(), rows.labels, source.offset)[:, 0]
         return inputs, targets, rows.boxes
 
     def _attributions(

@@ -87,13 +87,17 @@ class JacobianGram(Technique):
         target = options.target_layer
         recorded = [*layers, target] if target else list(layers)
         axes = ctx.unit_axes(options.units, self.name, layers)
-        batches = list(ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name))
+        source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name, split=True)
+        batches = list(source)
+        first_batch = source.offset // options.batch_size  # whole batches: this part's first batch's number
         grams: dict[str, torch.Tensor] = {}
         count = 0
         chosen = options.sources
-        generator = torch.Generator().manual_seed(ctx.seed)
         with ctx.record(recorded, grad=True) as seen, ctx.progress(len(batches), self.name) as bar:
-            for batch in batches:
+            for number, batch in enumerate(batches, first_batch):
+                # random sources drawn per batch, from the seed and the batch's number: the same
+                # vectors however many processes split the batches
+                generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + number)
                 with torch.enable_grad():
                     output = ctx.forward(batch)
                     leaves = [seen[layer] for layer in layers]
@@ -131,6 +135,8 @@ class JacobianGram(Technique):
                 count += len(batch)
                 bar.update()
         note_units(ctx, axes)
+        count = int(ctx.all_reduce(torch.tensor(count)))  # several processes: sums of their parts
+        grams = {layer: ctx.all_reduce(gram) for layer, gram in grams.items()}
         eigenvalues, ranks, means = {}, {}, {}
         for layer in layers:
             means[layer] = (grams[layer] / count).cpu()

@@ -148,11 +148,14 @@ class LLC(Technique):
                 )
                 / n
             )
-        traces = torch.full((options.chains, options.draws), float("nan"), dtype=torch.float64)
+        # Several processes each run their contiguous share of the chains (seeded by the chain's
+        # number, so each chain is the same wherever it runs) and gather the traces in chain order.
+        first, last = ctx.ranks.part(0, options.chains)
+        traces = torch.full((last - first, options.draws), float("nan"), dtype=torch.float64)
         steps = options.burn_in + options.draws
         try:
-            with ctx.progress(options.chains * steps, "llc") as bar:
-                for chain in range(options.chains):
+            with ctx.progress((last - first) * steps, "llc") as bar:
+                for chain in range(first, last):
                     generator = torch.Generator(device="cpu").manual_seed(ctx.seed * 100_003 + chain)
                     with torch.no_grad():
                         for p, w in zip(params, originals):
@@ -170,7 +173,7 @@ class LLC(Technique):
                                 )
                         value = float(loss.detach())
                         if step >= options.burn_in:
-                            traces[chain, step - options.burn_in] = nbeta * (value - init_loss)
+                            traces[chain - first, step - options.burn_in] = nbeta * (value - init_loss)
                         bar.update()
                         if not math.isfinite(value):
                             break
@@ -178,6 +181,7 @@ class LLC(Technique):
             with torch.no_grad():
                 for p, w in zip(params, originals):
                     p.copy_(w)
+        traces = ctx.gather_rows(traces)
         per_chain = traces.mean(1)
         warning = self._warnings(traces, per_chain)
         finite = per_chain[torch.isfinite(per_chain)]

@@ -82,7 +82,12 @@ class GramSpectrum(Technique):
         rows: dict[str, int] = {}
         axes = ctx.unit_axes(options.units, self.name, layers)
         source = ctx.activations(
-            layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+            layers,
+            batch_size=options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            technique=self.name,
+            split=True,
         )
         with ctx.progress(source.count, "gram-spectrum") as bar:
             for block_rows, block in source:
@@ -100,6 +105,9 @@ class GramSpectrum(Technique):
                     rows[layer] += x.shape[0]
                 bar.update(len(block_rows))
         note_units(ctx, axes)
+        for layer in grams:  # several processes: the sums of their parts, added in rank order
+            grams[layer], sums[layer] = ctx.all_reduce(grams[layer]), ctx.all_reduce(sums[layer])
+            rows[layer] = int(ctx.all_reduce(torch.tensor(rows[layer])))
         eigenvalues, ranks = {}, {}
         for layer in layers:
             if rows.get(layer, 0) == 0:

@@ -140,7 +140,12 @@ class ReluSync(Technique):
         packers = {layer: FiringPacker(options.fires_above) for layer in layers}
         axes = ctx.unit_axes(options.units, self.name, layers)
         for block_rows, block in ctx.activations(
-            layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+            layers,
+            batch_size=options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            technique=self.name,
+            split=True,
         ):
             for layer, samples in axes.matrices(block, block_rows.mask).items():
                 packers[layer].add(samples)
@@ -151,10 +156,11 @@ class ReluSync(Technique):
         figures = []
         for layer, packer in packers.items():
             bits = packer.finish()
-            rows = packer.rows
             # One extra all-zero unit: its disagreement with unit i is how often i fires.
             padded = torch.cat([bits, torch.zeros_like(bits[:1])])
-            disagreements = ops.firing_disagreements(padded).cpu()
+            # Counts over rows add up: several processes sum those of their parts (exact).
+            disagreements = ctx.all_reduce(ops.firing_disagreements(padded).cpu())
+            rows = int(ctx.all_reduce(torch.tensor(packer.rows)))
             fires = disagreements[-1, :-1]
             disagreements = disagreements[:-1, :-1]
             live = (fires > 0) & (fires < rows)

@@ -224,6 +224,16 @@ class MaxPatchesResult(Result):
         return f"{text}; also the whole input through {gates[0]}{more}"
 
 
+def _merged(ctx: Context, top: tuple[torch.Tensor, ...], scanned: int, k: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Several processes: their top-k lists merged by the same rule (equal to one process's), and
+    the rows they scanned added up."""
+    if not ctx.ranks.active:
+        return top, scanned
+    values, ids, payload = ops.topk_merge([(v, i, p) for v, i, p in ctx.all_gather(tuple(top))], k)
+    device = top[0].device
+    return (values.to(device), ids.to(device), payload.to(device)), int(ctx.all_reduce(torch.tensor(scanned)))
+
+
 class MaxPatches(Technique):
     name = "max-patches"
     summary = "per channel, the top-k dataset inputs and positions, cropped to the unit's exact receptive field"
@@ -284,7 +294,12 @@ class MaxPatches(Technique):
         channels = torch.tensor(options.channels, dtype=torch.long)
         scanned = 0
         blocks = ctx.activations(
-            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+            (layer,),
+            batch_size=options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            technique=self.name,
+            split=True,
         )
         with ctx.progress(blocks.count, self.name) as bar:
             for rows, block in blocks:
@@ -311,6 +326,7 @@ class MaxPatches(Technique):
                 ops.topk_update(best, rows.index.to(a.device), where.contiguous(), *top)
                 scanned += len(rows)
                 bar.update(len(rows))
+        top, scanned = _merged(ctx, top, scanned, options.k)
         if options.k > scanned:
             raise PyengineError(
                 f"{self.name}: k={options.k} is larger than the {scanned} rows scanned; expected k <= {scanned}"
@@ -377,7 +393,12 @@ class MaxPatches(Technique):
         spatial: tuple[int, ...] = ()
         scanned = 0
         blocks = ctx.activations(
-            (layer,), batch_size=options.batch_size, start=options.start, stop=options.stop, technique=self.name
+            (layer,),
+            batch_size=options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            technique=self.name,
+            split=True,
         )
         with ctx.progress(blocks.count, self.name) as bar:
             for rows, values in blocks:
@@ -400,6 +421,7 @@ class MaxPatches(Technique):
                 ops.topk_update(best, rows.index.to(a.device), where.contiguous(), *top)
                 scanned += len(rows)
                 bar.update(len(rows))
+        top, scanned = _merged(ctx, top, scanned, options.k)
         return tuple(t.cpu() for t in top), channels, spatial, scanned
 
     def _crop(

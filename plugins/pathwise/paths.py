@@ -13,7 +13,7 @@ paths top-down (Algorithm 1, with a beam) in the native op ``hierarchical_paths`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from pyengine import ops
 from pyengine.attribution import TargetOptions, resolve_targets, target_scores
-from pyengine.context import Context, Rows
+from pyengine.context import Context, Rows, RowSource
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, overlay
 from pyengine.plugins.pathwise._chain import Chain, Linearised, Network, trace_chain, trace_network
@@ -196,7 +196,7 @@ class PathLinear(Technique):
         layers: tuple[str, ...] = ()
         shown = None
         for offset, rows in _with_offsets(
-            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name, split=True)
         ):
             x = rows.require_inputs()
             network = trace_network(ctx, x, self.name)
@@ -221,6 +221,7 @@ class PathLinear(Technique):
                 parts["pb"].append(torch.stack([m.bias for m in models], 1).cpu())
                 parts["po"].append(torch.stack([m.own_bias for m in models], 1).cpu())
             shown = x[:MAX_FIGURE_INPUTS].cpu() if shown is None else shown
+        parts = _gathered(ctx, parts)
         output, weight, bias = torch.cat(parts["f"]), torch.cat(parts["w"]), torch.cat(parts["b"])
         weight_part = torch.cat(parts["wx"])
         n = output.shape[0]
@@ -242,11 +243,18 @@ class PathLinear(Technique):
         )
 
 
-def _with_offsets(source: Iterable[Rows]) -> Iterator[tuple[int, Rows]]:
-    offset = 0
+def _with_offsets(source: RowSource) -> Iterator[tuple[int, Rows]]:
+    """Each block of rows with the number of rows of the whole range before it."""
+    offset = source.offset
     for rows in source:
         yield offset, rows
         offset += len(rows)
+
+
+def _gathered(ctx: Context, parts: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Per-row results of this process's rows -> those of every row, in row order (one block each).
+    The figures stay those of the first rows read, which are rank 0's, as in one process."""
+    return {key: [ctx.gather_rows(torch.cat(values))] if values else [] for key, values in parts.items()}
 
 
 def _path_linear_figures(
@@ -368,7 +376,7 @@ class HierarchicalDecomposition(Technique):
         layers: tuple[str, ...] = ()
         shown, chain_shown = None, None
         for offset, rows in _with_offsets(
-            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name)
+            ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=self.name, split=True)
         ):
             x = rows.require_inputs()
             chain = trace_chain(ctx, x, self.name)
@@ -395,6 +403,7 @@ class HierarchicalDecomposition(Technique):
                 collected[key].append(value.cpu())
             if shown is None:
                 shown, chain_shown = x[:MAX_FIGURE_INPUTS].cpu(), chain
+        collected = _gathered(ctx, collected)
         paths = torch.cat(collected["p"])
         targets, weight, beam_weight = torch.cat(collected["t"]), torch.cat(collected["w"]), torch.cat(collected["bw"])
         top_weight = torch.cat(collected["tw"])

@@ -79,7 +79,12 @@ def _read(
     """Per-unit features, concepts (codes, category names) and class labels of the probed rows."""
     axes = ctx.unit_axes(options.units, "probing", layers)
     source = ctx.activations(
-        layers, batch_size=options.batch_size, start=options.start, stop=options.stop, technique="probing"
+        layers,
+        batch_size=options.batch_size,
+        start=options.start,
+        stop=options.stop,
+        technique="probing",
+        split=True,
     )
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     codes: dict[str, list[torch.Tensor]] = {}
@@ -114,8 +119,14 @@ def _read(
                         codes.setdefault(name, []).append(value.cpu())
                 class_labels.append(labels.cpu())
             bar.update(len(rows))
-    concepts = {name: (torch.cat(values), list(source.concept_names.get(name, ()))) for name, values in codes.items()}
-    return {layer: torch.cat(p) for layer, p in parts.items()}, concepts, torch.cat(class_labels), axes
+    # Several processes read their parts of the rows; every one gets all the (pooled) features, in
+    # row order, and fits the same probes as one process would.
+    concepts = {
+        name: (ctx.gather_rows(torch.cat(values)), list(source.concept_names.get(name, ())))
+        for name, values in codes.items()
+    }
+    features = {layer: ctx.gather_rows(torch.cat(p)) for layer, p in parts.items()}
+    return features, concepts, ctx.gather_rows(torch.cat(class_labels)), axes
 
 
 TOKEN_TYPES = "__token_ids__"  # token mode: each token row's id (the control task's word type)

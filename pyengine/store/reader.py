@@ -15,6 +15,7 @@ import torch
 from pyengine._lock import running_pid, writer_name
 from pyengine.errors import StoreError
 from pyengine.store._h5 import LIBVER, check_meta, get_link, open_h5, reading
+from pyengine.store.shards import missing_sources
 
 
 class StoreReader:
@@ -35,6 +36,10 @@ class StoreReader:
             self.file = open_h5(self.path, "r")
         try:
             self.meta = check_meta(self.file, self.path)
+            with reading(self.path, "the part files of a sharded capture"):
+                problem = missing_sources(self.file, self.path.parent)
+            if problem:
+                raise StoreError(f"{self.path} {problem}")
         except BaseException:
             self.file.close()
             raise
