@@ -262,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_note() -> str:
+    """`` (rank 1 of 2)`` in a message from a process of a distributed run other than rank 0."""
+    ranks = distributed.current()
+    return f" (rank {ranks.rank} of {ranks.world})" if ranks.active and not ranks.is_main else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -270,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.init_from_env()
         return int(args.handler(args) or 0)
     except PyengineError as error:
-        print(f"pyengine: error: {error}", file=sys.stderr)
+        print(f"pyengine: error{_rank_note()}: {error}", file=sys.stderr)
         return USAGE_ERROR
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         print(f"pyengine: error: {error.strerror}: {error.filename}", file=sys.stderr)
