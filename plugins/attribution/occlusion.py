@@ -25,6 +25,7 @@ from pyengine.attribution import (
     AttributionOptions,
     AttributionResult,
     make_result,
+    memory_budget_bytes,
     run_attribution,
     samples_per_pass,
     target_scores,
@@ -32,7 +33,8 @@ from pyengine.attribution import (
 from pyengine.context import Context
 from pyengine.errors import PyengineError
 from pyengine.figures import gaussian_blur
-from pyengine.inputs import ModelInputs
+from pyengine.inputs import ModelInputs, select_output
+from pyengine.plugins.attribution import _incremental as incremental
 from pyengine.technique import Technique, bad_option, layer_tuple, option
 
 BASELINE_FORMS = "a number, 'mean', 'blur', or a tensor broadcastable to one input"
@@ -66,6 +68,18 @@ class OcclusionOptions(AttributionOptions):
     layers: tuple[str, ...] = option(
         (), "one layer: occlude its output instead (Captum's LayerFeatureAblation; (N, T, D): a token at a time)"
     )
+    sweep: str = option(
+        "auto",
+        "'auto': incremental (recompute only what a window changes; exact) where the model allows, else plain; "
+        "'incremental' (an error where it cannot run) or 'plain' (one full forward per window)",
+    )
+    full_above: float = option(0.5, "incremental: run a layer in full once a window changes more than this of its map")
+    field_cap: float = option(
+        1.0, "approximate (incremental): cap each changed region at this fraction of its map's side (1: exact)"
+    )
+    drilldown: float = option(
+        0.0, "approximate: sweep at twice the stride, then at the stride only this most sensitive fraction (0: off)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -84,6 +98,13 @@ class OcclusionOptions(AttributionOptions):
             raise bad_option("output", self.output, "'logit' or 'probability'")
         if self.layout not in ("auto", "channels-last", "as-given"):
             raise bad_option("layout", self.layout, "'auto', 'channels-last' or 'as-given'")
+        if self.sweep not in ("auto", "incremental", "plain"):
+            raise bad_option("sweep", self.sweep, "'auto', 'incremental' or 'plain'")
+        for name in ("full_above", "field_cap"):
+            if not 0 < getattr(self, name) <= 1:
+                raise bad_option(name, getattr(self, name), "a number in (0, 1]")
+        if not 0 <= self.drilldown < 1:
+            raise bad_option("drilldown", self.drilldown, "a fraction in [0, 1)")
 
 
 def sweep_geometry(
@@ -157,6 +178,8 @@ class OcclusionResult(AttributionResult):
     stride: tuple[int, ...]
     windows: int  # windows per input
     samples_per_pass: int
+    sweep: str = "plain"  # which sweep ran, and why
+    flops_ratio: float = 1.0  # multiply-adds of the sweep that ran / the plain sweep's
 
     def scalars(self) -> dict[str, Any]:
         out = super().scalars()
@@ -197,7 +220,11 @@ class Occlusion(Technique):
                         ctx, inputs, options, backward=False, extra_bytes=x[:1].numel() * x.element_size()
                     ),
                 )
-            maps = occlusion_sweep(ctx, attributed, inputs, x, targets, options, geometry)
+            maps = None
+            if options.sweep != "plain":
+                maps = incremental_maps(ctx, attributed, inputs, x, targets, options, geometry)
+            if maps is None:
+                maps = occlusion_sweep(ctx, attributed, inputs, x, targets, options, geometry)
             if options.layers and inputs.mask is not None and x.dim() == 3 and x.shape[1] == inputs.mask.shape[1]:
                 maps = maps * (inputs.mask != 0)[:, None, :, None].to(maps.device, maps.dtype)  # padding: 0
             return maps
@@ -214,6 +241,8 @@ class Occlusion(Technique):
             stride=geometry["stride"],
             windows=geometry["windows"],
             samples_per_pass=geometry["samples"],
+            sweep=geometry.get("sweep", "plain"),
+            flops_ratio=geometry.get("flops_ratio", 1.0),
         )
 
 
@@ -269,6 +298,176 @@ def occlusion_sweep(
                 ops.occlusion_accumulate(part, drops, window, stride, first)
     maps = sums.permute(0, 1, *(to_logical[d] + 1 for d in range(1, x.dim())))
     return (maps / geometry["cover"]).to(x.dtype)
+
+
+def incremental_maps(
+    ctx: Context,
+    attributed: Attributed,
+    inputs: ModelInputs,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    options: OcclusionOptions,
+    geometry: dict[str, Any],
+) -> torch.Tensor | None:
+    """The maps by the incremental sweep (``_incremental``), or None (``geometry["sweep"]`` says
+    why) where it cannot run: then the plain sweep runs; with sweep='incremental', an error."""
+    reason = ""
+    if attributed.layer is not None or inputs.extra or x.dim() != 4 or not x.is_floating_point():
+        reason = "needs images (N, C, H, W) passed alone to the model"
+    elif "graph" not in geometry:
+        try:
+            geometry["graph"] = incremental.trace(ctx.model)
+        except incremental.NotIncremental as error:
+            geometry["graph"] = None
+            reason = str(error)
+    elif geometry["graph"] is None:
+        reason = geometry["sweep"].removeprefix("plain: ")
+    plan = None
+    if not reason:
+        try:
+            plan = _plan(geometry, x, options, options.field_cap)
+        except incremental.NotIncremental as error:
+            reason = str(error)
+    if plan is None:
+        if options.sweep == "incremental":
+            raise PyengineError(f"occlusion: sweep='incremental' cannot run on this model: {reason}")
+        geometry["sweep"] = f"plain: {reason}"
+        return None
+    if options.drilldown:
+        return _drilldown(ctx, attributed, inputs, x, targets, options, geometry)
+    maps, ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, geometry, plan)
+    mode = "exact" if options.field_cap >= 1 else f"approximate: field_cap={options.field_cap:g}"
+    full = f"; in full from {plan.first_full}" if plan.first_full else ""
+    geometry["sweep"] = f"incremental ({mode}){full}"
+    geometry["flops_ratio"] = ratio
+    return maps
+
+
+def _window_grid(shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """(windows, 3) channel, row, column starts of Captum's grid, numbered row-major."""
+    grids = [torch.arange(math.ceil((s - w) / st) + 1) * st for s, w, st in zip(shape, window, stride)]
+    return torch.stack([g.flatten() for g in torch.meshgrid(*grids, indexing="ij")], 1)
+
+
+def _plan(geometry: dict[str, Any], x: torch.Tensor, options: OcclusionOptions, cap: float) -> incremental.Plan:
+    window = geometry["window"]
+    corners = _window_grid(tuple(x.shape[1:]), window, geometry["stride"]).to(x.device)
+    height, width = x.shape[2:]
+    starts = torch.stack([corners[:, 1].clamp(max=height - window[1]), corners[:, 2].clamp(max=width - window[2])], 1)
+    return incremental.make_plan(geometry["graph"], x, starts, (window[1], window[2]), options.full_above, cap)
+
+
+def _first_regions(
+    x: torch.Tensor,
+    baseline: torch.Tensor,
+    images: torch.Tensor,
+    corners: torch.Tensor,
+    starts: torch.Tensor,
+    window: tuple[int, ...],
+) -> torch.Tensor:
+    """(entries, C, h, w): each entry's input box, the window's elements replaced by the baseline."""
+    h, w = window[1], window[2]
+    rows = starts[:, :1] + torch.arange(h, device=x.device)  # (entries, h)
+    cols = starts[:, 1:] + torch.arange(w, device=x.device)
+    crop = x.permute(0, 2, 3, 1)[images[:, None, None], rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    base = baseline.permute(0, 2, 3, 1)[images[:, None, None], rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    channel = torch.arange(x.shape[1], device=x.device)
+    inside = (channel >= corners[:, :1]) & (channel < corners[:, :1] + window[0])  # (entries, C)
+    in_rows = (rows >= corners[:, 1:2]) & (rows < corners[:, 1:2] + window[1])
+    in_cols = (cols >= corners[:, 2:3]) & (cols < corners[:, 2:3] + window[2])
+    mask = inside[:, :, None, None] & in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return torch.where(mask, base, crop)
+
+
+def _incremental_pass(
+    ctx: Context,
+    attributed: Attributed,
+    inputs: ModelInputs,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    options: OcclusionOptions,
+    geometry: dict[str, Any],
+    plan: incremental.Plan,
+    chosen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """(B, T, C, H, W) summed drops over the windows / coverage, and the FLOPs ratio to plain.
+    ``chosen``: (windows, B) bool, the (window, image) pairs to run (the others add nothing)."""
+    window, stride = geometry["window"], geometry["stride"]
+    corners = _window_grid(tuple(x.shape[1:]), window, stride).to(x.device)
+    n_windows, n = corners.shape[0], x.shape[0]
+    baseline = baseline_tensor(options.baseline, x, window)
+    baseline = baseline.expand_as(x) if baseline.dim() == x.dim() - 1 else baseline
+    sweep = incremental.Sweep(plan)
+    sums = torch.zeros(n, targets.shape[1], *x.shape[1:], dtype=torch.float64, device=x.device)
+    cover = torch.zeros(n, 1, *x.shape[1:], dtype=torch.float64, device=x.device)
+    per_entry, cached = plan.bytes_per_window(), plan.cache_bytes()
+    budget = memory_budget_bytes(ctx.device, options.memory_mb)
+    entries = max(1, int((budget - cached) // max(per_entry, 1)))
+    entries = min(entries, options.max_batch) if options.max_batch else entries
+    step = max(1, entries // n)
+    pairs = chosen if chosen is not None else torch.ones(n_windows, n, dtype=torch.bool, device=x.device)
+    box_starts = next(s.box.starts for s in plan.steps.values() if s.kind == "input" and s.box is not None)
+    with torch.inference_mode():
+        reference = attributed_score(attributed, inputs, x, targets, options.output)
+        for first in range(0, n_windows, step):
+            count = min(step, n_windows - first)
+            run = pairs[first : first + count].reshape(-1).nonzero()[:, 0]  # entries e = window * n + image
+            drops = torch.zeros(count, n, targets.shape[1], dtype=torch.float64, device=x.device)
+            if run.numel():
+                windows, images = first + run // n, run % n
+                region = _first_regions(x, baseline, images, corners[windows], box_starts[windows], window)
+                out = select_output(sweep.run(images, windows, region), ctx.output, type(ctx.model).__name__)
+                scores = target_scores(out.softmax(-1) if options.output == "probability" else out, targets[images])
+                drops.view(-1, targets.shape[1])[run] = (reference[images] - scores).double()
+            ops.occlusion_accumulate(sums, drops, window, stride, first)
+            ones = pairs[first : first + count].double()[:, :, None].contiguous()
+            ops.occlusion_accumulate(cover, ones, window, stride, first)
+    full, done = plan.flops()
+    ran = float(pairs.double().mean())
+    return (sums / cover.clamp(min=1)).to(x.dtype), (done * ran / full if full else 1.0)
+
+
+def _drilldown(
+    ctx: Context,
+    attributed: Attributed,
+    inputs: ModelInputs,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    options: OcclusionOptions,
+    geometry: dict[str, Any],
+) -> torch.Tensor:
+    """Adaptive drill-down (approximate): the windows at twice the stride first; then, at the
+    stride, only the windows over the ``drilldown`` fraction of each image where the coarse map
+    (first target, |channels summed|) is largest; elsewhere the coarse map stands."""
+    window, stride = geometry["window"], geometry["stride"]
+    coarse_stride = tuple(min(2 * s, w) if w < size else s for s, w, size in zip(stride, window, x.shape[1:]))
+    coarse_geometry = {**geometry, "stride": coarse_stride}
+    plan = _plan(coarse_geometry, x, options, options.field_cap)
+    coarse, coarse_ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, coarse_geometry, plan)
+    saliency = coarse[:, 0].abs().sum(1)  # (B, H, W)
+    flat = saliency.flatten(1)
+    keep = max(1, int(options.drilldown * flat.shape[1]))
+    threshold = flat.topk(keep, dim=1).values[:, -1:]
+    selected = (flat >= threshold).reshape_as(saliency)  # (B, H, W)
+    corners = _window_grid(tuple(x.shape[1:]), window, stride).to(x.device)
+    rows = corners[:, 1:2] + torch.arange(window[1], device=x.device)  # (windows, h)
+    cols = corners[:, 2:3] + torch.arange(window[2], device=x.device)
+    rows, cols = rows.clamp(max=x.shape[2] - 1), cols.clamp(max=x.shape[3] - 1)
+    hits = selected[:, rows[:, :, None], cols[:, None, :]].flatten(2).any(2)  # (B, windows)
+    fine_plan = _plan(geometry, x, options, options.field_cap)
+    chosen = hits.T.contiguous()
+    fine, fine_ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, geometry, fine_plan, chosen)
+    covered = torch.zeros(x.shape[0], 1, *x.shape[1:], dtype=torch.float64, device=x.device)
+    ops.occlusion_accumulate(covered, chosen.double()[:, :, None].contiguous(), window, stride, 0)
+    coarse_windows = _window_grid(tuple(x.shape[1:]), window, coarse_stride).shape[0]
+    fine_windows = corners.shape[0]
+    geometry["sweep"] = (
+        f"incremental (approximate: drilldown={options.drilldown:g}, field_cap={options.field_cap:g}; "
+        f"{coarse_windows} windows at stride {coarse_stride}, then {int(chosen.sum())} of {fine_windows * x.shape[0]} "
+        f"(window, input) pairs at stride {stride})"
+    )
+    geometry["flops_ratio"] = (coarse_ratio * coarse_windows + fine_ratio * fine_windows) / fine_windows
+    return torch.where(covered > 0, fine, coarse)
 
 
 def attributed_score(
