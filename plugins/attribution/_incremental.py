@@ -364,14 +364,28 @@ def _box(
 class Sweep:
     """Runs a plan for batches of (image, window) pairs."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, images: int) -> None:
         self.plan = plan
         self.graph = plan.graph
         self.modules = dict(self.graph.named_modules())
+        self._images = images  # of the cached pass
+        self._windows = torch.zeros(0, dtype=torch.long)
+        self._runs: list[tuple[int, int, torch.Tensor | None]] = []
 
     def run(self, images: torch.Tensor, windows: torch.Tensor, first_region: torch.Tensor) -> Any:
-        """The model's outputs for entries (image ``images[e]``, window ``windows[e]``), whose input
-        box holds ``first_region[e]`` (C, h, w)."""
+        """The model's outputs for entries (image ``images[e]``, window ``windows[e]``), sorted by
+        window, whose input box holds ``first_region[e]`` (C, h, w)."""
+        ids, counts = torch.unique_consecutive(windows, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        self._windows = ids
+        self._runs = []  # entries a..b: one window, these images (None: all, in order)
+        every = torch.arange(self._images, device=images.device)
+        first = 0
+        for end in ends:
+            these = images[first:end]
+            whole = end - first == self._images and bool((these == every).all())
+            self._runs.append((first, end, None if whole else these))
+            first = end
         live: dict[fx.Node, Any] = {}
         remaining = {node: len(node.users) for node in self.graph.graph.nodes}
         result: Any = None
@@ -382,11 +396,11 @@ class Sweep:
             if node.op == "placeholder":
                 live[node] = first_region
             elif step.mode == INC:
-                live[node] = self._incremental(node, step, live, images, windows)
+                live[node] = self._incremental(node, step, live, images)
             elif node.op == "output":
-                result = self._full(node, live, images, windows, output=True)
+                result = self._full(node, live, images, output=True)
             else:
-                live[node] = self._full(node, live, images, windows)
+                live[node] = self._full(node, live, images)
             for arg in node.all_input_nodes:  # free what no later node reads
                 remaining[arg] -= 1
                 if remaining[arg] == 0:
@@ -403,51 +417,48 @@ class Sweep:
     # --- boxes ---------------------------------------------------------------------------
 
     def _crop(
-        self,
-        arg: fx.Node,
-        live: dict[fx.Node, Any],
-        images: torch.Tensor,
-        windows: torch.Tensor,
-        starts: torch.Tensor,
-        size: tuple[int, int],
-        pad: float,
+        self, arg: fx.Node, live: dict[fx.Node, Any], starts: torch.Tensor, size: tuple[int, int], pad: float
     ) -> torch.Tensor:
-        """(entries, C, h, w): ``arg``'s map at rows/cols from ``starts`` (may reach into the
-        padding, filled with ``pad``), its changed box pasted in."""
+        """(entries, C, h, w): ``arg``'s map from each window's corner ``starts[window]`` (may reach
+        into the padding, filled with ``pad``), its changed box pasted in; channels last."""
         cached: torch.Tensor = self.plan.cached[arg]
         height, width = cached.shape[2:]
-        top, left = int(-starts[:, 0].min()), int(-starts[:, 1].min())
-        bottom = int((starts[:, 0] + size[0]).max()) - height
-        right = int((starts[:, 1] + size[1]).max()) - width
+        corners = starts[self._windows]
+        top, left = int(-corners[:, 0].min()), int(-corners[:, 1].min())
+        bottom = int((corners[:, 0] + size[0]).max()) - height
+        right = int((corners[:, 1] + size[1]).max()) - width
         pads = (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0))
         source = F.pad(cached, pads, value=pad) if any(pads) else cached
-        rows = (starts[:, 0] + pads[2])[:, None] + torch.arange(size[0], device=starts.device)
-        cols = (starts[:, 1] + pads[0])[:, None] + torch.arange(size[1], device=starts.device)
-        which = images if cached.shape[0] > 1 else torch.zeros_like(images)  # a (1, C, H, W) constant
-        crop = source.permute(0, 2, 3, 1)[which[:, None, None], rows[:, :, None], cols[:, None, :]]
-        crop = crop.permute(0, 3, 1, 2)  # (entries, C, h, w), channels last in memory
         step = self.plan.steps[arg]
-        if step.mode == INC and step.box is not None:
-            region: torch.Tensor = live[arg]
-            box_starts = step.box.starts[windows]
-            offsets = box_starts - starts  # where the box sits in the crop
-            h, w = step.box.size
-            for offset in torch.unique(offsets, dim=0).tolist():
-                dy, dx = int(offset[0]), int(offset[1])
+        inc = step.mode == INC and step.box is not None
+        region: torch.Tensor | None = live[arg] if inc else None
+        boxes = step.box.starts[self._windows].tolist() if inc and step.box is not None else []
+        h, w = step.box.size if inc and step.box is not None else (0, 0)
+        entries = self._runs[-1][1]
+        out = torch.empty(
+            (entries, cached.shape[1], *size),
+            dtype=cached.dtype,
+            device=cached.device,
+            memory_format=torch.channels_last,
+        )
+        for k, ((first, last, images), (y, x)) in enumerate(zip(self._runs, corners.tolist())):
+            block = source[:, :, y + pads[2] : y + pads[2] + size[0], x + pads[0] : x + pads[0] + size[1]]
+            if cached.shape[0] == 1:  # a constant map shared by every image
+                out[first:last] = block
+            else:
+                out[first:last] = block if images is None else block.index_select(0, images)
+            if region is not None:
+                dy, dx = boxes[k][0] - y, boxes[k][1] - x  # where the box sits in the crop
                 y0, y1, x0, x1 = max(dy, 0), min(dy + h, size[0]), max(dx, 0), min(dx + w, size[1])
-                if y0 >= y1 or x0 >= x1:
-                    continue
-                chosen = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero()[:, 0]
-                crop[chosen, :, y0:y1, x0:x1] = region[chosen, :, y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-        return crop
+                if y0 < y1 and x0 < x1:
+                    out[first:last, :, y0:y1, x0:x1] = region[first:last, :, y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        return out
 
-    def _incremental(
-        self, node: fx.Node, step: Step, live: dict[fx.Node, Any], images: torch.Tensor, windows: torch.Tensor
-    ) -> torch.Tensor:
+    def _incremental(self, node: fx.Node, step: Step, live: dict[fx.Node, Any], images: torch.Tensor) -> torch.Tensor:
         box = step.box
         if box is None:
             raise NotIncremental(f"{node.name}: no box")
-        starts = box.starts[windows]
+        starts = box.starts
         if step.kind in ("conv", "pool"):
             module = self.modules[str(node.target)]
             op = _window_op(module)
@@ -457,7 +468,7 @@ class Sweep:
             need = tuple((box.size[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in range(2))
             origin = starts * torch.tensor(stride, device=starts.device) - torch.tensor(padding, device=starts.device)
             pad = float("-inf") if isinstance(module, nn.MaxPool2d) else 0.0
-            crop = self._crop(node.args[0], live, images, windows, origin, (need[0], need[1]), pad)  # type: ignore[arg-type]
+            crop = self._crop(node.args[0], live, origin, (need[0], need[1]), pad)  # type: ignore[arg-type]
             if isinstance(module, nn.Conv2d):
                 return F.conv2d(crop, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
             if isinstance(module, nn.MaxPool2d):
@@ -471,7 +482,7 @@ class Sweep:
             cached = self.plan.cached[arg]
             if self.plan.steps[arg].mode == CONST and _spatial(cached) != _spatial(self.plan.cached[node]):
                 return cached  # a bias, a scalar, a broadcast constant
-            return self._crop(arg, live, images, windows, starts, size, 0.0)
+            return self._crop(arg, live, starts, size, 0.0)
 
         args = fx.node.map_aggregate(node.args, value)
         kwargs = fx.node.map_aggregate(node.kwargs, value)
@@ -482,9 +493,7 @@ class Sweep:
             return getattr(this, str(node.target))(*rest, **kwargs)
         return node.target(*args, **kwargs)  # type: ignore[operator]
 
-    def _full(
-        self, node: fx.Node, live: dict[fx.Node, Any], images: torch.Tensor, windows: torch.Tensor, output: bool = False
-    ) -> Any:
+    def _full(self, node: fx.Node, live: dict[fx.Node, Any], images: torch.Tensor, output: bool = False) -> Any:
         """A node run on whole maps: changed boxes pasted into copies of the cached maps."""
 
         def value(arg: Any) -> Any:
@@ -498,13 +507,11 @@ class Sweep:
                 return cached
             if not isinstance(cached, torch.Tensor) or step.box is None:
                 return live[arg]
-            whole = cached[images].clone()
+            whole = cached[images] if cached.shape[0] > 1 else cached.expand(len(images), *cached.shape[1:]).clone()
             region: torch.Tensor = live[arg]
-            box_starts = step.box.starts[windows]
             h, w = step.box.size
-            for start in torch.unique(box_starts, dim=0).tolist():
-                chosen = ((box_starts[:, 0] == start[0]) & (box_starts[:, 1] == start[1])).nonzero()[:, 0]
-                whole[chosen, :, start[0] : start[0] + h, start[1] : start[1] + w] = region[chosen]
+            for (first, last, _), (y, x) in zip(self._runs, step.box.starts[self._windows].tolist()):
+                whole[first:last, :, y : y + h, x : x + w] = region[first:last]
             return whole
 
         args = fx.node.map_aggregate(node.args, value)

@@ -397,7 +397,7 @@ def _incremental_pass(
     n_windows, n = corners.shape[0], x.shape[0]
     baseline = baseline_tensor(options.baseline, x, window)
     baseline = baseline.expand_as(x) if baseline.dim() == x.dim() - 1 else baseline
-    sweep = incremental.Sweep(plan)
+    sweep = incremental.Sweep(plan, n)
     sums = torch.zeros(n, targets.shape[1], *x.shape[1:], dtype=torch.float64, device=x.device)
     cover = torch.zeros(n, 1, *x.shape[1:], dtype=torch.float64, device=x.device)
     per_entry, cached = plan.bytes_per_window(), plan.cache_bytes()
