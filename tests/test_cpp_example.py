@@ -165,20 +165,31 @@ def test_capture_gram_drops_padded_tokens(capture_gram: Path, tmp_path: Path) ->
 
 
 def test_capture_gram_errors_are_one_line(capture_gram: Path, tmp_path: Path) -> None:
-    """A bad path, a missing layer, a file that is not a capture, and an lzf capture (h5py's
-    filter, which a plain libhdf5 lacks): exit status 2 and one line naming the problem."""
+    """A bad path, a missing layer, a file that is not a capture, an lzf capture (h5py's filter,
+    which a plain libhdf5 lacks) and a damaged chunk (uncompressed: only the fletcher32 checksum
+    can tell): exit status 2 and one line naming the problem."""
     data = TensorDataset(torch.randn(12, 3))
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU())
     good = pyengine.capture(model, data, ["1"], tmp_path / "good.h5", progress=False)
     lzf = pyengine.capture(model, data, ["1"], tmp_path / "lzf.h5", compression="lzf", progress=False)
     with h5py.File(tmp_path / "other.h5", "w") as file:
         file["x"] = np.zeros(3)
+    damaged = pyengine.capture(model, data, ["1"], tmp_path / "damaged.h5", compression="none", progress=False)
+    assert parsed(run_gram(capture_gram, damaged, "1"))["samples"] == "12"
+    with h5py.File(damaged, "r") as file:
+        offset = file["activations/1"].id.get_chunk_info(0).byte_offset
+    with open(damaged, "r+b") as raw:
+        raw.seek(offset + 6)
+        byte = raw.read(1)
+        raw.seek(offset + 6)
+        raw.write(bytes([byte[0] ^ 0x40]))
     no_plugins = {"HDF5_PLUGIN_PATH": str(tmp_path)}  # no lzf plugin can be found there
     cases = [
         ((tmp_path / "missing.h5", "1"), "missing.h5: cannot open it as an HDF5 file"),
         ((good, "2"), "no layer '2' in /activations (stored: 1)"),
         ((tmp_path / "other.h5", "1"), "not a pyengine capture"),
         ((lzf, "1"), "compressed with HDF5 filter 32000 (lzf), which this libhdf5 lacks"),
+        ((damaged, "1"), "reading rows 0..12 of /activations/1 failed (damaged file?)"),
         ((good, "1", "--units", "rows"), "--units rows is invalid"),
         ((good, "1", "--rows", "0"), "--rows 0 is invalid"),
         ((good,), "usage: capture_gram CAPTURE.h5 LAYER"),
