@@ -1,6 +1,7 @@
 # Everything sets itself up: a fresh machine needs only python3.
 #   make demo       train + capture + every technique + report, into demo-out/
-#   make test       build, compile-check the CUDA sources (when nvcc is on PATH), the gates
+#   make test       build, compile-check the CUDA sources (when nvcc is on PATH), install the system HDF5
+#                   (libhdf5-dev, hdf5-tools: apt-get as root, when missing; else a message), the gates
 #                   (ruff format + lint, mypy), then the tests against the built package
 #   make dev        an editable install: tests and tools see edits to pyengine/ and plugins/
 #                   without a reinstall (C++ edits still need `make dev` again)
@@ -34,7 +35,7 @@ ASAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-n
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 SANITIZE_TESTS ?= tests/test_ops_*.py tests/test_pathwise.py tests/test_synchrony.py
 
-.PHONY: all setup build dev lint typecheck test fuzz sanitize demo bench nvcc-check gpu-check clean
+.PHONY: all setup build dev lint typecheck test fuzz sanitize demo bench nvcc-check system-hdf5 gpu-check clean
 
 all: test
 
@@ -71,7 +72,29 @@ nvcc-check:
 	  done; \
 	else echo "nvcc not on PATH: CUDA compile check skipped"; fi
 
-test: lint typecheck build nvcc-check
+# The system's HDF5 C library, headers and tools (what C++ tools link, not the copy inside h5py's wheel), for
+# tests/test_hdf5_compat.py and examples/cpp/capture_gram: installed with apt-get when missing and we are root;
+# otherwise (or if the install fails) a message says what is missing, and those tests skip. Never fatal.
+HDF5_PACKAGES := libhdf5-dev hdf5-tools
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(HDF5_PACKAGES)
+system-hdf5:
+	@command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 || { \
+	  command -v h5dump >/dev/null 2>&1 || echo "system-hdf5: no apt-get here: install the HDF5 C library, headers and \
+	tools (h5dump, h5ls) with your package manager, else the tests that read captures with them skip"; exit 0; }; \
+	missing=""; for package in $(HDF5_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "ok installed" || missing="$$missing $$package"; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "system-hdf5: missing$$missing (not root: run sudo apt-get install$$missing); the tests that need them skip"; \
+	  exit 0; fi; \
+	echo "system-hdf5: installing$$missing (apt-get)"; \
+	log=$$(mktemp); \
+	$(APT_INSTALL) >$$log 2>&1 || { apt-get update -q >>$$log 2>&1 && $(APT_INSTALL) >>$$log 2>&1; } || { \
+	  tail -n 5 $$log; echo "system-hdf5: could not install$$missing; the tests that need them skip"; }; \
+	rm -f $$log
+
+test: lint typecheck build nvcc-check system-hdf5
 	$(VENV)/bin/pytest
 
 # The ops fuzz (tests/ops_fuzz.py, in one child process) at length, with a fresh random seed.
