@@ -311,7 +311,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"occlusion on {where}; best of {args.repeats}, methods alternating; ratios to Captum's time")
     print(
-        "| case | method | time (s) | / Captum | FLOPs / plain | max diff to Captum | Pearson, top-10% vs exact | peak MiB |"
+        "| case | method | time (s) | / Captum | FLOPs / plain | max diff to Captum "
+        "| Pearson, top-10% vs exact | peak MiB |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in args.cases.split(","):
