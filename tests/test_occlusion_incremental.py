@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vision_models import build, zoo_images
 
 import pyengine
 from conftest import requires_cuda
 from pyengine.errors import PyengineError
-from vision_models import build, zoo_images
 
 TOLERANCE = 1e-5  # of the largest |attribution|
 
