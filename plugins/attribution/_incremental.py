@@ -89,6 +89,7 @@ class Step:
     kind: str = ""  # for INC: conv, pool, pointwise, binary, cat
     box: Box | None = None
     reason: str = ""  # why a node depending on the input runs in full
+    direct: frozenset[fx.Node] = frozenset()  # INC inputs whose box is this node's: used as they are
     flops_full: float = 0.0  # per window
     flops_done: float = 0.0  # per window, as run
 
@@ -300,7 +301,15 @@ def make_plan(
         else:
             region = box if box is not None else Box((1, 1), windows)
             done = _node_flops(graph, node, value, region.area())
-            steps[node] = Step(INC, kind, region, flops_full=per_window_full, flops_done=done)
+            same = frozenset(
+                a
+                for a in inputs
+                if kind not in ("conv", "pool")
+                and (other := steps[a].box) is not None
+                and other.size == region.size
+                and (other is region or torch.equal(other.starts, region.starts))
+            )
+            steps[node] = Step(INC, kind, region, flops_full=per_window_full, flops_done=done, direct=same)
     if all(step.mode != INC or step.kind == "input" for step in steps.values()):
         raise NotIncremental(f"the first op on the input runs in full: {first_full or 'none is supported'}")
     return Plan(graph, steps, values, first_full)
@@ -371,6 +380,7 @@ class Sweep:
         self._images = images  # of the cached pass
         self._windows = torch.zeros(0, dtype=torch.long)
         self._runs: list[tuple[int, int, torch.Tensor | None]] = []
+        self._sources: dict[tuple[fx.Node, fx.Node], tuple[torch.Tensor, tuple[int, int, int, int]]] = {}
 
     def run(self, images: torch.Tensor, windows: torch.Tensor, first_region: torch.Tensor) -> Any:
         """The model's outputs for entries (image ``images[e]``, window ``windows[e]``), sorted by
@@ -416,19 +426,36 @@ class Sweep:
 
     # --- boxes ---------------------------------------------------------------------------
 
+    def _padded(
+        self, arg: fx.Node, consumer: fx.Node, starts: torch.Tensor, size: tuple[int, int], pad: float
+    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """``arg``'s cached map padded with ``pad`` as far as any window's crop for ``consumer``
+        reaches (made once per sweep), and the (left, right, top, bottom) pads."""
+        key = (arg, consumer)
+        if key not in self._sources:
+            cached: torch.Tensor = self.plan.cached[arg]
+            height, width = cached.shape[2:]
+            top, left = int(-starts[:, 0].min()), int(-starts[:, 1].min())
+            bottom = int((starts[:, 0] + size[0]).max()) - height
+            right = int((starts[:, 1] + size[1]).max()) - width
+            pads = (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0))
+            self._sources[key] = (F.pad(cached, pads, value=pad) if any(pads) else cached, pads)
+        return self._sources[key]
+
     def _crop(
-        self, arg: fx.Node, live: dict[fx.Node, Any], starts: torch.Tensor, size: tuple[int, int], pad: float
+        self,
+        arg: fx.Node,
+        live: dict[fx.Node, Any],
+        starts: torch.Tensor,
+        size: tuple[int, int],
+        pad: float,
+        consumer: fx.Node,
     ) -> torch.Tensor:
         """(entries, C, h, w): ``arg``'s map from each window's corner ``starts[window]`` (may reach
         into the padding, filled with ``pad``), its changed box pasted in; channels last."""
         cached: torch.Tensor = self.plan.cached[arg]
-        height, width = cached.shape[2:]
+        source, pads = self._padded(arg, consumer, starts, size, pad)
         corners = starts[self._windows]
-        top, left = int(-corners[:, 0].min()), int(-corners[:, 1].min())
-        bottom = int((corners[:, 0] + size[0]).max()) - height
-        right = int((corners[:, 1] + size[1]).max()) - width
-        pads = (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0))
-        source = F.pad(cached, pads, value=pad) if any(pads) else cached
         step = self.plan.steps[arg]
         inc = step.mode == INC and step.box is not None
         region: torch.Tensor | None = live[arg] if inc else None
@@ -468,7 +495,7 @@ class Sweep:
             need = tuple((box.size[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 for a in range(2))
             origin = starts * torch.tensor(stride, device=starts.device) - torch.tensor(padding, device=starts.device)
             pad = float("-inf") if isinstance(module, nn.MaxPool2d) else 0.0
-            crop = self._crop(node.args[0], live, origin, (need[0], need[1]), pad)  # type: ignore[arg-type]
+            crop = self._crop(node.args[0], live, origin, (need[0], need[1]), pad, node)  # type: ignore[arg-type]
             if isinstance(module, nn.Conv2d):
                 return F.conv2d(crop, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
             if isinstance(module, nn.MaxPool2d):
@@ -476,13 +503,17 @@ class Sweep:
             return F.avg_pool2d(crop, module.kernel_size, module.stride, 0)
         size = box.size
 
+        mutates = self._mutates(node)
+
         def value(arg: Any) -> Any:
             if not isinstance(arg, fx.Node):
                 return arg
+            if arg in step.direct:  # the same box: no crop; copied only if an in-place op would change it
+                return live[arg].clone() if mutates and len(arg.users) > 1 else live[arg]
             cached = self.plan.cached[arg]
             if self.plan.steps[arg].mode == CONST and _spatial(cached) != _spatial(self.plan.cached[node]):
                 return cached  # a bias, a scalar, a broadcast constant
-            return self._crop(arg, live, starts, size, 0.0)
+            return self._crop(arg, live, starts, size, 0.0, node)
 
         args = fx.node.map_aggregate(node.args, value)
         kwargs = fx.node.map_aggregate(node.kwargs, value)
