@@ -62,7 +62,8 @@ def test_every_dataset_is_checksummed(store: Path) -> None:
     with h5py.File(store, "r") as file:
         names: list[str] = []
         file.visit(lambda name: names.append(name) if isinstance(file[name], h5py.Dataset) else None)
-        assert {"activations/features.relu1", "inputs/index", "results/demo/run-001/values"} <= set(names)
+        names.append("results/demo/run-001/values")  # in the run's own file: visit does not follow links
+        assert {"activations/features.relu1", "inputs/index"} <= set(names)
         assert all(file[name].fletcher32 for name in names), [n for n in names if not file[n].fletcher32]
         assert file[f"activations/{LAYER}"].compression == "gzip"  # the default every libhdf5 reads
     with StoreReader(store) as reader:
@@ -92,8 +93,12 @@ def test_flips_in_small_arrays_and_results_fail_the_read(store: Path, tmp_path: 
         reader.index()
     one_line(error)
 
-    offset, size = chunk_span(store, "results/demo/run-001/values")
-    damaged = flipped(store, tmp_path / "result.h5", offset + 3)
+    damaged = tmp_path / "result.h5"  # a copy of the store with its results folder, one run damaged
+    shutil.copyfile(store, damaged)
+    shutil.copytree(store.with_name("acts.h5.d"), tmp_path / "acts.h5.d")
+    run_file = tmp_path / "acts.h5.d" / "demo" / "run-001.h5"
+    offset, size = chunk_span(run_file, "result/values")
+    flipped(run_file, run_file, offset + 3)
     with StoreReader(damaged) as reader, pytest.raises(StoreError) as error:
         reader.result("demo", "run-001")
     assert "cannot read /results/demo/run-001/values" in one_line(error)
@@ -119,6 +124,7 @@ def test_damaged_metadata_blocks_are_one_line_store_errors(store: Path, tmp_path
                 else None
             )
         )
+    shutil.copytree(store.with_name("acts.h5.d"), tmp_path / "acts.h5.d")  # the damaged copies' results
     size = store.stat().st_size
     metadata = [i for i in range(48, size) if not any(a <= i < a + n for a, n in spans)]
     failures = 0
@@ -145,6 +151,7 @@ def test_cli_info_on_a_damaged_metadata_block(store: Path, tmp_path: Path) -> No
     damaged = flipped(store, tmp_path / "header.h5", address + 6, 0xFF)
     assert_user_error(run_cli("info", str(damaged)), f"{damaged}: cannot read")
     shutil.copyfile(store, tmp_path / "intact.h5")
+    shutil.copytree(store.with_name("acts.h5.d"), tmp_path / "acts.h5.d")  # a results file moves with its folder
     assert run_cli("info", str(tmp_path / "intact.h5")).returncode == 0
 
 
