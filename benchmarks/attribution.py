@@ -279,7 +279,10 @@ def pointing(device: str) -> None:
     model = demo_cnn(64).to(device)
     batch = Shapes(64, seed=HELD_OUT_SEED).batch(range(64))
     x, boxes = batch.inputs.to(device), batch.boxes
-    print("\npointing game, demo CNN (trained), 64 held-out shapes images, window (3, 8, 8), stride (3, 4, 4), mean baseline:")
+    print(
+        "\npointing game, demo CNN (trained), 64 held-out shapes images, window (3, 8, 8), stride (3, 4, 4), "
+        "mean baseline:"
+    )
     exact = None
     for method, options in METHODS.items():
         if options is None or method == "plain":

@@ -69,7 +69,8 @@ def _datasets(file: h5py.File) -> Iterator[tuple[str, h5py.Dataset]]:
     for group in GROUPS:
         if group in file:
             for name, dataset in file[group].items():
-                yield f"{group}/{name}", dataset
+                if isinstance(dataset, h5py.Dataset):  # a damaged object: reported where it is read
+                    yield f"{group}/{name}", dataset
 
 
 def join_parts(path: Path, parts: Sequence[Path], *, meta: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
