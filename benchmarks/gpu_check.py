@@ -121,7 +121,14 @@ BENCHMARKS = [
         headline=(r"ratio", r"identical agreement", r"^interaction basis"),
         expect=("identical agreement counts: True", "synchronized pair found: True"),
     ),
-    Benchmark("attribution.py", ("--repeats", "3"), ("--repeats", "1"), 150, needs=("captum",), headline=(r"ratio",)),
+    Benchmark(
+        "attribution.py",
+        ("--repeats", "2", "--cases", "vgg64,vgg224,resnet224"),  # demo: trains the demo CNN first
+        ("--repeats", "1", "--cases", "vgg64"),
+        240,
+        needs=("captum",),
+        headline=(r"\| (captum|plain|incremental|both) \|",),
+    ),
     # the autograd reference syncs per candidate unit (float(...)): 64 inputs took 36 s on 2 CPU cores
     Benchmark("paths.py", ("--inputs", "16"), ("--inputs", "4"), 150, expect=("same paths: True",)),
     Benchmark("topk.py", (), ("--rows", "1000"), 150),

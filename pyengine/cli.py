@@ -206,7 +206,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "dataset_name" in meta:
         print(f"  dataset {meta['dataset_name']} ({meta.get('dataset_size')} rows), {info['rows']} captured")
     for name, layer in info["layers"].items():
-        print(f"  /activations/{name}  {tuple(layer['shape'])} {layer['dtype']} {layer['compression'] or 'raw'}")
+        stored = f"virtual over {len(layer['parts'])} parts" if layer.get("parts") else layer["compression"] or "raw"
+        print(f"  /activations/{name}  {tuple(layer['shape'])} {layer['dtype']} {stored}")
     for name, categories in info["concepts"].items():
         print(f"  /concepts/{name}  {', '.join(categories)}")
     for result in info["results"]:

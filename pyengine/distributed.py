@@ -157,17 +157,23 @@ def launched() -> bool:
 
 
 def init_from_env() -> Ranks:
-    """Join the process group ``torchrun`` describes in the environment (NCCL when this machine
-    has GPUs, else gloo), once; one process when not launched by it."""
+    """Join the process group ``torchrun`` describes in the environment, once (NCCL when each
+    process of this machine has a GPU of its own, else gloo); one process when not launched by it."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return current()
     if not dist.is_available():
         raise PyengineError("WORLD_SIZE > 1 but this torch has no torch.distributed; run one process")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    gpus = _gpu_per_process()
+    if gpus:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpus else "gloo", timeout=TIMEOUT)
     return current()
+
+
+def _gpu_per_process() -> bool:
+    """This machine's processes of the run each have a GPU of their own (NCCL needs that)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local
 
 
 def close() -> None:
@@ -177,8 +183,8 @@ def close() -> None:
 
 
 def default_device(ranks: Ranks) -> torch.device | None:
-    """``cuda:LOCAL_RANK`` for a rank of a multi-process run on a machine with GPUs, else None
-    (the model's own device)."""
-    if ranks.active and torch.cuda.is_available():
-        return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    """``cuda:LOCAL_RANK`` for a rank of a multi-process run on a machine with a GPU for each of
+    its processes, else None (the model's own device)."""
+    if ranks.active and _gpu_per_process():
+        return torch.device("cuda", ranks.local_rank)
     return None

@@ -156,6 +156,8 @@ def test_sharded_capture_and_run_under_torchrun(tmp_path: Path) -> None:
     ]
     with h5py.File(tmp_path / "two.h5", "r") as file:
         assert file["activations/features.relu2"].is_virtual
+    info = one_process("-m", "pyengine", "info", "two.h5", cwd=tmp_path).stdout
+    assert "/activations/features.relu2  (70, 8, 8, 8) float16 virtual over 2 parts" in info
     _same_store(tmp_path / "one.h5", tmp_path / "two.h5")
 
     moved = tmp_path / "moved"  # the folder moves as a whole: the parts are named relative to it

@@ -251,12 +251,14 @@ class StoreReader:
         for name in self.layers:
             dataset = self._layer(name)
             with reading(self.path, f"/activations/{name}"):
+                parts = sorted({s.file_name for s in dataset.virtual_sources()}) if dataset.is_virtual else []
                 layers[name] = {
                     "shape": list(dataset.shape),
                     "dtype": str(dataset.dtype),
                     "chunks": list(dataset.chunks or ()),
                     "compression": dataset.compression,
                     "checksums": bool(dataset.fletcher32),
+                    "parts": parts,  # a sharded capture: the part files behind the virtual dataset
                 }
         meta = {k: v for k, v in self.meta.items()}
         return {
