@@ -1,11 +1,44 @@
-"""A small stderr progress bar that only appears for steps longer than a second."""
+"""Progress bars for steps longer than a second: ``tqdm`` (``tqdm.auto`` in notebooks) when it is
+installed, else a small stderr bar of our own; both show the rate and the time left."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
+
+
+def rate_text(count: int, elapsed: float) -> str:
+    """``12.5/s``, or ``4.0 s/it`` when one step takes over a second (never ``0.0/s``)."""
+    if count <= 0 or elapsed <= 0:
+        return "-/s"
+    rate = count / elapsed
+    return f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s/it"
+
+
+def duration_text(seconds: float) -> str:
+    """``0:07``, ``12:03``, ``1:02:03``."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def eta_text(count: int, total: int | None, elapsed: float) -> str:
+    """``ETA 0:15`` at the rate so far; empty when there is no total or no rate yet."""
+    if not total or count <= 0 or elapsed <= 0 or count >= total:
+        return ""
+    return f"ETA {duration_text((total - count) * elapsed / count)}"
+
+
+def _tqdm_class() -> Any:
+    """``tqdm.auto.tqdm`` (a notebook widget in Jupyter, a terminal bar elsewhere), or None."""
+    try:
+        return getattr(importlib.import_module("tqdm.auto"), "tqdm", None)
+    except ImportError:
+        return None
 
 
 class Progress:
@@ -24,6 +57,8 @@ class Progress:
         self._last = 0.0
         self._shown = False
         self._live = bool(getattr(self.stream, "isatty", lambda: False)())
+        tqdm = _tqdm_class() if enabled and stream is None else None
+        self._tqdm = tqdm(total=total, desc=desc, delay=delay, file=self.stream, leave=True) if tqdm else None
 
     def __enter__(self) -> Progress:
         return self
@@ -31,6 +66,9 @@ class Progress:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            return
         if self._shown:
             self._draw(final=exc_type is None)
             self.stream.write("\n")
@@ -38,6 +76,9 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self.count += n
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+            return
         now = time.perf_counter()
         if not (self.enabled and now - self._start >= self.delay):
             return
@@ -48,13 +89,18 @@ class Progress:
 
     def _draw(self, final: bool = False) -> None:
         elapsed = time.perf_counter() - self._start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
         if self.total:
             filled = int(30 * min(self.count, self.total) / self.total)
             bar = "#" * filled + "-" * (30 - filled)
             text = f"{self.desc} [{bar}] {self.count}/{self.total}"
         else:
             text = f"{self.desc} {self.count}"
-        suffix = "done" if final else f"{rate:.1f}/s"
-        self.stream.write(f"\r{text} {elapsed:.1f}s {suffix}  " if self._live else f"{text} {elapsed:.1f}s {suffix}")
+        if final:
+            suffix = f"done in {duration_text(elapsed)} ({rate_text(self.count, elapsed)})"
+        else:
+            suffix = " ".join(
+                part for part in (rate_text(self.count, elapsed), eta_text(self.count, self.total, elapsed)) if part
+            )
+            suffix = f"{duration_text(elapsed)} {suffix}"
+        self.stream.write(f"\r{text} {suffix}  " if self._live else f"{text} {suffix}")
         self.stream.flush()
