@@ -194,16 +194,23 @@ class AttributionResult(Result):
 
 
 def run_attribution(
-    ctx: Context, options: AttributionOptions, technique: str, attribute: Attribute, *, multi_target: bool = False
+    ctx: Context,
+    options: AttributionOptions,
+    technique: str,
+    attribute: Attribute,
+    *,
+    multi_target: bool = False,
+    split: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explain every row: returns (attributions, targets, index, first inputs).
 
     ``attribute(x, t)`` maps N inputs with one target each (t: (N,)) to N maps; with several
     targets per input the rows are repeated. A ``multi_target`` attribute takes all targets
     at once, t: (N, T), and returns (N, T, *S).
-    Several processes explain their contiguous parts of the rows; each gets every row's result.
+    Several processes explain their contiguous parts of the rows (``split``; else each explains
+    them all); each gets every row's result.
     """
-    source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=technique, split=True)
+    source = ctx.rows(options.batch_size, start=options.start, stop=options.stop, technique=technique, split=split)
     if isinstance(options.target, torch.Tensor) and options.target.shape[0] not in (1, source.total):
         raise PyengineError(
             f"{technique}: target has {options.target.shape[0]} rows but there are {source.total} "
@@ -232,7 +239,7 @@ def run_attribution(
                 shown.append(inputs.main[:MAX_FIGURE_INPUTS].detach().cpu())
             offset += len(rows)
             bar.update(len(rows))
-    gather = ctx.gather_rows
+    gather = ctx.gather_rows if split else (lambda tensor: tensor)
     return (
         gather(torch.cat(maps)),
         gather(torch.cat(all_targets)),

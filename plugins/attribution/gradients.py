@@ -71,12 +71,14 @@ class GradientTechnique(Technique):
     explains_inputs: ClassVar[bool] = True
     attribution: ClassVar[bool] = True
     Options: ClassVar[type[AttributionOptions]] = AttributionOptions
+    # several processes split the rows; False where results depend on what earlier rows drew
+    splits_rows: ClassVar[bool] = True
 
     def attributor(self, ctx: Context, options: Any) -> Attribute:
         raise NotImplementedError
 
     def run(self, ctx: Context, options: Any) -> AttributionResult:
-        maps = run_attribution(ctx, options, self.name, self.attributor(ctx, options))
+        maps = run_attribution(ctx, options, self.name, self.attributor(ctx, options), split=self.splits_rows)
         return make_result(self.name, *maps, AttributionResult, **layer_fields(options, maps[0]))
 
 
@@ -320,8 +322,9 @@ class IntegratedGradients(GradientTechnique):
         attributions, targets, index, shown = run_attribution(
             ctx, options, self.name, self.attributor(ctx, options, gaps)
         )
-        delta = torch.cat([d for d, _ in gaps]).reshape(targets.shape)
-        change = torch.cat([c for _, c in gaps]).reshape(targets.shape)
+        # several processes: each gathered its rows' gaps; all rows', in row order
+        delta = ctx.gather_rows(torch.cat([d for d, _ in gaps])).reshape(targets.shape)
+        change = ctx.gather_rows(torch.cat([c for _, c in gaps])).reshape(targets.shape)
         relative = delta.abs() / change.abs().clamp(min=1e-12)
         return make_result(
             self.name,
@@ -423,7 +426,7 @@ class GradCam(GradientTechnique):
         attributions, targets, index, shown = run_attribution(
             ctx, options, self.name, self.attributor(ctx, options, layer_maps)
         )
-        cams = torch.cat(layer_maps)
+        cams = ctx.gather_rows(torch.cat(layer_maps))  # several processes: every row's, in row order
         cams = cams.reshape(*targets.shape, *cams.shape[1:])
         return make_result(
             self.name,
@@ -478,6 +481,7 @@ class SmoothGrad(GradientTechnique):
     name = "smoothgrad"
     summary = "an attribution technique averaged over noisy copies of the input (Smilkov et al.)"
     Options = SmoothGradOptions
+    splits_rows = False  # the noise is one stream over the rows: every process draws all of it
 
     def attributor(self, ctx: Context, options: SmoothGradOptions) -> Attribute:
         base_class = host.get_technique(options.base)

@@ -165,12 +165,16 @@ class InteractionBasis(Technique):
         return ", ".join(repr(ref) for ref in blocks[:4]) + (", ..." if len(blocks) > 4 else "") or "block outputs"
 
     def run(self, ctx: Context, options: InteractionBasisOptions) -> InteractionBasisResult:
-        batches = [
-            rows.model_inputs()
-            for rows in ctx.rows(
-                options.batch_size, start=options.start, stop=options.stop, at_most=DEFAULT_ROWS, technique=self.name
-            )
-        ]
+        read = ctx.rows(
+            options.batch_size,
+            start=options.start,
+            stop=options.stop,
+            at_most=DEFAULT_ROWS,
+            technique=self.name,
+            split=True,
+        )
+        batches = [rows.model_inputs() for rows in read]
+        first_batch = read.offset // options.batch_size  # several processes: this part's first batch
         layers = options.layers or self._default_layers(ctx, batches[0], options.units)
         self._check_chain(ctx, layers)
         axes = ctx.unit_axes(options.units, self.name, layers)
@@ -185,18 +189,18 @@ class InteractionBasis(Technique):
                     f"interaction-basis: layer {layer!r} has {width} units (> {MAX_UNITS}) on its "
                     f"{axes.names()[layer]} axis; choose narrower layers or other units"
                 )
-        count = sum(len(b) for b in batches)
+        count = int(ctx.all_reduce(torch.tensor(sum(len(b) for b in batches))))
         seconds = {"gram": 0.0, "jacobian": 0.0, "eigh": 0.0}
         basis: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
         chain = list(layers) + ["<output>"]
-        generator = torch.Generator().manual_seed(ctx.seed)
         with ctx.progress(len(layers) * len(batches), self.name) as bar:
             for position in range(len(layers) - 1, -1, -1):
                 layer, following = chain[position], chain[position + 1]
                 activation_gram = jacobian_gram = None
                 samples = 0
-                for inputs in batches:
+                for number, inputs in enumerate(batches, first_batch):
+                    generator = _signs(ctx.seed, position, number)
                     started = time.perf_counter()
                     with torch.enable_grad():
                         values, output = self._forward(ctx, layers, inputs)
@@ -223,11 +227,14 @@ class InteractionBasis(Technique):
                 started = time.perf_counter()
                 if activation_gram is None or jacobian_gram is None:
                     raise PyengineError("interaction-basis: no rows to analyse")
+                # several processes: the Grams and counts of their parts, added in rank order
+                activation_gram, jacobian_gram = ctx.all_reduce(activation_gram), ctx.all_reduce(jacobian_gram)
+                samples = int(ctx.all_reduce(torch.tensor(samples)))
                 basis[layer], inverse[layer] = self._basis(
                     activation_gram / samples, jacobian_gram / count, options.cutoff
                 )
                 seconds["eigh"] += time.perf_counter() - started
-        edges = self._edges(ctx, layers, axes, batches, basis, inverse, count, generator)
+        edges = self._edges(ctx, layers, axes, batches, basis, inverse, count, first_batch)
         change = {
             layer: self._output_change(ctx, layers, batches, layer, (inverse[layer] @ basis[layer], axes.dims[layer]))
             for layer in layers
@@ -298,13 +305,14 @@ class InteractionBasis(Technique):
         basis: dict[str, torch.Tensor],
         inverse: dict[str, torch.Tensor],
         count: int,
-        generator: torch.Generator,
+        first_batch: int,
     ) -> dict[str, torch.Tensor]:
         edges: dict[str, torch.Tensor] = {}
-        for layer, following in zip(layers[:-1], layers[1:]):
+        for edge, (layer, following) in enumerate(zip(layers[:-1], layers[1:])):
             total = torch.zeros(basis[following].shape[0], basis[layer].shape[0], dtype=torch.float64)
             dim = axes.dims[layer]
-            for inputs in batches:
+            for number, inputs in enumerate(batches, first_batch):
+                generator = _signs(ctx.seed, len(layers) + edge, number)
                 with torch.enable_grad():
                     seen, _ = self._forward(ctx, layers, inputs)
                     f, g = seen[layer], seen[following]
@@ -317,7 +325,7 @@ class InteractionBasis(Technique):
                         (grad,) = torch.autograd.grad(g, f, grad_outputs=source, retain_graph=True)
                         sensitivity = as_unit_matrix(grad.detach(), dim, mask).double() @ inverse[layer]  # ∂f̂_next,j/∂f̂
                         total[j] += (sensitivity * coordinates).pow(2).sum(0).cpu()
-            edges[f"{layer}->{following}"] = total / count
+            edges[f"{layer}->{following}"] = ctx.all_reduce(total) / count
         return edges
 
     def _output_change(
@@ -335,7 +343,7 @@ class InteractionBasis(Technique):
                 _, original = self._forward(ctx, layers, inputs)
                 _, projected = self._forward(ctx, layers, inputs, {layer: (matrix.T, dim)})
                 worst = max(worst, float((original - projected).abs().max()))
-        return worst
+        return max(ctx.all_gather(worst))
 
 
 def _project(values: torch.Tensor, projection: torch.Tensor, dim: int) -> torch.Tensor:
@@ -344,6 +352,12 @@ def _project(values: torch.Tensor, projection: torch.Tensor, dim: int) -> torch.
         return (values.flatten(1) @ projection.to(values.dtype)).view_as(values)
     moved = values.movedim(dim, -1)
     return (moved @ projection.to(values.dtype)).movedim(-1, dim)
+
+
+def _signs(seed: int, phase: int, batch: int) -> torch.Generator:
+    """The random signs of one batch in one phase (a layer's basis, an edge): drawn from the seed,
+    the phase and the batch's number, so they do not depend on how processes split the batches."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + phase) * 1_000_003 + batch)
 
 
 def _direction(
