@@ -165,6 +165,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_techniques(args: argparse.Namespace) -> int:
     found = host.techniques()
+    if args.name:
+        if args.name not in found:
+            raise PyengineError(f"unknown technique {args.name!r}; expected one of {', '.join(found)}")
+        found = {args.name: found[args.name]}
     if not args.json:
         for name, technique in found.items():
             print(f"{name}: {technique.summary}")
@@ -249,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plugins)
 
-    p = commands.add_parser("techniques", help="list techniques and their options")
+    p = commands.add_parser("techniques", help="list techniques and their options (defaults and docs)")
+    p.add_argument("name", nargs="?", help="one technique only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_techniques)
 

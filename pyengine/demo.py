@@ -47,13 +47,18 @@ def demo(
     model = DemoCNN()
     train_data = Shapes(config.train_size, seed=DEMO_SEED)
     held_out = Shapes(config.test_size, seed=HELD_OUT_SEED)
+    steps: list[tuple[str, float]] = []  # (step, seconds): the table printed at the end
+    clock = time.perf_counter()
     report = train_cached(model, train_data, held_out, config, progress=progress)
+    steps.append(("train (or load) demo-cnn", time.perf_counter() - clock))
     how = "loaded from cache" if report.cached else f"trained in {report.seconds:.1f} s"
     print(f"demo-cnn: held-out accuracy {report.accuracy:.2%} on {len(held_out)} shapes images ({how})", flush=True)
     model.eval()
 
     activations = out / "activations.h5"
+    clock = time.perf_counter()
     capture(model, held_out, capture_layers(model), activations, overwrite=True, progress=progress)
+    steps.append(("capture", time.perf_counter() - clock))
     _say(f"captured {', '.join(capture_layers(model))} -> {activations}")
 
     inputs = held_out.batch(range(n_inputs)).inputs
@@ -83,13 +88,17 @@ def demo(
             failures += 1
             _say(f"{name}: FAILED: {error}")
             sections.append(Section(name, error=str(error)))
+            steps.append((f"{name} (failed)", time.perf_counter() - started))
             continue
         seconds = time.perf_counter() - started
+        steps.append((name, seconds))
         _say(f"{name}: {result.summary()} ({seconds:.1f} s; {result.rows})")
         sections.append(
             Section(name, lines=[*result.lines(), f"Rows analysed: {result.rows}."], figures=list(result.figures))
         )
+    clock = time.perf_counter()
     sections += feature_sections(model, held_out, activations, inputs, progress=progress)
+    steps.append(("unit pages (patches, guided maps, activation maximization)", time.perf_counter() - clock))
     with StoreReader(results_path) as reader:
         stored = [f"{t}/{r}" for t, r in reader.results()]
     sections.append(
@@ -101,9 +110,23 @@ def demo(
             ],
         )
     )
+    clock = time.perf_counter()
     page = Report("pyengine demo: demo-cnn on shapes", sections).write(out / "report")
+    steps.append(("report", time.perf_counter() - clock))
     print(f"wrote {results_path} and {page}", flush=True)
+    print(time_table(steps), flush=True)
     return failures
+
+
+def time_table(steps: list[tuple[str, float]]) -> str:
+    """Where the demo's time went: one line per step, longest first, and the total."""
+    width = max(len(name) for name, _ in steps)
+    total = sum(seconds for _, seconds in steps)
+    lines = ["time per step:"]
+    for name, seconds in sorted(steps, key=lambda item: -item[1]):
+        lines.append(f"  {name:<{width}}  {seconds:7.1f} s  {seconds / total:4.0%}" if total else f"  {name}")
+    lines.append(f"  {'total':<{width}}  {total:7.1f} s")
+    return "\n".join(lines)
 
 
 def feature_sections(

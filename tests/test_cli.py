@@ -46,6 +46,11 @@ def test_plugins_and_techniques_listings() -> None:
     assert center["default"] is True and center["doc"].startswith("covariance")
     listed = run_cli("techniques").stdout
     assert "    center = True: covariance (centred) rather than second moment" in listed
+    one = run_cli("techniques", "occlusion").stdout
+    assert one.startswith("occlusion: ") and "gram-spectrum" not in one
+    assert "    sweep = 'auto': 'auto': incremental" in one
+    unknown = run_cli("techniques", "oclusion")
+    assert unknown.returncode == 2 and "unknown technique 'oclusion'; expected one of" in unknown.stderr
 
 
 def test_run_config_writes_results(tmp_path: Path) -> None:

@@ -69,3 +69,12 @@ def test_tqdm_draws_when_installed_and_not_when_disabled(monkeypatch: pytest.Mon
     with Progress(8, "quiet", enabled=False) as bar:  # e.g. ranks other than 0
         bar.update(8)
     assert len(FakeTqdm.made) == 1
+
+
+def test_the_demo_time_table_lists_steps_longest_first_with_the_total() -> None:
+    from pyengine.demo import time_table
+
+    table = time_table([("capture", 3.0), ("gram-spectrum", 1.0), ("report", 6.0)]).splitlines()
+    assert table[0] == "time per step:"
+    assert [line.split()[0] for line in table[1:]] == ["report", "capture", "gram-spectrum", "total"]
+    assert table[1].endswith("6.0 s   60%") and table[-1].endswith("10.0 s")
