@@ -115,39 +115,19 @@ def capture(
         "start": start,
         "stop": stop,
     }
+    settings: dict[str, Any] = {
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "compression": compression,
+        "device": device,
+        "overwrite": overwrite,
+        "progress": progress,
+        "on_batch": on_batch,
+    }
     if ranks.active:
-        return _capture_sharded(
-            ranks,
-            model,
-            data,
-            layers,
-            path,
-            config,
-            batch_size=batch_size,
-            dtype=dtype,
-            compression=compression,
-            device=device,
-            overwrite=overwrite,
-            progress=progress,
-            on_batch=on_batch,
-        )
+        return _capture_sharded(ranks, model, data, layers, path, config, **settings)
     with CaptureLock(path):  # before anything reads, removes or resumes the store's files
-        return _capture_locked(
-            model,
-            data,
-            layers,
-            path,
-            config,
-            batch_size=batch_size,
-            dtype=dtype,
-            compression=compression,
-            device=device,
-            start=start,
-            stop=stop,
-            overwrite=overwrite,
-            progress=progress,
-            on_batch=on_batch,
-        )
+        return _capture_locked(model, data, layers, path, config, start=start, stop=stop, **settings)
 
 
 def _capture_sharded(
@@ -202,8 +182,7 @@ def _capture_sharded(
                 part_config,
                 start=first,
                 stop=last,
-                overwrite=False,
-                **{**settings, "progress": settings["progress"] and ranks.is_main},
+                **{**settings, "overwrite": False, "progress": settings["progress"] and ranks.is_main},
             )
     except Exception as error:  # every rank learns of it below
         failure = error
