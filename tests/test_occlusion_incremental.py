@@ -120,6 +120,27 @@ def test_several_passes_and_a_blurred_baseline_give_the_same_maps() -> None:
     )
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's weight-standardised convolution: a Conv2d whose forward computes something else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (
+            self.weight.std((1, 2, 3), keepdim=True) + 1e-5
+        )
+        return F.conv2d(F.pad(x, (1, 2, 1, 2)), weight, self.bias, self.stride, 0)
+
+
+def test_subclasses_that_override_forward_are_not_taken_for_their_base() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), StdConv2d(6, 6, 4), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 20 * 20, 3)
+    ).eval()
+    x = torch.randn(2, 3, 20, 20)
+    plain, fast = both(model, x, window=(3, 4, 4), stride=(3, 2, 2))
+    assert_close(plain, fast)
+    assert "in full from pad" in fast.sweep  # fx traces into the subclass: its own ops run, in full from its pad
+
+
 class Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -196,3 +217,37 @@ def test_incremental_equals_plain_on_cuda() -> None:
     x = zoo_images(2, 40, seed=3).cuda()
     plain, fast = both(model, x, window=(3, 7, 7), stride=(3, 4, 4), target=torch.tensor([[0, 1]]))
     assert_close(plain, fast)
+
+
+def test_a_leaf_conv_subclass_overriding_forward_runs_in_full() -> None:
+    """A Conv2d subclass fx keeps whole (a leaf, as torch.nn's own are) is not computed on boxes
+    as a Conv2d: its forward may pad or change the weights."""
+    from pyengine.plugins.attribution import _incremental
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), StdConv2d(6, 6, 4)).eval()
+    graph = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+    plan = _incremental.make_plan(graph, torch.randn(1, 3, 20, 20), torch.tensor([[0, 0], [8, 8]]), (4, 4), 1.0, 1.0)
+    modes = {node.name: step.mode for node, step in plan.steps.items()}
+    assert modes["_0"] == "inc" and modes["_2"] == "full"
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, StdConv2d) or super().is_leaf_module(m, qualname)
+
+
+def test_an_unforeseen_failure_of_the_incremental_sweep_falls_back_to_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyengine.plugins.attribution import _incremental
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("shapes do not match\nmore")
+
+    monkeypatch.setattr(_incremental.Sweep, "run", broken)
+    model, x = build("demo_cnn", 32), zoo_images(2, 32, seed=1)
+    auto = pyengine.run("occlusion", model, x, progress=False, window=(3, 6, 6), batch_size=1)
+    assert auto.sweep == "plain: the incremental sweep failed (RuntimeError: shapes do not match)"
+    plain = pyengine.run("occlusion", model, x, progress=False, window=(3, 6, 6), batch_size=1, sweep="plain")
+    assert torch.equal(auto.attributions, plain.attributions)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        pyengine.run("occlusion", model, x, progress=False, window=(3, 6, 6), sweep="incremental")

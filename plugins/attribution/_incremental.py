@@ -159,19 +159,30 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """``module`` is a ``kind`` that computes what ``kind`` does: a subclass that overrides
+    ``forward`` (timm's Conv2dSame pads in it, StdConv2d standardises its weights) is not."""
+    return isinstance(module, kind) and type(module).forward is kind.forward
+
+
 def _window_op(
     module: nn.Module,
 ) -> tuple[str, tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
     """(kind, kernel, stride, padding, dilation) of a conv or pool whose box can be computed, else None."""
-    if isinstance(module, nn.Conv2d):
+    if _plain(module, nn.Conv2d) and isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str) and module.padding != "valid":
             return None
         padding = (0, 0) if isinstance(module.padding, str) else _pair(module.padding)
         return "conv", _pair(module.kernel_size), _pair(module.stride), padding, _pair(module.dilation)
-    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
+    if _plain(module, nn.MaxPool2d) and isinstance(module, nn.MaxPool2d) and not module.return_indices:
         stride = module.stride if module.stride is not None else module.kernel_size
         return "pool", _pair(module.kernel_size), _pair(stride), _pair(module.padding), _pair(module.dilation)
-    if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.divisor_override is None:
+    if (
+        _plain(module, nn.AvgPool2d)
+        and isinstance(module, nn.AvgPool2d)
+        and not module.ceil_mode
+        and module.divisor_override is None
+    ):
         padding = _pair(module.padding)
         if padding != (0, 0) and not module.count_include_pad:
             return None
@@ -187,9 +198,9 @@ def _kind(graph: fx.GraphModule, node: fx.Node) -> str:
         op = _window_op(module)
         if op is not None:
             return op[0]
-        if isinstance(module, POINTWISE_MODULES):
+        if any(_plain(module, kind) for kind in POINTWISE_MODULES):
             return "pointwise"
-        if isinstance(module, nn.BatchNorm2d) and not module.training and module.running_mean is not None:
+        if _plain(module, nn.BatchNorm2d) and not module.training and getattr(module, "running_mean", None) is not None:
             return "pointwise"
         return ""
     if node.op == "call_function":

@@ -333,9 +333,18 @@ def incremental_maps(
             raise PyengineError(f"occlusion: sweep='incremental' cannot run on this model: {reason}")
         geometry["sweep"] = f"plain: {reason}"
         return None
-    if options.drilldown:
-        return _drilldown(ctx, attributed, inputs, x, targets, options, geometry)
-    maps, ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, geometry, plan)
+    try:
+        if options.drilldown:
+            return _drilldown(ctx, attributed, inputs, x, targets, options, geometry)
+        maps, ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, geometry, plan)
+    except (RuntimeError, incremental.NotIncremental) as error:  # an op combination the plan did not foresee
+        if options.sweep == "incremental" or isinstance(error, torch.OutOfMemoryError):
+            raise
+        geometry["sweep"] = (
+            f"plain: the incremental sweep failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+        )
+        geometry["graph"] = None
+        return None
     mode = "exact" if options.field_cap >= 1 else f"approximate: field_cap={options.field_cap:g}"
     full = f"; in full from {plan.first_full}" if plan.first_full else ""
     geometry["sweep"] = f"incremental ({mode}){full}"
