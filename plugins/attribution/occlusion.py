@@ -325,7 +325,7 @@ def incremental_maps(
     plan = None
     if not reason:
         try:
-            plan = _plan(geometry, x, options, options.field_cap)
+            plan = _plan(geometry, x[:1], options, options.field_cap)  # also: the cache one image needs
         except incremental.NotIncremental as error:
             reason = str(error)
     if plan is None:
@@ -333,10 +333,21 @@ def incremental_maps(
             raise PyengineError(f"occlusion: sweep='incremental' cannot run on this model: {reason}")
         geometry["sweep"] = f"plain: {reason}"
         return None
+    # the cached values of every node: at most half the memory budget, in blocks of images
+    budget = memory_budget_bytes(ctx.device, options.memory_mb)
+    block = max(1, int(budget // 2 // max(plan.cache_bytes(), 1)))
+    maps, ratios = [], []
     try:
-        if options.drilldown:
-            return _drilldown(ctx, attributed, inputs, x, targets, options, geometry)
-        maps, ratio = _incremental_pass(ctx, attributed, inputs, x, targets, options, geometry, plan)
+        for first in range(0, x.shape[0], block):
+            rows = torch.arange(first, min(first + block, x.shape[0]))
+            xs, these, ts = x[rows.to(x.device)], inputs.take(rows), targets[rows.to(targets.device)]
+            if options.drilldown:
+                part, ratio = _drilldown(ctx, attributed, these, xs, ts, options, geometry)
+            else:
+                plan = plan if first == 0 and len(rows) == 1 else _plan(geometry, xs, options, options.field_cap)
+                part, ratio = _incremental_pass(ctx, attributed, these, xs, ts, options, geometry, plan)
+            maps.append(part)
+            ratios.append(ratio)
     except (RuntimeError, incremental.NotIncremental) as error:  # an op combination the plan did not foresee
         if options.sweep == "incremental" or isinstance(error, torch.OutOfMemoryError):
             raise
@@ -345,11 +356,12 @@ def incremental_maps(
         )
         geometry["graph"] = None
         return None
-    mode = "exact" if options.field_cap >= 1 else f"approximate: field_cap={options.field_cap:g}"
-    full = f"; in full from {plan.first_full}" if plan.first_full else ""
-    geometry["sweep"] = f"incremental ({mode}){full}"
-    geometry["flops_ratio"] = ratio
-    return maps
+    if not options.drilldown:
+        mode = "exact" if options.field_cap >= 1 else f"approximate: field_cap={options.field_cap:g}"
+        full = f"; in full from {plan.first_full}" if plan.first_full else ""
+        geometry["sweep"] = f"incremental ({mode}){full}"
+    geometry["flops_ratio"] = sum(ratios) / len(ratios)
+    return torch.cat(maps)
 
 
 def _window_grid(shape: tuple[int, ...], window: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
@@ -444,7 +456,7 @@ def _drilldown(
     targets: torch.Tensor,
     options: OcclusionOptions,
     geometry: dict[str, Any],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """Adaptive drill-down (approximate): the windows at twice the stride first; then, at the
     stride, only the windows over the ``drilldown`` fraction of each image where the coarse map
     (first target, |channels summed|) is largest; elsewhere the coarse map stands."""
@@ -475,8 +487,8 @@ def _drilldown(
         f"{coarse_windows} windows at stride {coarse_stride}, then {int(chosen.sum())} of {fine_windows * x.shape[0]} "
         f"(window, input) pairs at stride {stride})"
     )
-    geometry["flops_ratio"] = (coarse_ratio * coarse_windows + fine_ratio * fine_windows) / fine_windows
-    return torch.where(covered > 0, fine, coarse)
+    ratio = (coarse_ratio * coarse_windows + fine_ratio * fine_windows) / fine_windows
+    return torch.where(covered > 0, fine, coarse), ratio
 
 
 def attributed_score(
