@@ -45,56 +45,122 @@ def png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def svg_lines(figure: Figure, width: int = 560, height: int = 300) -> str:
-    """A line plot as inline SVG; every label is escaped."""
+LOG_DECADES = 12  # a log axis shows at most this many decades below the largest value
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= hi + 1e-9 * step:
+        ticks.append(0.0 if abs(value) < 1e-12 * step else value)
+        value += step
+    return ticks
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def svg_lines(figure: Figure, width: int = 620, height: int = 320) -> str:
+    """A line plot as inline SVG, with tick values on both axes (the layers' names for a
+    categorical x), a legend in the lines' colours and markers (a one-point series shows); a log
+    axis spans at most ``LOG_DECADES`` decades below the largest value and says what it clipped.
+    Every label is escaped; '' when there is no finite value to draw."""
     series = {str(k): [float(v) for v in vs] for k, vs in (figure.lines or {}).items()}
-    points = [v for vs in series.values() for v in vs if math.isfinite(v) and (v > 0 or not figure.log_y)]
-    if not points:
-        return "<p>(no data)</p>"
-    transform = (lambda v: math.log10(v)) if figure.log_y else (lambda v: v)
-    lo, hi = min(map(transform, points)), max(map(transform, points))
-    hi = hi if hi > lo else lo + 1
+    drawable = [v for vs in series.values() for v in vs if math.isfinite(v) and (v > 0 or not figure.log_y)]
+    if not drawable:
+        return ""
+    transform = math.log10 if figure.log_y else (lambda v: v)
+    hi = max(map(transform, drawable))
+    lo = min(map(transform, drawable))
+    clipped = 0
+    if figure.log_y and hi - lo > LOG_DECADES:
+        lo = hi - LOG_DECADES
+        clipped = sum(1 for v in drawable if math.log10(v) < lo)
+    if figure.log_y:
+        lo, hi = math.floor(lo), math.ceil(hi) if math.ceil(hi) > math.floor(lo) else math.floor(lo) + 1
+    elif hi == lo:
+        lo, hi = lo - 1, hi + 1
     longest = max(len(vs) for vs in series.values())
-    xs_all = [float(x) for x in figure.x] if figure.x is not None else None
-    left, right, top, bottom = 60, 150, 10, 40
+    labels = [str(label) for label in figure.x_labels]
+    xs = [float(x) for x in figure.x] if figure.x is not None and not labels else [float(i) for i in range(longest)]
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    x_span = (x_hi - x_lo) or 1.0
+    left, right, top = 70, 170, 12
+    bottom = 70 if labels else 48
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(i: int) -> float:
-        if xs_all is not None and len(xs_all) > 1:
-            return left + plot_w * (xs_all[i] - xs_all[0]) / ((xs_all[-1] - xs_all[0]) or 1)
-        return left + plot_w * i / max(1, longest - 1)
+        x = xs[i] if i < len(xs) else float(i)
+        return left + plot_w * ((x - x_lo) / x_span if len(xs) > 1 else 0.5)
 
     def py(v: float) -> float:
-        return top + plot_h * (1 - (transform(v) - lo) / (hi - lo))
+        return top + plot_h * (1 - (max(transform(v), lo) - lo) / (hi - lo))
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="plot">',
         f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
     ]
-    for k in range(5):
-        value = lo + (hi - lo) * k / 4
-        label = f"1e{value:.1f}" if figure.log_y else f"{value:.3g}"
-        y = top + plot_h * (1 - k / 4)
-        parts.append(f'<text x="{left - 4}" y="{y:.1f}" text-anchor="end" font-size="10">{html.escape(label)}</text>')
+    y_ticks = (
+        [float(k) for k in range(int(lo), int(hi) + 1, max(1, math.ceil((hi - lo) / 6)))]
+        if figure.log_y
+        else _nice_ticks(lo, hi)
+    )
+    for value in y_ticks:
+        y = top + plot_h * (1 - (value - lo) / (hi - lo))
+        text = f"1e{int(value)}" if figure.log_y else _tick_label(value)
+        parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#999"/>')
+        parts.append(
+            f'<text class="ytick" x="{left - 6}" y="{y + 3:.1f}" text-anchor="end" font-size="10">'
+            f"{html.escape(text)}</text>"
+        )
+    if labels:
+        x_ticks = [(float(i), label) for i, label in enumerate(labels)]
+    else:
+        x_ticks = [(value, _tick_label(value)) for value in _nice_ticks(x_lo, x_hi, 6)]
+    for value, text in x_ticks:
+        x = left + plot_w * ((value - x_lo) / x_span if len(xs) > 1 else 0.5)
+        base = top + plot_h
+        parts.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#999"/>')
+        anchor = f'text-anchor="end" transform="rotate(-30 {x:.1f} {base + 14})"' if labels else 'text-anchor="middle"'
+        parts.append(
+            f'<text class="xtick" x="{x:.1f}" y="{base + 14}" {anchor} font-size="10">{html.escape(text)}</text>'
+        )
     for index, (name, values) in enumerate(series.items()):
         colour = _PALETTE[index % len(_PALETTE)]
-        coords = " ".join(
-            f"{px(i):.1f},{py(v):.1f}" for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not figure.log_y)
-        )
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        points = [(px(i), py(v)) for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not figure.log_y)]
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        parts.append(f'<polyline class="series" fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        if len(points) <= 20:
+            parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in points)
+        legend_y = top + 14 * (index + 1)
         parts.append(
-            f'<text x="{left + plot_w + 8}" y="{top + 14 * (index + 1)}" font-size="11" fill="{colour}">'
-            f"{html.escape(name)}</text>"
+            f'<rect class="legend" x="{left + plot_w + 8}" y="{legend_y - 8}" width="10" height="10" fill="{colour}"/>'
+        )
+        parts.append(
+            f'<text x="{left + plot_w + 22}" y="{legend_y}" font-size="11" fill="{colour}">{html.escape(name)}</text>'
         )
     parts.append(
-        f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle" font-size="11">'
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" font-size="11">'
         f"{html.escape(figure.xlabel)}</text>"
     )
     parts.append(
-        f'<text x="12" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 12 {top + plot_h / 2})" '
-        f'text-anchor="middle">{html.escape(figure.ylabel)}</text></svg>'
+        f'<text x="14" y="{top + plot_h / 2}" font-size="11" transform="rotate(-90 14 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(figure.ylabel)}</text>'
     )
-    return "".join(parts)
+    if clipped:
+        parts.append(
+            f'<text class="clipped" x="{left + plot_w + 8}" y="{top + plot_h}" font-size="10">'
+            f"{clipped} values below 1e{int(lo)} not shown</text>"
+        )
+    return "".join(parts) + "</svg>"
 
 
 @dataclass
@@ -136,7 +202,7 @@ class Report:
                     (out / name).write_bytes(png_bytes(figure.image, scale))
                     body.append(f'<img src="{name}" alt="{html.escape(figure.title, quote=True)}">')
                 if figure.lines:
-                    body.append(svg_lines(figure))
+                    body.append(svg_lines(figure) or "<p>(no finite values to plot)</p>")
                 if figure.caption:
                     body.append(f"<p>{html.escape(figure.caption)}</p>")
                 body.append("</figure>")

@@ -165,6 +165,7 @@ class Figure:
     image: torch.Tensor | None = None  # (H, W) or (C, H, W), values in [0, 1]
     lines: Mapping[str, Sequence[float]] | None = None  # series name -> y values
     x: Sequence[float] | None = None
+    x_labels: Sequence[str] = ()  # a categorical x axis: one label per point (e.g. the layers)
     log_y: bool = False
     xlabel: str = ""
     ylabel: str = ""

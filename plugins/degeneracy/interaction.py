@@ -241,8 +241,8 @@ class InteractionBasis(Technique):
         }
         sizes = Figure(
             "Basis size vs layer width",
-            x=list(range(len(layers))),
-            xlabel="layer: " + ", ".join(layers),
+            x_labels=tuple(layers),
+            xlabel="layer",
             ylabel="directions",
             lines={
                 "layer width": [float(basis[k].shape[1]) for k in layers],

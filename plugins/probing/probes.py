@@ -41,7 +41,7 @@ def _per_layer_figure(
     title: str, values: dict[str, float], layers: list[str], concepts: list[str], ylabel: str
 ) -> Figure:
     lines = {concept: [values[_key(layer, concept)] for layer in layers] for concept in concepts}
-    return Figure(title, lines=lines, x=list(range(len(layers))), xlabel="layer: " + ", ".join(layers), ylabel=ylabel)
+    return Figure(title, lines=lines, x_labels=tuple(layers), xlabel="layer", ylabel=ylabel)
 
 
 def _best_layer_per_concept(test_accuracy: dict[str, float]) -> str:

@@ -1,0 +1,78 @@
+"""Line plots: ticks on both axes, legend colours = line colours, readable log ranges, no NaN, never empty."""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+
+from pyengine.report import LOG_DECADES, Report, Section, svg_lines
+from pyengine.technique import Figure
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def parse(figure: Figure) -> ET.Element:
+    text = svg_lines(figure)
+    assert text, "an empty plot"
+    assert "nan" not in text.lower() and "inf" not in text.lower()
+    return ET.fromstring(text)
+
+
+def ticks(root: ET.Element, axis: str) -> list[str]:
+    return [t.text or "" for t in root.iter(f"{SVG}text") if t.get("class") == f"{axis}tick"]
+
+
+def check_structure(root: ET.Element, names: list[str], x_ticks: int = 2) -> None:
+    lines = [p for p in root.iter(f"{SVG}polyline") if p.get("class") == "series"]
+    swatches = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "legend"]
+    labels = [t for t in root.iter(f"{SVG}text") if t.text in names]
+    assert len(lines) == len(swatches) == len(names)
+    assert [p.get("stroke") for p in lines] == [r.get("fill") for r in swatches] == [t.get("fill") for t in labels]
+    assert len(set(p.get("stroke") for p in lines)) == len(lines)
+    for line in lines:
+        for point in (line.get("points") or "").split():
+            assert all(math.isfinite(float(c)) for c in point.split(","))
+    assert len(ticks(root, "x")) >= x_ticks and len(ticks(root, "y")) >= 2
+
+
+def test_linear_plot_has_round_ticks_on_both_axes() -> None:
+    figure = Figure(
+        "loss", lines={"train": [2.3, 1.1, 0.7, 0.55], "test": [2.4, 1.3, 0.9, float("nan")]}, xlabel="epoch"
+    )
+    root = parse(figure)
+    check_structure(root, ["train", "test"])
+    assert ticks(root, "x") == ["0", "1", "2", "3"]
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", t) for t in ticks(root, "y"))
+
+
+def test_log_axis_is_clipped_to_readable_decades_and_says_so() -> None:
+    values = [1.0, 0.1, 1e-3, 1e-9, 1e-200, 1e-300]
+    root = parse(Figure("spectrum", lines={"layer": values}, log_y=True))
+    labels = ticks(root, "y")
+    assert all(re.fullmatch(r"1e-?\d+", t) for t in labels)  # whole decades, not 1e-75.7
+    assert int(labels[0][2:]) >= -LOG_DECADES and labels[-1] == "1e0"
+    clipped = [t.text for t in root.iter(f"{SVG}text") if t.get("class") == "clipped"]
+    assert clipped == [f"2 values below 1e-{LOG_DECADES} not shown"]
+
+
+def test_categorical_x_axis_names_each_point_and_one_point_series_show() -> None:
+    figure = Figure("basis", lines={"width": [64.0], "basis size": [12.0]}, x_labels=["features.relu1"])
+    root = parse(figure)
+    check_structure(root, ["width", "basis size"], x_ticks=1)
+    assert ticks(root, "x") == ["features.relu1"]
+    assert len(list(root.iter(f"{SVG}circle"))) == 2  # a marker per point: a single point is visible
+    many = parse(Figure("acc", lines={"red": [0.5, 0.9, 0.7]}, x_labels=["conv1", "conv2", "fc"]))
+    assert ticks(many, "x") == ["conv1", "conv2", "fc"]
+
+
+def test_nothing_finite_is_no_plot_and_the_report_says_so(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    empty = Figure("nothing", lines={"a": [float("nan")], "b": [0.0, -1.0]}, log_y=True)
+    assert svg_lines(empty) == ""
+    page = Report("t", [Section("s", figures=[empty])]).write(tmp_path).read_text()
+    assert "<svg" not in page and "(no finite values to plot)" in page
+
+
+def test_labels_are_escaped() -> None:
+    text = svg_lines(Figure("x", lines={"<b>&": [1.0, 2.0]}, x_labels=["<i>", "a&b"], xlabel="<x>"))
+    assert "<b>" not in text and "<i>" not in text and "&lt;b&gt;&amp;" in text and "a&amp;b" in text
