@@ -94,7 +94,12 @@ def demo(
         steps.append((name, seconds))
         _say(f"{name}: {result.summary()} ({seconds:.1f} s; {result.rows})")
         sections.append(
-            Section(name, lines=[*result.lines(), f"Rows analysed: {result.rows}."], figures=list(result.figures))
+            Section(
+                name,
+                lines=[*result.lines(), f"Rows analysed: {result.rows}."],
+                table=result.table(),
+                figures=list(result.figures),
+            )
         )
     clock = time.perf_counter()
     sections += feature_sections(model, held_out, activations, inputs, progress=progress)

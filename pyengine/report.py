@@ -45,6 +45,16 @@ def png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
+# Click a header of a sortable table: its rows sorted by that column (numbers as numbers), again: reversed.
+SORT_SCRIPT = (
+    "document.querySelectorAll('table.sortable th').forEach(function(th,col){th.addEventListener('click',"
+    "function(){var body=th.closest('table').tBodies[0],rows=Array.from(body.rows),"
+    "up=th.dataset.order!=='up';th.dataset.order=up?'up':'down';rows.sort(function(a,b){"
+    "var x=a.cells[col].textContent,y=b.cells[col].textContent,p=parseFloat(x),q=parseFloat(y);"
+    "var c=(isNaN(p)||isNaN(q))?x.localeCompare(y):p-q;return up?c:-c;});"
+    "rows.forEach(function(r){body.appendChild(r);});});});"
+)
+
 LOG_DECADES = 12  # a log axis shows at most this many decades below the largest value
 
 
@@ -190,9 +200,10 @@ class Report:
             body.extend(f"<p>{html.escape(line)}</p>" for line in section.lines)
             if section.table:
                 header, *rows = section.table
-                body.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in header) + "</tr>")
+                cells = "".join(f'<th title="sort">{html.escape(str(c))}</th>' for c in header)
+                body.append(f'<table class="sortable"><thead><tr>{cells}</tr></thead><tbody>')
                 body.extend("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                body.append("</table>")
+                body.append("</tbody></table>")
             for figure in section.figures:
                 body.append(f"<figure><figcaption>{html.escape(figure.title)}</figcaption>")
                 if figure.image is not None:
@@ -212,9 +223,10 @@ class Report:
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
             "img{image-rendering:pixelated;max-width:100%}.error{color:#b00}figure{margin:1em 0}"
         )
+        style += "table.sortable th{cursor:pointer;background:#f4f4f4}"
         page = (
             f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+            f"<style>{style}</style></head><body>{''.join(body)}<script>{SORT_SCRIPT}</script></body></html>"
         )
         path = out / "index.html"
         path.write_text(page, encoding="utf-8")

@@ -219,6 +219,10 @@ class Result:
         """The report's lines for this result (default: the summary)."""
         return [self.summary()]
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """The result as a table for the report (first row: the header); () when it has none."""
+        return ()
+
     def summary(self) -> str:
         """One human line; techniques override with what matters most."""
         parts = []

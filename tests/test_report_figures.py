@@ -76,3 +76,33 @@ def test_nothing_finite_is_no_plot_and_the_report_says_so(tmp_path) -> None:  # 
 def test_labels_are_escaped() -> None:
     text = svg_lines(Figure("x", lines={"<b>&": [1.0, 2.0]}, x_labels=["<i>", "a&b"], xlabel="<x>"))
     assert "<b>" not in text and "<i>" not in text and "&lt;b&gt;&amp;" in text and "a&amp;b" in text
+
+
+def test_results_are_tables_and_the_report_sorts_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    import pyengine
+    from pyengine.data import Shapes
+    from pyengine.models import DemoCNN
+
+    torch.manual_seed(0)
+    model, data = DemoCNN(width=4, image_size=16).eval(), Shapes(60, seed=1, size=16)
+    layers = ["features.relu1", "features.relu2"]
+    probes = pyengine.run("probe-neurons", model, data=data, layers=layers, progress=False)
+    spectrum = pyengine.run("gram-spectrum", model, data=data, layers=layers, cutoffs=[1e-3], progress=False)
+    faith = pyengine.run("faithfulness", model, data=data, techniques=["saliency"], stop=8, steps=4, progress=False)
+    for result in (probes, spectrum, faith):
+        header, *rows = result.table()
+        assert rows and all(len(row) == len(header) for row in rows)
+    header, *rows = probes.table()
+    assert len(rows) == len(layers) * len(probes.best_accuracy)  # every layer x concept
+    for concept, layer, unit, accuracy, auc, *_ in rows:
+        key = f"{layer}|{concept}"
+        assert unit == int(probes.ranking[key][0]) and auc == round(float(probes.auc[key][unit]), 3)
+        assert accuracy == round(float(probes.test_accuracy[key][unit]), 3)
+    assert [row[0] for row in spectrum.table()[1:]] == layers
+    assert "rank rel<0.001" in spectrum.table()[0]
+    assert faith.table()[1][0] == "saliency" and faith.table()[1][1] == round(faith.pointing["saliency"], 3)
+    page = Report("t", [Section("probes", table=probes.table())]).write(tmp_path).read_text()
+    assert '<table class="sortable"><thead>' in page and page.count("<tr>") == len(rows) + 1
+    assert "addEventListener('click'" in page and "http" not in page.split("<script>")[1]  # offline: no CDN

@@ -165,6 +165,21 @@ class FaithfulnessResult(Result):
         out += [f"{name}: skipped: {why}" for name, why in self.skipped.items()]
         return out
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per technique: pointing game, deletion AUC (lower is better), insertion AUC (higher is better)."""
+        names = sorted(set(self.pointing) | set(self.deletion_auc))
+        rows: list[tuple[object, ...]] = [("technique", "pointing game", "deletion AUC", "insertion AUC")]
+        for name in names:
+            rows.append(
+                (
+                    name,
+                    round(self.pointing[name], 3) if name in self.pointing else "n/a",
+                    round(self.deletion_auc[name], 3) if name in self.deletion_auc else "n/a",
+                    round(self.insertion_auc[name], 3) if name in self.insertion_auc else "n/a",
+                )
+            )
+        return tuple(rows)
+
     def summary(self) -> str:
         best = max(self.pointing, key=self.pointing.__getitem__) if self.pointing else ""
         head = f"pointing game best {best} {self.pointing[best]:.3f}" if best else "no boxes: pointing game skipped"

@@ -125,6 +125,28 @@ class ProbeNeuronsResult(ProbeResult):
     def lines(self) -> list[str]:
         return list(self.top_neurons)
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per concept and layer, its best neuron by test AUC: accuracy, AUC, selectivity, threshold."""
+        rows: list[tuple[object, ...]] = [
+            ("concept", "layer", "neuron", "test accuracy", "AUC", "selectivity", "fires", "threshold")
+        ]
+        for key, order in self.ranking.items():
+            layer, concept = key.rsplit("|", 1) if "|" in key else (key, "")
+            unit = int(order[0])
+            rows.append(
+                (
+                    concept,
+                    layer,
+                    unit,
+                    round(float(self.test_accuracy[key][unit]), 3),
+                    round(float(self.auc[key][unit]), 3),
+                    round(float(self.selectivity[key][unit]), 3),
+                    "above" if float(self.weight[key][unit]) >= 0 else "below",
+                    f"{float(self.threshold[key][unit]):.3g}",
+                )
+            )
+        return tuple(rows)
+
     def summary(self) -> str:
         return "; ".join(
             f"{concept}: {self.best_neuron[concept]} {accuracy:.3f}" for concept, accuracy in self.best_accuracy.items()
