@@ -188,7 +188,7 @@ class AttributionResult(Result):
         shape = "x".join(str(s) for s in self.attributions.shape)
         values = self.attributions.float()
         return (
-            f"{self.technique}: {shape} attributions, mean |a| {values.abs().mean():.3g}, "
+            f"{shape} attributions, mean |a| {values.abs().mean():.3g}, "
             f"max |a| {values.abs().max():.3g}"
         )
 
