@@ -187,10 +187,7 @@ class AttributionResult(Result):
     def summary(self) -> str:
         shape = "x".join(str(s) for s in self.attributions.shape)
         values = self.attributions.float()
-        return (
-            f"{shape} attributions, mean |a| {values.abs().mean():.3g}, "
-            f"max |a| {values.abs().max():.3g}"
-        )
+        return f"{shape} attributions, mean |a| {values.abs().mean():.3g}, max |a| {values.abs().max():.3g}"
 
 
 def run_attribution(

@@ -5,11 +5,12 @@ Everything printed is escaped; figures are data (``pyengine.Figure``), rendered 
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from pyengine.figures import image_grid
 from pyengine.technique import Figure
 
-__all__ = ["Report", "Section", "image_grid", "png_bytes", "svg_lines"]
+__all__ = ["Report", "Section", "image_grid", "inline_png", "png_bytes", "section_html", "svg_lines"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -182,6 +183,39 @@ class Section:
     error: str = ""
 
 
+def section_html(section: Section, image_source: Callable[[bytes], str]) -> str:
+    """One section as HTML: escaped lines, a sortable table, figures; ``image_source`` turns PNG
+    bytes into an ``src`` (a file name for the report, a data URI inline in a notebook)."""
+    body = [f"<section><h2>{html.escape(section.title)}</h2>"]
+    if section.error:
+        body.append(f'<p class="error">{html.escape(section.error)}</p>')
+    body.extend(f"<p>{html.escape(line)}</p>" for line in section.lines)
+    if section.table:
+        header, *rows = section.table
+        cells = "".join(f'<th title="sort">{html.escape(str(c))}</th>' for c in header)
+        body.append(f'<table class="sortable"><thead><tr>{cells}</tr></thead><tbody>')
+        body.extend("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        body.append("</tbody></table>")
+    for figure in section.figures:
+        body.append(f"<figure><figcaption>{html.escape(figure.title)}</figcaption>")
+        if figure.image is not None:
+            scale = max(1, 256 // max(figure.image.shape[-2:]))
+            source = image_source(png_bytes(figure.image, scale))
+            body.append(f'<img src="{html.escape(source, quote=True)}" alt="{html.escape(figure.title, quote=True)}">')
+        if figure.lines:
+            body.append(svg_lines(figure) or "<p>(no finite values to plot)</p>")
+        if figure.caption:
+            body.append(f"<p>{html.escape(figure.caption)}</p>")
+        body.append("</figure>")
+    body.append("</section>")
+    return "".join(body)
+
+
+def inline_png(png: bytes) -> str:
+    """A PNG as a data URI: an image inside the HTML itself (notebooks)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 @dataclass
 class Report:
     title: str
@@ -192,32 +226,15 @@ class Report:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         body: list[str] = [f"<h1>{html.escape(self.title)}</h1>"]
-        image_count = 0
-        for section in self.sections:
-            body.append(f"<section><h2>{html.escape(section.title)}</h2>")
-            if section.error:
-                body.append(f'<p class="error">{html.escape(section.error)}</p>')
-            body.extend(f"<p>{html.escape(line)}</p>" for line in section.lines)
-            if section.table:
-                header, *rows = section.table
-                cells = "".join(f'<th title="sort">{html.escape(str(c))}</th>' for c in header)
-                body.append(f'<table class="sortable"><thead><tr>{cells}</tr></thead><tbody>')
-                body.extend("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                body.append("</tbody></table>")
-            for figure in section.figures:
-                body.append(f"<figure><figcaption>{html.escape(figure.title)}</figcaption>")
-                if figure.image is not None:
-                    image_count += 1
-                    name = f"figure-{image_count:03d}.png"
-                    scale = max(1, 256 // max(figure.image.shape[-2:]))
-                    (out / name).write_bytes(png_bytes(figure.image, scale))
-                    body.append(f'<img src="{name}" alt="{html.escape(figure.title, quote=True)}">')
-                if figure.lines:
-                    body.append(svg_lines(figure) or "<p>(no finite values to plot)</p>")
-                if figure.caption:
-                    body.append(f"<p>{html.escape(figure.caption)}</p>")
-                body.append("</figure>")
-            body.append("</section>")
+        written: list[int] = [0]
+
+        def save(png: bytes) -> str:  # each image a file beside index.html
+            written[0] += 1
+            name = f"figure-{written[0]:03d}.png"
+            (out / name).write_bytes(png)
+            return name
+
+        body.extend(section_html(section, save) for section in self.sections)
         style = (
             "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"

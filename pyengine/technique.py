@@ -223,6 +223,15 @@ class Result:
         """The result as a table for the report (first row: the header); () when it has none."""
         return ()
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the result's report section (its lines, table and figures), images inline."""
+        from pyengine.report import SORT_SCRIPT, Section, inline_png, section_html
+
+        title = type(self).__name__.removesuffix("Result") or "Result"
+        lines = [*self.lines(), *([f"Rows analysed: {self.rows}."] if self.rows else [])]
+        section = Section(title, lines=lines, table=self.table(), figures=list(self.figures))
+        return section_html(section, inline_png) + f"<script>{SORT_SCRIPT}</script>"
+
     def summary(self) -> str:
         """One human line; techniques override with what matters most."""
         parts = []

@@ -106,3 +106,25 @@ def test_results_are_tables_and_the_report_sorts_them(tmp_path) -> None:  # type
     page = Report("t", [Section("probes", table=probes.table())]).write(tmp_path).read_text()
     assert '<table class="sortable"><thead>' in page and page.count("<tr>") == len(rows) + 1
     assert "addEventListener('click'" in page and "http" not in page.split("<script>")[1]  # offline: no CDN
+
+
+def test_results_render_inline_in_notebooks_with_the_report_renderer() -> None:
+    import base64
+
+    import torch
+
+    import pyengine
+    from pyengine.data import Shapes
+    from pyengine.models import DemoCNN
+
+    torch.manual_seed(0)
+    model, data = DemoCNN(width=4, image_size=16).eval(), Shapes(40, seed=1, size=16)
+    spectrum = pyengine.run("gram-spectrum", model, data=data, layers=["features.relu1"], progress=False)
+    page = spectrum._repr_html_()
+    assert page.startswith("<section><h2>GramSpectrum</h2>") and '<table class="sortable">' in page
+    assert "<svg" in page and "Rows analysed: 40 rows 0-39" in page and "<script>" in page
+    maps = pyengine.run("saliency", model, data.batch(range(2)).inputs, target=1, progress=False)
+    html_text = maps._repr_html_()
+    source = html_text.split('<img src="')[1].split('"')[0]
+    assert source.startswith("data:image/png;base64,")
+    assert base64.b64decode(source.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
