@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyengine.context import Context
 from pyengine.errors import PyengineError
-from pyengine.figures import image_grid, overlay, spatial_map
+from pyengine.figures import heatmap_figure, spatial_map
 from pyengine.inputs import ModelInputs, explained_scores
 from pyengine.technique import Figure, Result, RowOptions, bad_option, option
 
@@ -251,24 +251,27 @@ def map_dtype(inputs: torch.Tensor) -> torch.dtype:
 
 
 def overlay_figure(
-    technique: str, inputs: torch.Tensor, attributions: torch.Tensor, targets: torch.Tensor
+    technique: str, inputs: torch.Tensor, attributions: torch.Tensor, targets: torch.Tensor, units: str = "attribution"
 ) -> tuple[Figure, ...]:
-    """Inputs with their heatmaps (first target), when the inputs are images and the maps theirs."""
+    """Inputs with their heatmaps (first target), when the inputs are images and the maps theirs;
+    one colour scale in ``units`` (what a map's values are) for all of them."""
     if inputs.dim() not in (3, 4) or not inputs.is_floating_point() or attributions.dim() < inputs.dim():
         return ()
     if attributions.shape[-inputs.dim() + 1 :] != inputs.shape[1:]:
         return ()
+    if inputs.dim() == 3:  # (N, H, W) grey images
+        inputs, attributions = inputs[:, None], attributions.unsqueeze(-3)
     first = attributions if attributions.shape[1:] == inputs.shape[1:] else attributions[:, 0]
     n = inputs.shape[0]
-    tiles = [overlay(inputs[k], spatial_map(first[k])) for k in range(n)]
     wanted = targets if targets.dim() == 1 else targets[:, 0]
     caption = (
         "targets "
         + ", ".join(str(int(t)) for t in wanted[:n])
-        + "; red: raises the target score, blue: lowers it (channels summed, per-image scale)"
+        + "; red: raises the target score, blue: lowers it (channels summed)"
     )
-    grid = image_grid(torch.stack(tiles), columns=min(n, MAX_FIGURE_INPUTS))
-    return (Figure(f"{technique}: attributions over the inputs", image=grid, caption=caption),)
+    maps = torch.stack([spatial_map(first[k]) for k in range(n)])
+    title = f"{technique}: attributions over the inputs"
+    return (heatmap_figure(title, inputs[:n], maps, units=units, caption=caption),)
 
 
 def make_result(
@@ -278,9 +281,11 @@ def make_result(
     index: torch.Tensor,
     shown: torch.Tensor,
     result_type: type[AnyAttributionResult],
+    units: str = "attribution",
     **extra: Any,
 ) -> AnyAttributionResult:
-    figures = overlay_figure(technique, shown, attributions[: shown.shape[0]], targets)
+    """The technique's result with its heatmap figure (``units``: what the maps' values are)."""
+    figures = overlay_figure(technique, shown, attributions[: shown.shape[0]], targets, units)
     return result_type(
         technique=technique, attributions=attributions, targets=targets, index=index, figures=figures, **extra
     )

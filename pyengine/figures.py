@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pyengine.technique import ColourScale, Figure
+
 TILE_PIXELS = 48  # upscale small tiles to about this size
 
 
@@ -21,9 +23,10 @@ def image_grid(images: torch.Tensor, columns: int = 8, pad: int = 2) -> torch.Te
     return grid
 
 
-def heatmap(values: torch.Tensor) -> torch.Tensor:
-    """(H, W) attribution -> (3, H, W) colours: red positive, blue negative, white zero."""
-    scale = values.abs().max().clamp(min=1e-12)
+def heatmap(values: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """(H, W) attribution -> (3, H, W) colours: red positive, blue negative, white zero; full colour
+    at ``limit`` (default: the largest |value|) and beyond."""
+    scale = values.abs().max().clamp(min=1e-12) if limit is None else torch.tensor(max(limit, 1e-30))
     v = (values / scale).clamp(-1, 1)
     positive, negative = v.clamp(min=0), (-v).clamp(min=0)
     return torch.stack([1 - negative, 1 - positive - negative, 1 - positive]).clamp(0, 1)
@@ -35,6 +38,36 @@ def overlay(image: torch.Tensor, values: torch.Tensor, alpha: float = 0.6) -> to
     low, high = grey.min(), grey.max()
     grey = (grey - low) / (high - low).clamp(min=1e-12)
     return (1 - alpha) * grey.expand(3, -1, -1) + alpha * heatmap(values.float())
+
+
+HEATMAP_PERCENTILE = 0.99  # heatmap figures: full colour at this quantile of |value| over all tiles
+
+
+def heatmap_figure(
+    title: str, inputs: torch.Tensor, maps: torch.Tensor, *, units: str, caption: str = "", columns: int = 4
+) -> Figure:
+    """Heatmaps of ``maps`` (N, H, W) over ``inputs`` (N, C, H, W), one colour scale for all tiles
+    (full colour at the 99th percentile of |value|, stated by the report's colour bar in ``units``);
+    the report draws the heatmaps over the inputs with adjustable opacity."""
+    maps = maps.detach().float().cpu()
+    images = normalise_each(inputs.detach().float().cpu())
+    if images.shape[1] not in (1, 3):
+        images = images.mean(1, keepdim=True)
+    magnitudes = maps.abs().flatten()
+    limit = float(torch.quantile(magnitudes[:16_000_000], HEATMAP_PERCENTILE)) if magnitudes.numel() else 0.0
+    if limit <= 0:
+        limit = float(magnitudes.max()) if magnitudes.numel() else 0.0
+    heat = torch.stack([heatmap(m, limit) for m in maps])
+    columns = max(1, min(columns, maps.shape[0]))
+    base = image_grid(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, columns=columns)
+    note = f"one colour scale for all tiles; |values| above {limit:.3g} (the 99th percentile) at full colour"
+    return Figure(
+        title,
+        image=base,
+        heat=image_grid(heat, columns=columns),
+        scale=ColourScale(limit, units),
+        caption=f"{caption}; {note}" if caption else note,
+    )
 
 
 def spatial_map(attribution: torch.Tensor) -> torch.Tensor:

@@ -7,19 +7,33 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import math
+import re
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pyengine.figures import image_grid
-from pyengine.technique import Figure
+from pyengine.progress import Progress
+from pyengine.technique import ColourScale, Figure, UnitRef
 
-__all__ = ["Report", "Section", "image_grid", "inline_png", "png_bytes", "section_html", "svg_lines"]
+__all__ = [
+    "Link",
+    "Page",
+    "Report",
+    "Section",
+    "colour_bar",
+    "image_grid",
+    "inline_png",
+    "png_bytes",
+    "section_html",
+    "svg_lines",
+]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -174,19 +188,113 @@ def svg_lines(figure: Figure, width: int = 620, height: int = 320) -> str:
     return "".join(parts) + "</svg>"
 
 
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links somewhere (another section, a unit's page)."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass
 class Section:
     title: str
     lines: Sequence[str] = ()
-    table: Sequence[Sequence[object]] = ()  # first row is the header
+    table: Sequence[Sequence[object]] = ()  # first row is the header; cells: text, numbers, Link, UnitRef
     figures: Sequence[Figure] = ()
     error: str = ""
+    anchor: str = ""  # the section's id (default: from the title)
 
 
-def section_html(section: Section, image_source: Callable[[bytes], str]) -> str:
+IMAGE_WIDTH = 960  # images are shown at the largest whole multiple of their size up to this width
+MAX_ZOOM = 8
+HEAT_OPACITY = 60  # percent: the heatmap over the inputs, adjustable per figure
+
+
+def anchor_of(title: str) -> str:
+    """An id for a title: lower-case letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
+
+
+def _display_width(image: torch.Tensor) -> int:
+    width = int(image.shape[-1])
+    return width * max(1, min(MAX_ZOOM, IMAGE_WIDTH // max(1, width)))
+
+
+_BAR_IDS = itertools.count()
+
+
+def colour_bar(scale: ColourScale, width: int = 300) -> str:
+    """An SVG colour bar: blue at -limit, white at 0, red at +limit, ticks in the scale's units."""
+    limit = scale.limit
+    gradient = f"pyengine-rwb-{next(_BAR_IDS)}"
+    ticks = [-limit, -limit / 2, 0.0, limit / 2, limit]
+    left, bar_w = 10, width - 20
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="52" class="colour-bar">',
+        f'<defs><linearGradient id="{gradient}"><stop offset="0" stop-color="#0000ff"/>'
+        '<stop offset="0.5" stop-color="#ffffff"/><stop offset="1" stop-color="#ff0000"/></linearGradient></defs>',
+        f'<rect x="{left}" y="4" width="{bar_w}" height="12" fill="url(#{gradient})" stroke="#999"/>',
+    ]
+    for k, value in enumerate(ticks):
+        x = left + bar_w * k / (len(ticks) - 1)
+        text = _tick_label(value) if value else "0"
+        if k in (0, len(ticks) - 1):
+            text = ("≤ " if k == 0 else "≥ ") + text
+        parts.append(f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="20" stroke="#999"/>')
+        parts.append(
+            f'<text class="tick" x="{x:.1f}" y="31" text-anchor="middle" font-size="10">{html.escape(text)}</text>'
+        )
+    parts.append(
+        f'<text x="{left + bar_w / 2:.1f}" y="46" text-anchor="middle" font-size="11">{html.escape(scale.units)}</text>'
+    )
+    return "".join(parts) + "</svg>"
+
+
+def _cell(value: object, unit_pages: Mapping[str, str]) -> str:
+    if isinstance(value, Link):
+        return f'<a href="{html.escape(value.href, quote=True)}">{html.escape(value.text)}</a>'
+    if isinstance(value, UnitRef) and str(value) in unit_pages:
+        return f'<a href="{html.escape(unit_pages[str(value)], quote=True)}">{html.escape(str(value))}</a>'
+    return html.escape(str(value))
+
+
+def _image_html(figure: Figure, image_source: Callable[[bytes], str]) -> str:
+    if figure.image is None:
+        return ""
+    width = _display_width(figure.image)
+    alt = html.escape(figure.title, quote=True)
+    base = f'<img src="{html.escape(image_source(png_bytes(figure.image)), quote=True)}" alt="{alt}" width="{width}">'
+    if figure.heat is None or tuple(figure.heat.shape[-2:]) != tuple(figure.image.shape[-2:]):
+        return base
+    heat = html.escape(image_source(png_bytes(figure.heat)), quote=True)
+    parts = [
+        f'<div class="overlay" style="width:{width}px">{base}',
+        f'<img class="heat" src="{heat}" alt="{alt}: heatmap" width="{width}" style="opacity:{HEAT_OPACITY / 100}">',
+        "</div>",
+        f'<label class="opacity">heatmap opacity <input type="range" min="0" max="100" value="{HEAT_OPACITY}"></label>',
+    ]
+    if figure.scale is not None:
+        parts.append(colour_bar(figure.scale))
+    return "".join(parts)
+
+
+def section_html(
+    section: Section,
+    image_source: Callable[[bytes], str],
+    *,
+    anchor: str = "",
+    unit_pages: Mapping[str, str] | None = None,
+) -> str:
     """One section as HTML: escaped lines, a sortable table, figures; ``image_source`` turns PNG
-    bytes into an ``src`` (a file name for the report, a data URI inline in a notebook)."""
-    body = [f"<section><h2>{html.escape(section.title)}</h2>"]
+    bytes into an ``src`` (a file name for the report, a data URI inline in a notebook);
+    ``unit_pages`` maps a unit (``layer#k``) to the link of its page (table cells naming it link there)."""
+    pages = unit_pages or {}
+    ident = anchor or section.anchor or anchor_of(section.title)
+    body = [f'<section id="{html.escape(ident, quote=True)}"><h2>{html.escape(section.title)}</h2>']
     if section.error:
         body.append(f'<p class="error">{html.escape(section.error)}</p>')
     body.extend(f"<p>{html.escape(line)}</p>" for line in section.lines)
@@ -194,14 +302,11 @@ def section_html(section: Section, image_source: Callable[[bytes], str]) -> str:
         header, *rows = section.table
         cells = "".join(f'<th title="sort">{html.escape(str(c))}</th>' for c in header)
         body.append(f'<table class="sortable"><thead><tr>{cells}</tr></thead><tbody>')
-        body.extend("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        body.extend("<tr>" + "".join(f"<td>{_cell(c, pages)}</td>" for c in row) + "</tr>" for row in rows)
         body.append("</tbody></table>")
     for figure in section.figures:
         body.append(f"<figure><figcaption>{html.escape(figure.title)}</figcaption>")
-        if figure.image is not None:
-            scale = max(1, 256 // max(figure.image.shape[-2:]))
-            source = image_source(png_bytes(figure.image, scale))
-            body.append(f'<img src="{html.escape(source, quote=True)}" alt="{html.escape(figure.title, quote=True)}">')
+        body.append(_image_html(figure, image_source))
         if figure.lines:
             body.append(svg_lines(figure) or "<p>(no finite values to plot)</p>")
         if figure.caption:
@@ -216,16 +321,50 @@ def inline_png(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+# A heatmap's opacity slider sets the opacity of the heatmap drawn over the inputs.
+OPACITY_SCRIPT = (
+    "document.querySelectorAll('label.opacity input').forEach(function(input){input.addEventListener('input',"
+    "function(){var heat=input.closest('figure').querySelector('img.heat');"
+    "if(heat){heat.style.opacity=input.value/100;}});});"
+)
+
+# What a section needs wherever it is shown (the report, a notebook): heatmaps over their inputs.
+FIGURE_STYLE = (
+    "img{image-rendering:pixelated;max-width:100%;height:auto}"
+    ".overlay{position:relative;max-width:100%}.overlay img{display:block}"
+    ".overlay img.heat{position:absolute;left:0;top:0;width:100%}"
+    "label.opacity{display:block;font-size:12px;color:#555}"
+)
+STYLE = FIGURE_STYLE + (
+    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
+    ".error{color:#b00}figure{margin:1em 0}"
+    "table.sortable th{cursor:pointer;background:#f4f4f4}"
+    "nav.toc{columns:2;font-size:14px;margin-bottom:2em}nav.toc ol{margin:0}"
+)
+
+
+@dataclass
+class Page:
+    """A page of its own beside ``index.html`` (e.g. one per unit group), linked from the report."""
+
+    file: str  # e.g. "units.html"
+    title: str
+    sections: list[Section] = field(default_factory=list)
+
+
 @dataclass
 class Report:
     title: str
     sections: list[Section] = field(default_factory=list)
+    pages: list[Page] = field(default_factory=list)
+    unit_pages: dict[str, str] = field(default_factory=dict)  # unit (layer#k) -> "page.html#anchor"
 
-    def write(self, directory: str | Path) -> Path:
-        """Write ``index.html`` and its PNG files into ``directory``; returns the HTML path."""
+    def write(self, directory: str | Path, *, progress: bool = False) -> Path:
+        """Write ``index.html`` (a table of contents, then the sections), the extra pages and their
+        PNG files into ``directory``; returns the index's path."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        body: list[str] = [f"<h1>{html.escape(self.title)}</h1>"]
         written: list[int] = [0]
 
         def save(png: bytes) -> str:  # each image a file beside index.html
@@ -234,17 +373,45 @@ class Report:
             (out / name).write_bytes(png)
             return name
 
-        body.extend(section_html(section, save) for section in self.sections)
-        style = (
-            "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
-            "img{image-rendering:pixelated;max-width:100%}.error{color:#b00}figure{margin:1em 0}"
-        )
-        style += "table.sortable th{cursor:pointer;background:#f4f4f4}"
-        page = (
-            f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}<script>{SORT_SCRIPT}</script></body></html>"
-        )
-        path = out / "index.html"
-        path.write_text(page, encoding="utf-8")
-        return path
+        pages = [Page("index.html", self.title, self.sections), *self.pages]
+        total = sum(len(page.sections) for page in pages)
+        with Progress(total, "report", enabled=progress) as bar:
+            for page in pages:
+                anchors = _unique_anchors(page.sections)
+                body = [f"<h1>{html.escape(page.title)}</h1>"]
+                if page.file == "index.html" and len(page.sections) > 1:
+                    body.append(_toc(page.sections, anchors, self.pages))
+                elif page.file != "index.html":
+                    body.append('<p><a href="index.html">back to the report</a></p>')
+                for section, anchor in zip(page.sections, anchors):
+                    body.append(section_html(section, save, anchor=anchor, unit_pages=self.unit_pages))
+                    bar.update()
+                (out / page.file).write_text(_page_html(page.title, body), encoding="utf-8")
+        return out / "index.html"
+
+
+def _unique_anchors(sections: Sequence[Section]) -> list[str]:
+    seen: dict[str, int] = {}
+    anchors = []
+    for section in sections:
+        anchor = section.anchor or anchor_of(section.title)
+        seen[anchor] = seen.get(anchor, 0) + 1
+        anchors.append(anchor if seen[anchor] == 1 else f"{anchor}-{seen[anchor]}")
+    return anchors
+
+
+def _toc(sections: Sequence[Section], anchors: Sequence[str], pages: Sequence[Page]) -> str:
+    items = [
+        f'<li><a href="#{html.escape(a, quote=True)}">{html.escape(s.title)}</a></li>'
+        for s, a in zip(sections, anchors)
+    ]
+    items += [f'<li><a href="{html.escape(p.file, quote=True)}">{html.escape(p.title)}</a></li>' for p in pages]
+    return f'<nav class="toc"><h2>Contents</h2><ol>{"".join(items)}</ol></nav>'
+
+
+def _page_html(title: str, body: Sequence[str]) -> str:
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(body)}"
+        f"<script>{SORT_SCRIPT}{OPACITY_SCRIPT}</script></body></html>"
+    )

@@ -158,11 +158,38 @@ _HOST_FIELDS = ("rows", "defaults")
 
 
 @dataclass(frozen=True)
+class ColourScale:
+    """What a heatmap's colours mean: blue at ``-limit``, white at 0, red at ``+limit``, in ``units``
+    (values beyond the limit are drawn at full colour); the report draws it as a colour bar."""
+
+    limit: float
+    units: str
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """One unit of a layer (a channel, a neuron) in a table cell: the report links it to the
+    unit's page when it has one."""
+
+    layer: str
+    unit: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}#{self.unit}"
+
+
+@dataclass(frozen=True)
 class Figure:
-    """A figure as data; the report renders and escapes it. Give ``image`` or ``lines``."""
+    """A figure as data; the report renders and escapes it. Give ``image`` or ``lines``.
+
+    A heatmap figure (``pyengine.figures.heatmap_figure``) gives ``image`` (the inputs), ``heat``
+    (the heatmap colours, same size, drawn over the inputs with adjustable opacity) and ``scale``.
+    """
 
     title: str
     image: torch.Tensor | None = None  # (H, W) or (C, H, W), values in [0, 1]
+    heat: torch.Tensor | None = None  # (3, H, W) heatmap colours over ``image``
+    scale: ColourScale | None = None  # what the heat colours mean
     lines: Mapping[str, Sequence[float]] | None = None  # series name -> y values
     x: Sequence[float] | None = None
     x_labels: Sequence[str] = ()  # a categorical x axis: one label per point (e.g. the layers)
@@ -225,12 +252,13 @@ class Result:
 
     def _repr_html_(self) -> str:
         """In a notebook: the result's report section (its lines, table and figures), images inline."""
-        from pyengine.report import SORT_SCRIPT, Section, inline_png, section_html
+        from pyengine.report import FIGURE_STYLE, OPACITY_SCRIPT, SORT_SCRIPT, Section, inline_png, section_html
 
         title = type(self).__name__.removesuffix("Result") or "Result"
         lines = [*self.lines(), *([f"Rows analysed: {self.rows}."] if self.rows else [])]
         section = Section(title, lines=lines, table=self.table(), figures=list(self.figures))
-        return section_html(section, inline_png) + f"<script>{SORT_SCRIPT}</script>"
+        style = f"<style>{FIGURE_STYLE}</style>"
+        return style + section_html(section, inline_png) + f"<script>{SORT_SCRIPT}{OPACITY_SCRIPT}</script>"
 
     def summary(self) -> str:
         """One human line; techniques override with what matters most."""

@@ -121,7 +121,7 @@ def test_results_render_inline_in_notebooks_with_the_report_renderer() -> None:
     model, data = DemoCNN(width=4, image_size=16).eval(), Shapes(40, seed=1, size=16)
     spectrum = pyengine.run("gram-spectrum", model, data=data, layers=["features.relu1"], progress=False)
     page = spectrum._repr_html_()
-    assert page.startswith("<section><h2>GramSpectrum</h2>") and '<table class="sortable">' in page
+    assert '<section id="gramspectrum"><h2>GramSpectrum</h2>' in page and '<table class="sortable">' in page
     assert "<svg" in page and "Rows analysed: 40 rows 0-39" in page and "<script>" in page
     maps = pyengine.run("saliency", model, data.batch(range(2)).inputs, target=1, progress=False)
     html_text = maps._repr_html_()

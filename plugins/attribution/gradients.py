@@ -73,13 +73,14 @@ class GradientTechnique(Technique):
     Options: ClassVar[type[AttributionOptions]] = AttributionOptions
     # several processes split the rows; False where results depend on what earlier rows drew
     splits_rows: ClassVar[bool] = True
+    map_units: ClassVar[str] = "attribution"  # what a map's values are: the heatmap's colour bar
 
     def attributor(self, ctx: Context, options: Any) -> Attribute:
         raise NotImplementedError
 
     def run(self, ctx: Context, options: Any) -> AttributionResult:
         maps = run_attribution(ctx, options, self.name, self.attributor(ctx, options), split=self.splits_rows)
-        return make_result(self.name, *maps, AttributionResult, **layer_fields(options, maps[0]))
+        return make_result(self.name, *maps, AttributionResult, self.map_units, **layer_fields(options, maps[0]))
 
 
 def attributed_layer(options: Any) -> str | None:
@@ -136,6 +137,7 @@ class Saliency(GradientTechnique):
     name = "saliency"
     summary = "gradient of the target output with respect to the input"
     Options = SaliencyOptions
+    map_units = "gradient of the target score per input value (absolute unless abs=false)"
 
     def attributor(self, ctx: Context, options: SaliencyOptions) -> Attribute:
         size = PassSize(ctx, options)
@@ -152,6 +154,7 @@ class Saliency(GradientTechnique):
 class GuidedBackprop(GradientTechnique):
     name = "guided-backprop"
     summary = "gradient through ReLUs that pass only positive gradients (Springenberg et al.)"
+    map_units = "guided gradient of the target score per input value"
 
     Options = LayerOptions
 
@@ -333,6 +336,7 @@ class IntegratedGradients(GradientTechnique):
             index,
             shown,
             IntegratedGradientsResult,
+            "target score change (a map sums to f(x) - f(baseline))",
             **layer_fields(options, attributions),
             delta=delta,
             max_abs_delta=float(delta.abs().max()),
@@ -435,6 +439,7 @@ class GradCam(GradientTechnique):
             index,
             shown,
             GradCamResult,
+            "gradient-weighted activation of the layer (target score units)",
             layer=self.layer,
             layer_attributions=cams,
         )
@@ -482,6 +487,7 @@ class SmoothGrad(GradientTechnique):
     summary = "an attribution technique averaged over noisy copies of the input (Smilkov et al.)"
     Options = SmoothGradOptions
     splits_rows = False  # the noise is one stream over the rows: every process draws all of it
+    map_units = "the base technique's maps, averaged over noisy inputs"
 
     def attributor(self, ctx: Context, options: SmoothGradOptions) -> Attribute:
         base_class = host.get_technique(options.base)

@@ -237,6 +237,7 @@ class Occlusion(Technique):
             index,
             shown,
             OcclusionResult,
+            "drop of the target score when the pixel is occluded (mean over its windows)",
             window=geometry["window"],
             stride=geometry["stride"],
             windows=geometry["windows"],

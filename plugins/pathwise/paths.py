@@ -25,7 +25,7 @@ from pyengine import ops
 from pyengine.attribution import TargetOptions, resolve_targets, target_scores
 from pyengine.context import Context, Rows, RowSource
 from pyengine.errors import PyengineError
-from pyengine.figures import image_grid, overlay
+from pyengine.figures import heatmap_figure, image_grid, overlay
 from pyengine.plugins.pathwise._chain import Chain, Linearised, Network, trace_chain, trace_network
 from pyengine.technique import Figure, Result, Technique, bad_option, option
 
@@ -274,10 +274,13 @@ def _path_linear_figures(
 
 
 def _heatmaps(title: str, inputs: torch.Tensor, maps: torch.Tensor, caption: str = "") -> Figure:
-    tiles = [overlay(inputs[k % inputs.shape[0]], maps[k].float().sum(0)) for k in range(maps.shape[0])]
-    return Figure(
+    summed = maps.float().sum(1)  # channels summed
+    shown = inputs[torch.arange(maps.shape[0]) % inputs.shape[0]]
+    return heatmap_figure(
         title,
-        image=image_grid(torch.stack(tiles), columns=min(8, len(tiles))),
+        shown,
+        summed,
+        units="weight of the target output per input value",
         caption=caption or "red: raises the target output, blue: lowers it",
     )
 
