@@ -14,12 +14,23 @@ from pyengine.hookspecs import hookimpl
 from pyengine.host import techniques
 from pyengine.layers import Layer
 from pyengine.store import StoreReader
-from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, option
+from pyengine.technique import (
+    ColourScale,
+    Figure,
+    Options,
+    Result,
+    RowOptions,
+    Technique,
+    UnitRef,
+    bad_option,
+    option,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Context",
+    "ColourScale",
     "Figure",
     "Layer",
     "NotFoundError",
@@ -32,6 +43,7 @@ __all__ = [
     "StoreError",
     "StoreReader",
     "Technique",
+    "UnitRef",
     "bad_option",
     "capture",
     "hookimpl",

@@ -172,6 +172,9 @@ def samples_per_pass(
     return min(samples, options.max_batch) if options.max_batch else samples
 
 
+TABLE_ROWS = 64  # inputs listed in an attribution result's table
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttributionResult(Result):
     """Attribution maps shaped like the inputs or the attributed layer's output ((B, T, *S) with
@@ -188,6 +191,29 @@ class AttributionResult(Result):
         shape = "x".join(str(s) for s in self.attributions.shape)
         values = self.attributions.float()
         return f"{shape} attributions, mean |a| {values.abs().mean():.3g}, max |a| {values.abs().max():.3g}"
+
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per input and target: the row, the class, the map's sum, its largest |value|, the share of
+        |attribution| that is positive."""
+        rows: list[tuple[object, ...]] = [("row", "target", "sum", "max |a|", "positive share")]
+        targets = self.targets if self.targets.dim() == 2 else self.targets[:, None]
+        maps = self.attributions.float()
+        maps = maps if self.targets.dim() == 2 else maps[:, None]
+        for k in range(min(targets.shape[0], TABLE_ROWS)):
+            for t in range(targets.shape[1]):
+                values = maps[k, t]
+                total = float(values.abs().sum())
+                share = float(values.clamp(min=0).sum()) / total if total > 0 else float("nan")
+                rows.append(
+                    (
+                        int(self.index[k]),
+                        int(targets[k, t]),
+                        f"{float(values.sum()):.4g}",
+                        f"{float(values.abs().max()):.3g}",
+                        f"{share:.0%}",
+                    )
+                )
+        return tuple(rows)
 
 
 def run_attribution(

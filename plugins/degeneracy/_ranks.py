@@ -18,6 +18,28 @@ def rank_text(rank: dict[str, int], layer: str) -> str:
     )
 
 
+def rank_table(
+    units: dict[str, int], rank: dict[str, int], unit_axis: dict[str, str], samples: dict[str, int] | None = None
+) -> tuple[tuple[object, ...], ...]:
+    """Per layer: units, where they are, (samples,) and the effective rank at each cut-off."""
+    first = next(iter(units), "")
+    cuts = [key.removeprefix(f"{first} ") for key in rank if key.startswith(f"{first} ")]
+    header = (
+        "layer",
+        "units",
+        "unit axis",
+        *(("samples",) if samples is not None else ()),
+        *(f"rank {c}" for c in cuts),
+    )
+    rows: list[tuple[object, ...]] = [header]
+    for layer, width in units.items():
+        counted = (samples.get(layer, 0),) if samples is not None else ()
+        rows.append(
+            (layer, width, unit_axis.get(layer, "units"), *counted, *(rank.get(f"{layer} {c}", "") for c in cuts))
+        )
+    return tuple(rows)
+
+
 UNITS_OPTION_DOC = UNITS_DOC + FLATTEN_DOC
 
 

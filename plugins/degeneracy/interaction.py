@@ -83,6 +83,14 @@ class InteractionBasisResult(Result):
         ]
         return out + list(self.top_edges)
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per layer: its width, the interaction basis's size and the output change through it."""
+        rows: list[tuple[object, ...]] = [("layer", "units", "unit axis", "basis size", "output change")]
+        for layer, size in self.basis_size.items():
+            change = f"{self.output_change[layer]:.2e}"
+            rows.append((layer, self.width[layer], self.unit_axis.get(layer, "units"), size, change))
+        return tuple(rows)
+
     def summary(self) -> str:
         return "; ".join(self.lines())
 

@@ -23,6 +23,7 @@ from pyengine.plugins.degeneracy._ranks import (
     check_units,
     effective_ranks,
     note_units,
+    rank_table,
     rank_text,
 )
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
@@ -64,6 +65,10 @@ class JacobianGramResult(Result):
     units: dict[str, int]
     sources: str
     unit_axis: dict[str, str]  # where each layer's units are: 'channels', 'last', 'units', 'flatten', 'dim k'
+
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per layer: units, where they are, and the Jacobian Gram's effective rank at each cut-off."""
+        return rank_table(self.units, self.rank, self.unit_axis)
 
     def lines(self) -> list[str]:
         return [

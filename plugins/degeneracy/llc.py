@@ -68,6 +68,15 @@ class LLCResult(Result):
         )
         return text + (f"; WARNING: {self.warning}" if self.warning else "")
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per chain: its estimate λ̂ (the mean of its trace) and the trace's spread."""
+        rows: list[tuple[object, ...]] = [("chain", "λ̂", "trace std", "draws")]
+        for chain, (value, trace) in enumerate(zip(self.llc_per_chain.tolist(), self.traces)):
+            finite = trace[torch.isfinite(trace)]
+            spread = float(finite.std()) if finite.numel() > 1 else float("nan")
+            rows.append((chain, f"{value:.4g}", f"{spread:.3g}", int(finite.numel())))
+        return tuple(rows)
+
 
 def _loss_function(
     kind: str, labels: torch.Tensor | None, outputs: torch.Tensor, inputs: ModelInputs

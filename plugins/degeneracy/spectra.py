@@ -21,6 +21,7 @@ from pyengine.plugins.degeneracy._ranks import (
     check_units,
     effective_ranks,
     note_units,
+    rank_table,
     rank_text,
 )
 from pyengine.technique import Figure, Result, RowOptions, Technique, bad_option, layer_tuple, option
@@ -62,14 +63,7 @@ class GramSpectrumResult(Result):
 
     def table(self) -> tuple[tuple[object, ...], ...]:
         """Per layer: units, where they are, samples, and the effective rank at each cut-off."""
-        first = next(iter(self.units), "")
-        cuts = [key.removeprefix(f"{first} ") for key in self.rank if key.startswith(f"{first} ")]
-        header = ("layer", "units", "unit axis", "samples", *(f"rank {cut}" for cut in cuts))
-        rows: list[tuple[object, ...]] = [header]
-        for layer, width in self.units.items():
-            ranks = [self.rank.get(f"{layer} {cut}", "") for cut in cuts]
-            rows.append((layer, width, self.unit_axis.get(layer, "units"), self.samples.get(layer, 0), *ranks))
-        return tuple(rows)
+        return rank_table(self.units, self.rank, self.unit_axis, self.samples)
 
     def lines(self) -> list[str]:
         """The redundancy report, e.g. ``layer X: 512 units, rank 37 at 1e-06``."""

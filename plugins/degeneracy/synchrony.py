@@ -72,6 +72,28 @@ class ReluSyncResult(Result):
             )
         return out
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per layer: units, groups (largest first), dead and always-on units, mean firing rate."""
+        rows: list[tuple[object, ...]] = [
+            ("layer", "units", "synchronized groups", "group sizes", "dead", "always on", "mean firing rate", "inputs")
+        ]
+        for layer, labels in self.group.items():
+            sizes = sorted(torch.bincount(labels[labels >= 0]).tolist(), reverse=True) if self.groups[layer] else []
+            rate = float(self.firing_rate[layer].float().mean()) if self.firing_rate[layer].numel() else 0.0
+            rows.append(
+                (
+                    layer,
+                    labels.numel(),
+                    self.groups[layer],
+                    ", ".join(map(str, sizes)) or "-",
+                    self.dead[layer],
+                    self.always_on[layer],
+                    f"{rate:.1%}",
+                    self.samples[layer],
+                )
+            )
+        return tuple(rows)
+
     def summary(self) -> str:
         return "; ".join(self.lines())
 

@@ -84,6 +84,14 @@ class ActivationMaxResult(Result):
     beats_dataset: float  # fraction of objectives whose image beats every compared dataset input
     curve: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per objective: the optimised image's objective, the best compared dataset input's, which wins."""
+        rows: list[tuple[object, ...]] = [("objective", "image", "best dataset input", "image wins")]
+        for name, value, best in zip(self.names, self.objective.tolist(), self.dataset_best.tolist()):
+            wins = "-" if math.isnan(best) else "yes" if value > best else "no"
+            rows.append((name, f"{value:.4g}", "-" if math.isnan(best) else f"{best:.4g}", wins))
+        return tuple(rows)
+
     def summary(self) -> str:
         return (
             f"{len(self.names)} objectives optimised; the image beats the best dataset input for "
@@ -214,19 +222,21 @@ class ActivationMaximization(Technique):
             return low + (high - low) * torch.sigmoid(raw)
 
         trace = []
-        for step in range(options.steps):
-            optimiser.zero_grad()
-            x = squash(image())
-            acts, out = self._forward(ctx, layers, random_transform(x, options, generator))
-            values = torch.stack([fn(acts, out)[k] for k, (_, fn, _) in enumerate(built)])
-            loss = -values.sum() + options.l2 * x.square().sum() + options.tv * total_variation(x)
-            loss.backward()
-            optimiser.step()
-            trace.append(float(values.detach().mean()))
-            if options.blur_every and options.parameterization == "pixel" and (step + 1) % options.blur_every == 0:
-                with torch.no_grad():
-                    if isinstance(image, PixelImage):
-                        image.pixels.copy_(gaussian_blur(image.pixels, options.blur_sigma))
+        with ctx.progress(options.steps, f"{self.name} ({len(built)} objectives)") as bar:
+            for step in range(options.steps):
+                optimiser.zero_grad()
+                x = squash(image())
+                acts, out = self._forward(ctx, layers, random_transform(x, options, generator))
+                values = torch.stack([fn(acts, out)[k] for k, (_, fn, _) in enumerate(built)])
+                loss = -values.sum() + options.l2 * x.square().sum() + options.tv * total_variation(x)
+                loss.backward()
+                optimiser.step()
+                trace.append(float(values.detach().mean()))
+                if options.blur_every and options.parameterization == "pixel" and (step + 1) % options.blur_every == 0:
+                    with torch.no_grad():
+                        if isinstance(image, PixelImage):
+                            image.pixels.copy_(gaussian_blur(image.pixels, options.blur_sigma))
+                bar.update()
         with torch.no_grad():
             final_images = squash(image()).detach()
             acts, out = self._forward(ctx, layers, final_images, grad=False)
@@ -236,7 +246,7 @@ class ActivationMaximization(Technique):
         figures = (
             Figure(
                 "Activation maximization: one image per objective",
-                caption="; ".join(names[:16]),
+                caption="left to right, top to bottom: " + "; ".join(names),
                 image=_grid(final_images.cpu()),
             ),
             Figure("Mean objective per step", lines={"objective": trace}, xlabel="step", ylabel="objective"),

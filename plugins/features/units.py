@@ -22,7 +22,7 @@ from pyengine.errors import PyengineError
 from pyengine.figures import image_grid, normalise_each, upscale
 from pyengine.layers import conv_layers
 from pyengine.plugins.features._receptive import LayerField, receptive_field
-from pyengine.technique import Figure, Options, Result, RowOptions, Technique, bad_option, layer_tuple, option
+from pyengine.technique import Figure, Options, Result, RowOptions, Technique, UnitRef, bad_option, layer_tuple, option
 from pyengine.units import UNITS_DOC, UnitAxes, as_unit_matrix
 
 # --- filters ----------------------------------------------------------------------------------
@@ -222,6 +222,17 @@ class MaxPatchesResult(Result):
         gates = self.also_global.split("; ")
         more = f" and {len(gates) - 1} more" if len(gates) > 1 else ""
         return f"{text}; also the whole input through {gates[0]}{more}"
+
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per channel: the unit, its top activation, the mean of its top k, the dataset rows of its top 3."""
+        rows: list[tuple[object, ...]] = [("unit", "top activation", f"mean of top {self.values.shape[1]}", "top rows")]
+        for row, channel in enumerate(self.channels.tolist()):
+            top = ", ".join(str(int(i)) for i in self.index[row, :3].tolist())
+            values = self.values[row].float()
+            rows.append(
+                (UnitRef(self.layer, int(channel)), f"{float(values[0]):.4g}", f"{float(values.mean()):.4g}", top)
+            )
+        return tuple(rows)
 
 
 def _merged(ctx: Context, top: tuple[torch.Tensor, ...], scanned: int, k: int) -> tuple[tuple[torch.Tensor, ...], int]:

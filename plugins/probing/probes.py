@@ -28,7 +28,7 @@ from pyengine.plugins.probing._fit import (
     fit_mlp,
     fit_single_neuron,
 )
-from pyengine.technique import Figure, Result, Technique, bad_option, option
+from pyengine.technique import Figure, Result, Technique, UnitRef, bad_option, option
 
 HISTOGRAM_BINS = 30
 
@@ -137,7 +137,7 @@ class ProbeNeuronsResult(ProbeResult):
                 (
                     concept,
                     layer,
-                    unit,
+                    UnitRef(layer, unit),
                     round(float(self.test_accuracy[key][unit]), 3),
                     round(float(self.auc[key][unit]), 3),
                     round(float(self.selectivity[key][unit]), 3),
@@ -296,6 +296,30 @@ class ProbeLinearResult(ProbeResult):
         text = _best_layer_per_concept(self.test_accuracy)
         return text + (f"; WARNING: {self.warning}" if self.warning else "")
 
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per concept and layer: test and control accuracy, selectivity, the largest weights."""
+        return _concept_table(self, top_units=self.top_units)
+
+
+def _concept_table(result: ProbeLinearResult | ProbeMLPResult, top_units: dict[str, str] | None = None) -> Any:
+    """Rows of (concept, layer, test accuracy, control accuracy, selectivity[, top units]), by concept."""
+    header = ("concept", "layer", "test accuracy", "control accuracy", "selectivity")
+    rows: list[tuple[object, ...]] = [header + (("top units (weight)",) if top_units is not None else ())]
+    keyed = sorted(
+        result.test_accuracy, key=lambda key: (key.rsplit("|", 1)[-1], list(result.test_accuracy).index(key))
+    )
+    for key in keyed:
+        layer, _, concept = key.rpartition("|")
+        row: tuple[object, ...] = (
+            concept,
+            layer,
+            round(result.test_accuracy[key], 3),
+            round(result.control_accuracy[key], 3),
+            round(result.selectivity[key], 3),
+        )
+        rows.append(row + ((top_units.get(key, ""),) if top_units is not None else ()))
+    return tuple(rows)
+
 
 def _limit_warning(ended: dict[str, list[LinearFit]], limit: int) -> str:
     """Which layers' fits hit the iteration limit, and how far from the optimum they stopped."""
@@ -329,42 +353,44 @@ class ProbeLinear(Technique):
         def fit(x: torch.Tensor, y: torch.Tensor, *, multiclass: bool) -> LinearFit:
             return fit_linear(x, y, multiclass=multiclass, l1=options.l1, l2=options.l2, iterations=options.iterations)
 
-        for layer, x in data.features.items():
-            z, mean, std = standardise(x.double(), train)
-            fits = []
-            if binary:
-                targets = torch.stack([data.targets[c] for c in binary], 1).double()
-                controls = torch.stack([data.controls[c] for c in binary], 1).double()
-                probe = fit(z[train], targets[train], multiclass=False)
-                probe_control = fit(z[train], controls[train], multiclass=False)
-                ended[layer] += [probe, probe_control]
-                w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
-                hit = ((z[test] @ w.T + b) > 0) == targets[test].bool()
-                hit_control = ((z[test] @ wc.T + bc) > 0) == controls[test].bool()
-                fits += [
-                    (c, float(hit[:, k].double().mean()), float(hit_control[:, k].double().mean()), w[k], b[k])
-                    for k, c in enumerate(binary)
-                ]
-            for concept in options.multiclass:
-                if concept not in data.categorical:
-                    raise bad_option("multiclass", concept, f"a categorical concept: {', '.join(data.categorical)}")
-                codes = data.categorical[concept]
-                shuffled = control_labels(codes, data.types, data.seed + 1000).to(codes.device)
-                probe = fit(z[train], codes[train], multiclass=True)
-                probe_control = fit(z[train], shuffled[train], multiclass=True)
-                ended[layer] += [probe, probe_control]
-                w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
-                acc = float(((z[test] @ w.T + b).argmax(1) == codes[test]).double().mean())
-                acc_control = float(((z[test] @ wc.T + bc).argmax(1) == shuffled[test]).double().mean())
-                for k in range(w.shape[0]):
-                    fits.append((f"{concept}[{k}]", acc, acc_control, w[k], b[k]))
-            for concept, acc, acc_control, w_std, b_std in fits:
-                key = _key(layer, concept)
-                accuracy[key], control[key] = acc, acc_control
-                raw = w_std / std  # back to activation units: w·(h − mean)/std + b
-                weights[key] = raw.float().cpu()
-                bias[key] = (b_std - (raw * mean).sum()).float().reshape(1).cpu()
-                top[key] = _describe_top(w_std.cpu(), options.top)
+        with ctx.progress(len(data.features), "probe-linear fits") as bar:
+            for layer, x in data.features.items():
+                z, mean, std = standardise(x.double(), train)
+                fits = []
+                if binary:
+                    targets = torch.stack([data.targets[c] for c in binary], 1).double()
+                    controls = torch.stack([data.controls[c] for c in binary], 1).double()
+                    probe = fit(z[train], targets[train], multiclass=False)
+                    probe_control = fit(z[train], controls[train], multiclass=False)
+                    ended[layer] += [probe, probe_control]
+                    w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
+                    hit = ((z[test] @ w.T + b) > 0) == targets[test].bool()
+                    hit_control = ((z[test] @ wc.T + bc) > 0) == controls[test].bool()
+                    fits += [
+                        (c, float(hit[:, k].double().mean()), float(hit_control[:, k].double().mean()), w[k], b[k])
+                        for k, c in enumerate(binary)
+                    ]
+                for concept in options.multiclass:
+                    if concept not in data.categorical:
+                        raise bad_option("multiclass", concept, f"a categorical concept: {', '.join(data.categorical)}")
+                    codes = data.categorical[concept]
+                    shuffled = control_labels(codes, data.types, data.seed + 1000).to(codes.device)
+                    probe = fit(z[train], codes[train], multiclass=True)
+                    probe_control = fit(z[train], shuffled[train], multiclass=True)
+                    ended[layer] += [probe, probe_control]
+                    w, b, wc, bc = probe.weight, probe.bias, probe_control.weight, probe_control.bias
+                    acc = float(((z[test] @ w.T + b).argmax(1) == codes[test]).double().mean())
+                    acc_control = float(((z[test] @ wc.T + bc).argmax(1) == shuffled[test]).double().mean())
+                    for k in range(w.shape[0]):
+                        fits.append((f"{concept}[{k}]", acc, acc_control, w[k], b[k]))
+                for concept, acc, acc_control, w_std, b_std in fits:
+                    key = _key(layer, concept)
+                    accuracy[key], control[key] = acc, acc_control
+                    raw = w_std / std  # back to activation units: w·(h − mean)/std + b
+                    weights[key] = raw.float().cpu()
+                    bias[key] = (b_std - (raw * mean).sum()).float().reshape(1).cpu()
+                    top[key] = _describe_top(w_std.cpu(), options.top)
+                bar.update()
         layers = list(data.features)
         concepts = list(dict.fromkeys(key.split("|", 1)[1] for key in accuracy))
         figure = _per_layer_figure("Linear probe test accuracy per layer", accuracy, layers, concepts, "accuracy")
@@ -420,6 +446,10 @@ class ProbeMLPResult(ProbeResult):
             for key, acc in self.test_accuracy.items()
         ]
         return lines + ([f"WARNING: {self.warning}"] if self.warning else [])
+
+    def table(self) -> tuple[tuple[object, ...], ...]:
+        """Per concept and layer: test and control accuracy, selectivity."""
+        return _concept_table(self)
 
     def summary(self) -> str:
         text = _best_layer_per_concept(self.test_accuracy)
