@@ -23,7 +23,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=3" ninja "cmake>=3.21" setupt
 RUNTIME_DEPS := "pluggy>=1.5" "h5py>=3.8" "numpy>=1.24"
 TEST_DEPS := "pytest>=7" "scikit-learn>=1.3" "captum>=0.7" "hypothesis>=6" "transformers>=4.40"
 GATE_DEPS := "ruff==0.17.6" "mypy==2.4.1"
-SOURCES := pyengine plugins tests benchmarks examples
+SOURCES := pyengine plugins tests benchmarks examples scripts
 CUDA_ARCH ?= 90
 FUZZ_EXAMPLES ?= 5000
 # make sanitize: an uninstrumented python loads the instrumented extension, so the ASan runtime is
@@ -48,10 +48,11 @@ $(VENV)/.ready: Makefile
 setup: $(VENV)/.ready
 
 build: setup
-	$(PIP) install -q --no-build-isolation --no-deps .
+	$(PY) -P scripts/build_progress.py "native build" -- $(PIP) install -v --no-build-isolation --no-deps .
 
 dev: setup
-	$(PIP) install -q --no-build-isolation --no-deps --config-settings=editable.rebuild=false -e .
+	$(PY) -P scripts/build_progress.py "native build" -- \
+	  $(PIP) install -v --no-build-isolation --no-deps --config-settings=editable.rebuild=false -e .
 
 lint: setup
 	$(VENV)/bin/ruff format --check $(SOURCES)

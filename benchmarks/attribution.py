@@ -113,17 +113,20 @@ def resnet18_style(image_size: int) -> nn.Module:
 
 
 def demo_cnn(image_size: int) -> nn.Module:
-    """The demo's model with the demo's trained weights (trained once, then cached)."""
+    """The demo's model with the demo's trained weights (shipped at 64 x 64; trained once, then
+    cached, at other sizes)."""
     from pyengine.data import Shapes
-    from pyengine.demo import DEMO_SEED, HELD_OUT_SEED
     from pyengine.models import DemoCNN
-    from pyengine.train import TrainConfig, train_cached
+    from pyengine.train import HELD_OUT_SEED, TRAIN_SEED, TrainConfig, load_demo_weights, train_cached
 
     config = TrainConfig()
     torch.manual_seed(config.seed)
     model = DemoCNN(image_size=image_size)
-    train_data, held_out = Shapes(config.train_size, seed=DEMO_SEED), Shapes(config.test_size, seed=HELD_OUT_SEED)
-    train_cached(model, train_data, held_out, config, progress=False)
+    held_out = Shapes(config.test_size, seed=HELD_OUT_SEED, size=image_size)
+    if image_size == 64:
+        load_demo_weights(model, held_out)
+    else:
+        train_cached(model, Shapes(config.train_size, seed=TRAIN_SEED, size=image_size), held_out, config, progress=False)
     return model.eval()
 
 

@@ -67,12 +67,11 @@ def interaction_basis_split(device: str = "cpu") -> None:
     import pyengine
     from pyengine.data import Shapes
     from pyengine.models import DemoCNN
-    from pyengine.train import TrainConfig, train_cached
+    from pyengine.train import HELD_OUT_SEED, TrainConfig, load_demo_weights
 
     model = DemoCNN()
-    config = TrainConfig()
-    held_out = Shapes(config.test_size, seed=1)
-    train_cached(model, Shapes(config.train_size, seed=0), held_out, config, progress=False)
+    held_out = Shapes(TrainConfig().test_size, seed=HELD_OUT_SEED)
+    load_demo_weights(model, held_out)  # the demo's shipped weights
     start = time.perf_counter()
     result = pyengine.run(
         "interaction-basis",

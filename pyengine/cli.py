@@ -40,7 +40,7 @@ def _key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyengine.demo import demo
 
-    failures = demo(args.out, progress=not args.quiet)
+    failures = demo(args.out, train=args.train, progress=not args.quiet)
     return 1 if failures else 0
 
 
@@ -224,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("demo", help="train demo-cnn on shapes, run every technique, write a report")
+    p = commands.add_parser("demo", help="demo-cnn on shapes: run every technique, write a report with unit pages")
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument(
+        "--train", action="store_true", help="train demo-cnn here (cached) instead of loading the shipped weights"
+    )
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("run", help="run techniques from a TOML config")

@@ -461,9 +461,12 @@ class Context:
         """Per-row values of rows read with ``split=True``, for all rows, in row order."""
         return self.ranks.gather_rows(tensor)
 
-    def run(self, name: str, inputs: torch.Tensor | ModelInputs, **options: Any) -> Result:
+    def run(
+        self, name: str, inputs: torch.Tensor | ModelInputs, *, show_progress: bool = False, **options: Any
+    ) -> Result:
         """Run another registered technique on ``inputs`` with this model, device and seed,
-        through the same entry as ``pyengine.run`` (no progress bars, nothing saved)."""
+        through the same entry as ``pyengine.run`` (nothing saved; its progress bars shown only
+        with ``show_progress`` when this context shows its own)."""
         from pyengine import host
         from pyengine.api import execute
 
@@ -473,7 +476,7 @@ class Context:
             device=self.device,
             inputs=inputs,
             seed=self.seed,
-            show_progress=False,
+            show_progress=show_progress and self.show_progress,
             output=self.output,
             ranks=distributed.Ranks(),  # the inputs this process was given, all of them
         )

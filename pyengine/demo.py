@@ -1,4 +1,4 @@
-"""``pyengine demo``: train the demo CNN on shapes, capture, run every technique, report."""
+"""``pyengine demo``: the demo CNN on shapes: capture, run every technique, unit pages, the report."""
 
 from __future__ import annotations
 
@@ -14,17 +14,19 @@ from pyengine import host
 from pyengine.api import run
 from pyengine.capture import capture
 from pyengine.data.shapes import Shapes
+from pyengine.demo_units import unit_pages
 from pyengine.errors import PyengineError
 from pyengine.figures import image_grid
-from pyengine.layers import after_relu, conv_layers, relu_layers
+from pyengine.layers import relu_layers
 from pyengine.models.demo import DemoCNN
-from pyengine.report import Report, Section
+from pyengine.report import Link, Report, Section
 from pyengine.store import StoreReader
-from pyengine.technique import Figure
-from pyengine.train import TrainConfig, train_cached
+from pyengine.technique import Figure, Result
+from pyengine.train import HELD_OUT_SEED, TRAIN_SEED, TrainConfig, load_demo_weights, train_cached
 
-DEMO_SEED = 0
-HELD_OUT_SEED = 1
+DEMO_SEED = TRAIN_SEED
+# The demo's settings where a technique's defaults serve larger models: nothing a reader sees is lost.
+DEMO_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def _say(message: str) -> None:
@@ -37,21 +39,32 @@ def capture_layers(model: nn.Module) -> list[str]:
 
 
 def demo(
-    out: str | Path = "demo-out", *, config: TrainConfig | None = None, n_inputs: int = 8, progress: bool = True
+    out: str | Path = "demo-out",
+    *,
+    train: bool = False,
+    config: TrainConfig | None = None,
+    n_inputs: int = 8,
+    progress: bool = True,
 ) -> int:
-    """Run the whole demo into ``out``; returns the number of techniques that failed."""
+    """Run the whole demo into ``out``; returns the number of techniques that failed. The model is
+    the shipped demo CNN (``scripts/train_demo_weights.py`` made it), or with ``train`` one
+    trained here (cached)."""
     config = config or TrainConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = DemoCNN()
-    train_data = Shapes(config.train_size, seed=DEMO_SEED)
     held_out = Shapes(config.test_size, seed=HELD_OUT_SEED)
     steps: list[tuple[str, float]] = []  # (step, seconds): the table printed at the end
     clock = time.perf_counter()
-    report = train_cached(model, train_data, held_out, config, progress=progress)
-    steps.append(("train (or load) demo-cnn", time.perf_counter() - clock))
-    how = "loaded from cache" if report.cached else f"trained in {report.seconds:.1f} s"
+    if train:
+        report = train_cached(model, Shapes(config.train_size, seed=DEMO_SEED), held_out, config, progress=progress)
+        how = "loaded from cache" if report.cached else f"trained in {report.seconds:.1f} s"
+        steps.append(("train (or load) demo-cnn", time.perf_counter() - clock))
+    else:
+        report = load_demo_weights(model, held_out)
+        how = "the shipped weights; `pyengine demo --train` trains them here"
+        steps.append(("load demo-cnn", time.perf_counter() - clock))
     print(f"demo-cnn: held-out accuracy {report.accuracy:.2%} on {len(held_out)} shapes images ({how})", flush=True)
     model.eval()
 
@@ -64,8 +77,9 @@ def demo(
     inputs = held_out.batch(range(n_inputs)).inputs
     results_path = out / "results.h5"
     results_path.unlink(missing_ok=True)
-    sections = [_overview_section(report.accuracy, how, report.losses, held_out, inputs)]
-    failures = 0
+    sections: list[Section] = []
+    results: dict[str, Result] = {}
+    found: list[tuple[str, str, float]] = []  # technique, its one line, seconds: the summary table
     for name, technique in host.techniques().items():
         # Techniques that explain single inputs get the first few held-out images; the others
         # analyse the whole held-out set (from the store where they read activations).
@@ -82,16 +96,19 @@ def demo(
                 save=results_path,
                 run_name="demo",
                 progress=progress,
+                **DEMO_OPTIONS.get(name, {}),
                 **rows,
             )
         except PyengineError as error:
-            failures += 1
             _say(f"{name}: FAILED: {error}")
-            sections.append(Section(name, error=str(error)))
+            sections.append(Section(name, error=str(error), anchor=name))
             steps.append((f"{name} (failed)", time.perf_counter() - started))
+            found.append((name, f"FAILED: {error}", time.perf_counter() - started))
             continue
         seconds = time.perf_counter() - started
         steps.append((name, seconds))
+        results[name] = result
+        found.append((name, result.summary(), seconds))
         _say(f"{name}: {result.summary()} ({seconds:.1f} s; {result.rows})")
         sections.append(
             Section(
@@ -99,24 +116,31 @@ def demo(
                 lines=[*result.lines(), f"Rows analysed: {result.rows}."],
                 table=result.table(),
                 figures=list(result.figures),
+                anchor=name,
             )
         )
+    failures = sum(1 for _, line, _ in found if line.startswith("FAILED: "))
     clock = time.perf_counter()
-    sections += feature_sections(model, held_out, activations, inputs, progress=progress)
+    units = unit_pages(model, held_out, activations, inputs, results, progress=progress)
     steps.append(("unit pages (patches, guided maps, activation maximization)", time.perf_counter() - clock))
     with StoreReader(results_path) as reader:
         stored = [f"{t}/{r}" for t, r in reader.results()]
-    sections.append(
-        Section(
-            "Files",
-            lines=[
-                f"{activations.name}: activations of {len(held_out)} held-out images",
-                f"{results_path.name}: {', '.join(stored) or 'no results'}",
-            ],
-        )
+    files = Section(
+        "Files",
+        lines=[
+            f"{activations.name}: activations of {len(held_out)} held-out images",
+            f"{results_path.name}: {', '.join(stored) or 'no results'}",
+        ],
     )
+    summary = _summary_section(model, report.accuracy, how, held_out, found)
+    overview = _overview_section(report.losses, inputs)
     clock = time.perf_counter()
-    page = Report("pyengine demo: demo-cnn on shapes", sections).write(out / "report")
+    page = Report(
+        "pyengine demo: demo-cnn on shapes",
+        [summary, overview, *sections, *units.overview, files],
+        pages=[units.page] if units.page.sections else [],
+        unit_pages=units.links,
+    ).write(out / "report", progress=progress)
     steps.append(("report", time.perf_counter() - clock))
     print(f"wrote {results_path} and {page}", flush=True)
     print(time_table(steps), flush=True)
@@ -134,76 +158,41 @@ def time_table(steps: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def feature_sections(
-    model: nn.Module, data: Shapes, store: Path, inputs: torch.Tensor, *, channels: int = 4, progress: bool = True
-) -> list[Section]:
-    """Per conv layer: its filters (first layer), feature maps of one input, the top-9 dataset
-    patches with their guided-backprop maps, and activation-maximization images, for the first
-    ``channels`` channels side by side."""
-    sections: list[Section] = []
-    available = host.techniques()
-    wanted = ("filters", "activations", "max-patches", "activation-maximization")
-    if any(name not in available for name in wanted):
-        return sections  # a plugin set without the feature-visualization family
-    for k, conv in enumerate(conv_layers(model, "demo")):
-        layer = after_relu(model, conv)
-        figures: list[Figure] = []
-        try:
-            if k == 0:
-                figures += run("filters", model, layers=conv, progress=False).figures
-            figures += run("activations", model, inputs[:1], layers=layer, progress=False).figures
-            patches = run(
-                "max-patches",
-                model,
-                data=data,
-                store=store,
-                layers=layer,
-                channels=list(range(channels)),
-                guided=True,
-                figure_channels=channels,
-                progress=progress,
-            )
-            optimised = run(
-                "activation-maximization",
-                model,
-                data=data,
-                layers=conv,
-                channels=list(range(channels)),
-                steps=64,
-                progress=False,
-            )
-        except PyengineError as error:
-            sections.append(Section(f"Feature visualization of {layer}", error=str(error)))
-            continue
-        figures += list(patches.figures) + [optimised.figures[0]]
-        sections.append(
-            Section(
-                f"Feature visualization of {layer}",
-                lines=[
-                    f"{patches.summary()}.",
-                    f"Activation maximization of {conv} channels 0-{channels - 1}: {optimised.summary()}.",
-                ],
-                figures=figures,
-            )
-        )
-    return sections
+SUMMARY_CHARACTERS = 180  # a technique's finding in the summary table: its first line, cut here
 
 
-def _overview_section(
-    accuracy: float, how: str, losses: tuple[float, ...], data: Shapes, inputs: torch.Tensor
+def _one_line(text: str) -> str:
+    return text if len(text) <= SUMMARY_CHARACTERS else text[: SUMMARY_CHARACTERS - 1].rsplit(" ", 1)[0] + " …"
+
+
+def _summary_section(
+    model: nn.Module, accuracy: float, how: str, data: Shapes, found: list[tuple[str, str, float]]
 ) -> Section:
+    """One screen: model, data, accuracy, and per technique what it found and how long it took."""
+    parameters = sum(p.numel() for p in model.parameters())
+    total = sum(seconds for _, _, seconds in found)
+    table: list[tuple[object, ...]] = [("technique", "what it found", "seconds")]
+    table += [(Link(name, f"#{name}"), _one_line(line), round(seconds, 1)) for name, line, seconds in found]
+    return Section(
+        "Summary",
+        lines=[
+            f"Model: demo-cnn ({type(model).__name__}, {parameters:,} parameters: three conv/ReLU/max-pool blocks, "
+            f"two linear layers), {how}.",
+            f"Data: {len(data)} held-out shapes images of {data.size} x {data.size} pixels; classes "
+            f"{', '.join(data.class_names)}; concepts "
+            + "; ".join(f"{k} ({', '.join(v)})" for k, v in data.concept_names.items())
+            + ".",
+            f"Held-out accuracy: {accuracy:.2%}. {len(found)} techniques in {total:.0f} s; "
+            "click a technique for its section, a unit (layer#channel) in a table for its page.",
+        ],
+        table=table,
+    )
+
+
+def _overview_section(losses: tuple[float, ...], inputs: torch.Tensor) -> Section:
     figures = [Figure("Held-out inputs given to the techniques", image=image_grid(inputs, columns=8))]
     if losses:
         figures.append(
             Figure("Training loss per epoch", lines={"loss": list(losses)}, xlabel="epoch", ylabel="cross-entropy")
         )
-    return Section(
-        "Model and data",
-        lines=[
-            f"demo-cnn on shapes: held-out accuracy {accuracy:.2%} ({how}).",
-            f"Classes: {', '.join(data.class_names)}; concepts: "
-            + "; ".join(f"{k} ({', '.join(v)})" for k, v in data.concept_names.items())
-            + ".",
-        ],
-        figures=figures,
-    )
+    return Section("Model and data", figures=figures)

@@ -70,6 +70,36 @@ SORT_SCRIPT = (
     "rows.forEach(function(r){body.appendChild(r);});});});"
 )
 
+# A series named after a colour ("colour=red", "red") is drawn in it; the others take the palette's
+# colours in order, skipping those already taken.
+NAMED_COLOURS = {
+    "red": "#d62728",
+    "green": "#2ca02c",
+    "blue": "#1f77b4",
+    "yellow": "#bcbd22",
+    "orange": "#ff7f0e",
+    "purple": "#9467bd",
+    "brown": "#8c564b",
+    "pink": "#e377c2",
+    "grey": "#7f7f7f",
+    "gray": "#7f7f7f",
+    "black": "#222222",
+    "cyan": "#17becf",
+}
+
+
+def series_colours(names: Sequence[str]) -> list[str]:
+    """One colour per series: its own when named after a colour, else the palette's next unused one."""
+    named = [NAMED_COLOURS.get(re.split(r"[=:\s_/]", name.strip().lower())[-1]) for name in names]
+    free = [c for c in _PALETTE if c not in named] or list(_PALETTE)
+    colours, k = [], 0
+    for colour in named:
+        if colour is None:
+            colour, k = free[k % len(free)], k + 1
+        colours.append(colour)
+    return colours
+
+
 LOG_DECADES = 12  # a log axis shows at most this many decades below the largest value
 
 
@@ -158,8 +188,7 @@ def svg_lines(figure: Figure, width: int = 620, height: int = 320) -> str:
         parts.append(
             f'<text class="xtick" x="{x:.1f}" y="{base + 14}" {anchor} font-size="10">{html.escape(text)}</text>'
         )
-    for index, (name, values) in enumerate(series.items()):
-        colour = _PALETTE[index % len(_PALETTE)]
+    for index, ((name, values), colour) in enumerate(zip(series.items(), series_colours(list(series)))):
         points = [(px(i), py(v)) for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not figure.log_y)]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
         parts.append(f'<polyline class="series" fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')

@@ -134,3 +134,59 @@ def train_cached(
     torch.save(model.state_dict(), staging)
     os.replace(staging, path)
     return report
+
+
+# --- the demo's shipped weights ------------------------------------------------------------------
+
+SHIPPED_WEIGHTS = Path(__file__).parent / "models" / "demo_cnn.pt"  # written by scripts/train_demo_weights.py
+TRAIN_SEED, HELD_OUT_SEED = 0, 1  # the shapes datasets the demo trains and evaluates on
+
+
+def train_demo(config: TrainConfig | None = None, *, progress: bool = True) -> tuple[nn.Module, TrainReport]:
+    """The demo CNN trained from its seed on one thread: the same bits on every run on CPUs whose
+    kernels are the same (``torch.backends.cpu.get_cpu_capability()``)."""
+    from pyengine.data.shapes import Shapes
+    from pyengine.models.demo import DemoCNN
+
+    config = config or TrainConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(config.seed)
+        model = DemoCNN()
+        train_data, held_out = Shapes(config.train_size, seed=TRAIN_SEED), Shapes(config.test_size, seed=HELD_OUT_SEED)
+        report = train(model, train_data, held_out, config, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), report
+
+
+def write_demo_weights(
+    model: nn.Module, report: TrainReport, config: TrainConfig, path: Path = SHIPPED_WEIGHTS
+) -> None:
+    """The weights (``path``) and how they were made (``path`` with ``.json``: config, losses,
+    accuracy, torch version, CPU kernels), each written whole then renamed."""
+    meta = {
+        "config": asdict(config),
+        "losses": list(report.losses),
+        "held_out_accuracy": report.accuracy,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "made_by": "python -P scripts/train_demo_weights.py",
+    }
+    for target, write in (
+        (path, lambda staging: torch.save(model.state_dict(), staging)),
+        (path.with_suffix(".json"), lambda staging: staging.write_text(json.dumps(meta, indent=2) + "\n")),
+    ):
+        staging = target.with_name(target.name + ".partial")
+        write(staging)
+        os.replace(staging, target)
+
+
+def load_demo_weights(model: nn.Module, held_out: Dataset, path: Path = SHIPPED_WEIGHTS) -> TrainReport:
+    """Load the shipped weights into ``model``; its held-out accuracy measured now, the training
+    losses as recorded when they were made."""
+    load_weights(model, path)
+    meta_path = path.with_suffix(".json")
+    losses = tuple(json.loads(meta_path.read_text())["losses"]) if meta_path.exists() else ()
+    return TrainReport(accuracy(model, held_out), 0.0, True, losses)

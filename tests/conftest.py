@@ -89,21 +89,22 @@ def cmake() -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoCNN:
-    """The demo CNN trained exactly as ``pyengine demo`` trains it (cached per session)."""
-    from pyengine.train import TrainConfig, train_cached
+def trained_demo() -> DemoCNN:
+    """The demo CNN with the weights ``pyengine demo`` ships (scripts/train_demo_weights.py made them)."""
+    from pyengine.train import HELD_OUT_SEED, load_demo_weights
 
-    config = TrainConfig()
-    torch.manual_seed(config.seed)
     model = DemoCNN()
-    cache = tmp_path_factory.mktemp("weights")
-    old = os.environ.get("PYENGINE_CACHE")
-    os.environ["PYENGINE_CACHE"] = str(cache)
-    try:
-        train_cached(model, Shapes(config.train_size, seed=0), Shapes(config.test_size, seed=1), config, progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("PYENGINE_CACHE")
-        else:
-            os.environ["PYENGINE_CACHE"] = old
+    load_demo_weights(model, Shapes(64, seed=HELD_OUT_SEED))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pyengine demo`` run once per session (its stdout in ``stdout.txt``): the demo's own test and
+    the browser test read it."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_cli("demo", "--out", str(out), timeout=1200)
+    if result.returncode != 0:
+        pytest.fail(f"pyengine demo failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    (out / "stdout.txt").write_text(result.stdout)
+    return out

@@ -1,24 +1,48 @@
-"""``pyengine demo`` trains to >= 95% held-out accuracy and writes results and a report."""
+"""``pyengine demo``: the shipped model, every technique, a report with a summary, tables and unit pages."""
 
 from __future__ import annotations
 
+import html.parser
+import json
 import re
 from pathlib import Path
 
 import pyengine
 from conftest import run_cli
+from pyengine.train import SHIPPED_WEIGHTS
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = run_cli(
-        "demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")}, timeout=1200
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    match = re.search(r"held-out accuracy ([0-9.]+)% on 1000 shapes images \(trained in ([0-9.]+) s\)", result.stdout)
-    assert match, result.stdout
-    assert float(match.group(1)) >= 95.0
-    with pyengine.StoreReader(tmp_path / "out" / "results.h5") as reader:
-        assert {t for t, _ in reader.results()} == set(pyengine.techniques())
+class Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.ids.add(str(found["id"]))
+        if tag == "a" and found.get("href"):
+            self.hrefs.append(str(found["href"]))
+
+
+def parse(path: Path) -> Links:
+    links = Links()
+    links.feed(path.read_text())
+    return links
+
+
+def test_demo_end_to_end(demo_out: Path) -> None:
+    stdout = (demo_out / "stdout.txt").read_text()
+    match = re.search(r"held-out accuracy ([0-9.]+)% on 1000 shapes images \(the shipped weights", stdout)
+    assert match, stdout
+    assert float(match.group(1)) / 100 == json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())[
+        "held_out_accuracy"
+    ]
+    assert "time per step:" in stdout and re.search(r"total\s+[0-9.]+ s", stdout)
+    techniques = set(pyengine.techniques())
+    with pyengine.StoreReader(demo_out / "results.h5") as reader:
+        assert {t for t, _ in reader.results()} == techniques
         striped = {}
         for technique in ("probe-linear", "probe-mlp"):
             _, attrs = reader.result(technique, "demo")
@@ -31,18 +55,30 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             )
     assert len(striped) == 8  # 4 layers x 2 probes
     assert max(striped.values()) >= 0.9, striped  # the texture concept is decodable from some layer
-    with pyengine.StoreReader(tmp_path / "out" / "activations.h5") as reader:
+    with pyengine.StoreReader(demo_out / "activations.h5") as reader:
         assert len(reader) == 1000 and "features.relu3" in reader.layers
-    page = (tmp_path / "out" / "report" / "index.html").read_text()
-    assert "gram-spectrum" in page and "held-out accuracy" in page
-    assert "Best single-neuron test accuracy per layer" in page and "activations by concept" in page
-    assert (
-        "texture=striped (neuron, test accuracy, test AUC — the ranking —, selectivity, activation that signals it): "
-        in page
-    )
-    for layer in ("features.relu1", "features.relu2", "features.relu3"):
-        assert f"Feature visualization of {layer}" in page and f"{layer} channel 3: top 9 patches" in page
-    assert list((tmp_path / "cache").glob("democnn-*.pt"))
 
-    again = run_cli("demo", "--out", str(tmp_path / "out"), env={"PYENGINE_CACHE": str(tmp_path / "cache")})
-    assert again.returncode == 0 and "loaded from cache" in again.stdout
+    report = demo_out / "report"
+    index, units = parse(report / "index.html"), parse(report / "units.html")
+    page = (report / "index.html").read_text()
+    # the summary: a row per technique linking to its section; a table of contents
+    assert "Held-out accuracy: " in page and "Summary" in page
+    assert {f"#{name}" for name in techniques} <= set(index.hrefs) and techniques <= index.ids
+    assert "Best single-neuron test accuracy per layer" in page and "activations by concept" in page
+    assert 'class="colour-bar"' in page and 'type="range"' in page  # heatmaps with a scale and opacity
+    # a page section per channel of each conv layer, linked from the tables that name it
+    channels = {"features.relu1": 8, "features.relu2": 16, "features.relu3": 32}
+    unit_page = (report / "units.html").read_text()
+    for layer, count in channels.items():
+        assert f"Units of {layer}" in page
+        for channel in range(count):
+            anchor = f"unit-{layer.replace('.', '-')}-{channel}"
+            assert anchor in units.ids and f"units.html#{anchor}" in index.hrefs
+        assert f"{layer} channel {count - 1}: top 9 patches (row 2: guided backprop)" in unit_page
+    for word in ("Fires (relu-sync", "Synchronized partners", "Concepts (probe-neurons", "Activation maximization of"):
+        assert unit_page.count(word) >= sum(channels.values()), word
+    for name, links in (("index.html", index), ("units.html", units)):
+        for href in links.hrefs:
+            target, _, fragment = href.partition("#")
+            assert (target or name) in ("index.html", "units.html"), href
+            assert not fragment or fragment in (units if (target or name) == "units.html" else index).ids, href

@@ -207,7 +207,8 @@ class Faithfulness(Technique):
         )  # each curve image and its mask
         names = options.techniques or tuple(attribution_techniques())
         skipped: dict[str, str] = {}  # default techniques that refused this model
-        with ctx.progress(len(names), self.name) as bar:
+        # Two steps per technique: its maps (its own bar shows beside this one), then the curves.
+        with ctx.progress(2 * len(names), f"{self.name} (maps, curves per technique)") as bar:
             for name in names:
                 try:
                     maps = self._attributions(ctx, name, options, inputs, targets)
@@ -215,8 +216,9 @@ class Faithfulness(Technique):
                     if options.techniques:  # asked for by name: its refusal is the answer
                         raise
                     skipped[name] = str(error)  # a default that does not apply to this model
-                    bar.update(1)
+                    bar.update(2)
                     continue
+                bar.update(1)
                 # Several processes score their parts of the rows; the means are over every row.
                 if boxes is not None:
                     hits = ctx.gather_rows(pointing_game(maps, inputs, boxes, options.tolerance).double())
@@ -302,7 +304,7 @@ class Faithfulness(Technique):
         shared = {
             k: v for k, v in (("memory_mb", options.memory_mb), ("batch_size", options.batch_size)) if k in accepted
         }
-        result = ctx.run(name, inputs, **{**shared, **given, "target": targets})
+        result = ctx.run(name, inputs, show_progress=True, **{**shared, **given, "target": targets})
         maps = getattr(result, "attributions", None)
         if not isinstance(maps, torch.Tensor) or maps.shape != inputs.shape:
             raise PyengineError(f"faithfulness: technique {name!r} gives no attributions shaped like the inputs")

@@ -21,6 +21,27 @@ COLOURS = ("red", "green", "blue", "yellow")
 _RGB = torch.tensor([[0.9, 0.15, 0.15], [0.15, 0.8, 0.2], [0.2, 0.35, 0.95], [0.95, 0.85, 0.1]])
 
 
+CACHE_BYTES = 256 * 2**20  # datasets whose images fit are rendered once and kept
+
+
+def _empty_like(batch: Batch, n: int) -> Batch:
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((n, *t.shape[1:]), dtype=t.dtype)
+
+    concepts = {k: grow(v) for k, v in batch.concepts.items()}
+    boxes = grow(batch.boxes) if batch.boxes is not None else None
+    return Batch(grow(batch.inputs), grow(batch.labels), torch.arange(n), concepts, boxes)
+
+
+def _store(cache: Batch, rows: torch.Tensor, batch: Batch) -> None:
+    cache.inputs[rows] = batch.inputs
+    cache.labels[rows] = batch.labels
+    for key, values in batch.concepts.items():
+        cache.concepts[key][rows] = values
+    if cache.boxes is not None and batch.boxes is not None:
+        cache.boxes[rows] = batch.boxes
+
+
 class Shapes(Dataset):
     """``Shapes(n, seed=0, size=64)``: n images of size x size, classes ``SHAPES``."""
 
@@ -34,6 +55,8 @@ class Shapes(Dataset):
             raise PyengineError(f"shapes: size={size!r} is invalid; expected an integer >= 16")
         self.n, self.seed, self.size = n, int(seed), size
         self.name = "shapes"
+        self._cache: Batch | None = None  # every row, once rendered (small datasets: CACHE_BYTES)
+        self._rendered = torch.zeros(n, dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.n
@@ -52,6 +75,23 @@ class Shapes(Dataset):
 
     def batch(self, indices: Sequence[int]) -> Batch:
         index = self._check_indices(indices)
+        if self.n * 3 * self.size * self.size * 4 > CACHE_BYTES:
+            return self._render(index)
+        missing = index[~self._rendered[index]].unique()
+        if missing.numel():
+            fresh = self._render(missing)
+            if self._cache is None:
+                self._cache = _empty_like(fresh, self.n)
+            _store(self._cache, missing, fresh)
+            self._rendered[missing] = True
+        cache = self._cache
+        if cache is None:  # no rows asked for
+            return self._render(index)
+        concepts = {k: v[index] for k, v in cache.concepts.items()}
+        boxes = cache.boxes[index] if cache.boxes is not None else None
+        return Batch(cache.inputs[index], cache.labels[index], index, concepts, boxes)
+
+    def _render(self, index: torch.Tensor) -> Batch:
         s = self.size
         u, noise = self._params(index)
         shape = (u[:, 0] * len(SHAPES)).long().clamp(max=len(SHAPES) - 1)
