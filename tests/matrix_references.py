@@ -323,3 +323,47 @@ def check_firing(res: Any, layer: str, fires: torch.Tensor) -> None:
     assert len({tuple(int(res.group[layer][u]) for u in units) for units in groups}) == len(groups)
     for units in groups:
         assert len({int(res.group[layer][u]) for u in units}) == 1
+
+
+def zeroed_unit_scores(
+    model: nn.Module, reference: str, dim: int, unit: int, scores: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``scores()`` with unit ``unit`` (along ``dim``) of the layer's output set to 0 at the
+    referenced call, by a plain forward hook (the unit-ablation reference)."""
+    path, call = split_reference(reference)
+    calls = [0]
+
+    def count(_: nn.Module, args: Any) -> None:
+        calls[0] = 0
+
+    def zero(_: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        calls[0] += 1
+        if calls[0] != call:
+            return None
+        index = torch.tensor([unit], device=output.device)
+        return output.index_fill(dim, index, 0.0)
+
+    handles = [model.register_forward_pre_hook(count), model.get_submodule(path).register_forward_hook(zero)]
+    try:
+        with torch.no_grad():
+            return scores()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_ablation_drops(res: Any, model: nn.Module, scores: Callable[[], torch.Tensor], layers: int = 3) -> None:
+    """unit-ablation's drops of a few layers (first, middle, last) against ``zeroed_unit_scores``:
+    ``scores()`` gives the (N, K) scores the targets index."""
+    with torch.no_grad():
+        base = scores()
+    assert torch.equal(res.targets, base.argmax(1))
+    names = list(res.drops)
+    picked = dict.fromkeys([names[0], names[len(names) // 2], names[-1]][:layers])
+    for layer in picked:
+        dim = {"channels": 1, "units": 1, "last": -1}[res.unit_axis[layer]]
+        for column, unit in enumerate(res.units[layer].tolist()):
+            ablated = zeroed_unit_scores(model, layer, dim, unit, scores)
+            expected = (base - ablated).gather(1, res.targets[:, None])[:, 0]
+            scale = max(float(base.abs().max()), 1e-6)
+            assert float((res.drops[layer][:, column] - expected).abs().max()) <= 1e-5 * scale, (layer, unit)

@@ -517,6 +517,12 @@ def check_llc(cell: Cell, res: Any) -> None:
     assert float(res.traces[:, 0].abs().max()) <= 1e-5 * res.nbeta * res.init_loss
 
 
+def check_unit_ablation(cell: Cell, res: Any) -> None:
+    from matrix_references import check_ablation_drops
+
+    check_ablation_drops(res, cell.model, lambda: cell.model(cell.inputs))
+
+
 def check_logit_margin(cell: Cell, res: Any) -> None:
     with torch.no_grad():
         top = cell.model(cell.inputs).topk(2, dim=1)
@@ -593,6 +599,9 @@ SPECS: dict[str, Spec] = {
         {"chains": 2, "draws": 3, "burn_in": 0, "batch_size": ROWS},
     ),
     "logit-margin": Spec("top-2 logits", check_logit_margin),  # the example plugin, when installed
+    "unit-ablation": Spec(  # the example plugin, when installed
+        "score drops with the unit zeroed by a forward hook", check_unit_ablation, {"units": 2}
+    ),
 }
 
 
@@ -674,7 +683,7 @@ def test_interaction_basis_default_layers(name: str) -> None:
 
 
 def test_the_tables_name_real_cells() -> None:
-    registered = set(host.techniques()) | {"logit-margin"}
+    registered = set(host.techniques()) | {"logit-margin", "unit-ablation"}
     for technique, name in REFUSALS:
         assert technique in registered and name.split(":")[0] in MODELS, (technique, name)
     assert set(SPECS) <= registered

@@ -48,7 +48,7 @@ def test_discovered_by_the_cli(installed_example: None) -> None:
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    assert rows["example"]["techniques"] == ["logit-margin"]
+    assert rows["example"]["techniques"] == ["logit-margin", "unit-ablation"]
     assert rows["example"]["builtin"] is False
     assert rows["example"]["package"] == "pyengine-example-plugin 0.1.0"
 
@@ -84,7 +84,7 @@ def test_load_plugins_restricts_entry_points(installed_example: None) -> None:
     selected = python(listing, {"PYENGINE_LOAD_PLUGINS": "example"}).stdout.split()
     everything = python(listing).stdout.split()
     assert "gram-spectrum" in only_builtins and "logit-margin" not in only_builtins
-    assert selected == everything == sorted(only_builtins + ["logit-margin"])
+    assert selected == everything == sorted(only_builtins + ["logit-margin", "unit-ablation"])
     assert_user_error(
         run_cli("plugins", env={"PYENGINE_LOAD_PLUGINS": "nope"}),
         "PYENGINE_LOAD_PLUGINS names 'nope', which is not an installed pyengine plugin (installed: example",
@@ -99,4 +99,4 @@ def test_the_plugins_own_tests_pass(installed_example: None) -> None:
         cwd=EXAMPLE,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed" in result.stdout
+    assert "7 passed" in result.stdout

@@ -481,6 +481,12 @@ def check_llc(cell: Cell, res: Any) -> None:
     assert float(res.traces[:, 0].abs().max()) <= 1e-5 * res.nbeta * res.init_loss
 
 
+def check_unit_ablation(cell: Cell, res: Any) -> None:
+    from matrix_references import check_ablation_drops
+
+    check_ablation_drops(res, cell.model, lambda: cell.logits())
+
+
 def check_logit_margin(cell: Cell, res: Any) -> None:
     top = cell.logits().topk(2, dim=1)
     assert torch.equal(res.predictions, top.indices[:, 0])
@@ -563,6 +569,11 @@ SPECS: dict[str, Spec] = {
         {"chains": 2, "draws": 3, "burn_in": 0, "batch_size": ROWS},
     ),
     "logit-margin": Spec("top-2 of the scores at the last real token", check_logit_margin),  # the example plugin
+    "unit-ablation": Spec(  # the example plugin
+        "score drops at the last real token with the feature zeroed by a forward hook",
+        check_unit_ablation,
+        {"units": 2},
+    ),
 }
 
 
@@ -616,7 +627,7 @@ def test_interaction_basis_on_a_block_the_gpt2_refusal_names() -> None:
 
 
 def test_the_tables_name_real_cells() -> None:
-    registered = set(host.techniques()) | {"logit-margin"}
+    registered = set(host.techniques()) | {"logit-margin", "unit-ablation"}
     for technique, name in [*REFUSALS, *PENDING]:
         assert technique in registered and name in MODELS, (technique, name)
     assert set(SPECS) <= registered and set(DEFAULT_REFUSALS) <= set(SPECS)

@@ -1,7 +1,9 @@
-"""``logit-margin``: how decisively the model picks its class, per input.
+"""An example third-party pyengine plugin, registered through the ``pyengine`` entry-point
+group exactly like the built-in techniques.
 
-margin = top logit - runner-up logit. A third-party plugin, registered through the
-``pyengine`` entry-point group exactly like the built-in techniques.
+``logit-margin``: how decisively the model picks its class, per input (top logit minus
+runner-up logit). ``unit-ablation`` (``ablation.py``): the drop of the target score when one
+unit of a layer is zeroed, using the host API for layers, rows, progress, randomness and figures.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 import pyengine
+from pyengine_example_plugin.ablation import UnitAblation
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,4 @@ class LogitMargin(pyengine.Technique):
 @pyengine.hookimpl
 def register_techniques(register: Any) -> None:
     register(LogitMargin)
+    register(UnitAblation)
