@@ -20,7 +20,6 @@ from pyengine import host
 from pyengine.api import run
 from pyengine.data.base import Dataset
 from pyengine.errors import PyengineError
-from pyengine.figures import upscale
 from pyengine.layers import after_relu, conv_layers
 from pyengine.progress import Progress
 from pyengine.report import Page, Section, anchor_of
@@ -28,6 +27,7 @@ from pyengine.technique import Figure, Result, UnitRef
 
 UNITS_PAGE = "units.html"
 CONCEPT_AUC = 0.8  # a unit "detects" a concept when its one-neuron probe's test AUC reaches this
+AM_WIDTH = 256  # pixels an activation-maximization image is shown wide
 FEATURE_TECHNIQUES = ("filters", "activations", "max-patches", "activation-maximization")
 
 
@@ -149,7 +149,8 @@ def _layer_units(
         ]
         shown = [patch_figures[channel]] if channel in patch_figures else []
         image = optimised.images[channel : channel + 1]
-        shown.append(Figure(f"Activation maximization of {conv} channel {channel}", image=upscale(image, 128)[0]))
+        title = f"Activation maximization of {conv} channel {channel}"
+        shown.append(Figure(title, image=image[0], width=AM_WIDTH))
         sections.append(Section(str(unit), lines=lines, figures=shown, anchor=unit_anchor(layer, channel)))
     overview = Section(
         f"Units of {layer}",

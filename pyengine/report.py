@@ -238,7 +238,7 @@ class Section:
     anchor: str = ""  # the section's id (default: from the title)
 
 
-IMAGE_WIDTH = 960  # images are shown at the largest whole multiple of their size up to this width
+IMAGE_WIDTH = 960  # images are enlarged to this width (pixels kept sharp), at most MAX_ZOOM times
 MAX_ZOOM = 8
 HEAT_OPACITY = 60  # percent: the heatmap over the inputs, adjustable per figure
 
@@ -249,19 +249,20 @@ def anchor_of(title: str) -> str:
 
 
 def _display_width(image: torch.Tensor) -> int:
+    """Small images enlarged to fill ``IMAGE_WIDTH`` (at most ``MAX_ZOOM`` times), large ones as they are."""
     width = int(image.shape[-1])
-    return width * max(1, min(MAX_ZOOM, IMAGE_WIDTH // max(1, width)))
+    return max(width, min(IMAGE_WIDTH, width * MAX_ZOOM))
 
 
 _BAR_IDS = itertools.count()
 
 
-def colour_bar(scale: ColourScale, width: int = 300) -> str:
+def colour_bar(scale: ColourScale, width: int = 340) -> str:
     """An SVG colour bar: blue at -limit, white at 0, red at +limit, ticks in the scale's units."""
     limit = scale.limit
     gradient = f"pyengine-rwb-{next(_BAR_IDS)}"
     ticks = [-limit, -limit / 2, 0.0, limit / 2, limit]
-    left, bar_w = 10, width - 20
+    left, bar_w = 36, width - 72
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="52" class="colour-bar">',
         f'<defs><linearGradient id="{gradient}"><stop offset="0" stop-color="#0000ff"/>'
@@ -270,7 +271,7 @@ def colour_bar(scale: ColourScale, width: int = 300) -> str:
     ]
     for k, value in enumerate(ticks):
         x = left + bar_w * k / (len(ticks) - 1)
-        text = _tick_label(value) if value else "0"
+        text = f"{value:.3g}" if value else "0"
         if k in (0, len(ticks) - 1):
             text = ("≤ " if k == 0 else "≥ ") + text
         parts.append(f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="20" stroke="#999"/>')
@@ -294,7 +295,7 @@ def _cell(value: object, unit_pages: Mapping[str, str]) -> str:
 def _image_html(figure: Figure, image_source: Callable[[bytes], str]) -> str:
     if figure.image is None:
         return ""
-    width = _display_width(figure.image)
+    width = figure.width or _display_width(figure.image)
     alt = html.escape(figure.title, quote=True)
     base = f'<img src="{html.escape(image_source(png_bytes(figure.image)), quote=True)}" alt="{alt}" width="{width}">'
     if figure.heat is None or tuple(figure.heat.shape[-2:]) != tuple(figure.image.shape[-2:]):

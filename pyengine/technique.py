@@ -190,6 +190,7 @@ class Figure:
     image: torch.Tensor | None = None  # (H, W) or (C, H, W), values in [0, 1]
     heat: torch.Tensor | None = None  # (3, H, W) heatmap colours over ``image``
     scale: ColourScale | None = None  # what the heat colours mean
+    width: int = 0  # pixels the image is shown wide; 0: enlarged up to the page's width
     lines: Mapping[str, Sequence[float]] | None = None  # series name -> y values
     x: Sequence[float] | None = None
     x_labels: Sequence[str] = ()  # a categorical x axis: one label per point (e.g. the layers)

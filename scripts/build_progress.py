@@ -47,7 +47,9 @@ def main(argv: list[str]) -> int:
         last_shown = elapsed
         if total:
             eta = elapsed / max(done, 1) * (total - done)
-            text = f"{label}: step {done}/{total} ({done / total:.0%}), {duration(elapsed)} elapsed, ETA {duration(eta)}"
+            text = (
+                f"{label}: step {done}/{total} ({done / total:.0%}), {duration(elapsed)} elapsed, ETA {duration(eta)}"
+            )
         else:
             text = f"{label}: preparing ({duration(elapsed)} elapsed)"
         print(f"\r{text:<90}" if live else text, end="" if live else "\n", file=sys.stderr, flush=True)
@@ -57,7 +59,10 @@ def main(argv: list[str]) -> int:
         print(file=sys.stderr)
     if status != 0:
         sys.stderr.write(b"".join(tail).decode(errors="replace"))
-        print(f"{label}: FAILED (exit {status}) after {duration(elapsed)}; the last {len(tail)} lines above", file=sys.stderr)
+        print(
+            f"{label}: FAILED (exit {status}) after {duration(elapsed)}; the last {len(tail)} lines above",
+            file=sys.stderr,
+        )
     else:
         print(f"{label}: done in {duration(elapsed)}", file=sys.stderr)
     return status

@@ -100,11 +100,12 @@ def trained_demo() -> DemoCNN:
 
 @pytest.fixture(scope="session")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``pyengine demo`` run once per session (its stdout in ``stdout.txt``): the demo's own test and
-    the browser test read it."""
+    """``pyengine demo`` run once per session (its output in ``stdout.txt``, ``stderr.txt``): the
+    demo's own tests and the browser test read it."""
     out = tmp_path_factory.mktemp("demo") / "out"
     result = run_cli("demo", "--out", str(out), timeout=1200)
     if result.returncode != 0:
         pytest.fail(f"pyengine demo failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     (out / "stdout.txt").write_text(result.stdout)
+    (out / "stderr.txt").write_text(result.stderr)
     return out

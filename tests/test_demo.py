@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pyengine
-from conftest import run_cli
 from pyengine.train import SHIPPED_WEIGHTS
 
 
@@ -36,9 +35,9 @@ def test_demo_end_to_end(demo_out: Path) -> None:
     stdout = (demo_out / "stdout.txt").read_text()
     match = re.search(r"held-out accuracy ([0-9.]+)% on 1000 shapes images \(the shipped weights", stdout)
     assert match, stdout
-    assert float(match.group(1)) / 100 == json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())[
-        "held_out_accuracy"
-    ]
+    assert (
+        float(match.group(1)) / 100 == json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())["held_out_accuracy"]
+    )
     assert "time per step:" in stdout and re.search(r"total\s+[0-9.]+ s", stdout)
     techniques = set(pyengine.techniques())
     with pyengine.StoreReader(demo_out / "results.h5") as reader:
@@ -82,3 +81,33 @@ def test_demo_end_to_end(demo_out: Path) -> None:
             target, _, fragment = href.partition("#")
             assert (target or name) in ("index.html", "units.html"), href
             assert not fragment or fragment in (units if (target or name) == "units.html" else index).ids, href
+
+
+def test_readme_numbers_are_what_the_demo_prints(demo_out: Path) -> None:
+    """The README's faithfulness table is scripts/readme_numbers.py's output on the demo's results."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            str(root / "scripts" / "readme_numbers.py"),
+            "faithfulness",
+            str(demo_out / "results.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert printed.returncode == 0, printed.stderr
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- numbers: scripts/readme_numbers.py faithfulness -->\n", 1)[1].split("<!-- /numbers -->")[
+        0
+    ]
+    assert block.strip() == printed.stdout.strip(), "README is stale: run scripts/readme_numbers.py --write README.md"
+    pointing = re.findall(r"\| \*{0,2}(0\.\d+)\*{0,2} \|", block)
+    stdout = (demo_out / "stdout.txt").read_text() + (demo_out / "stderr.txt").read_text()
+    best = re.search(r"pointing game best \S+ ([0-9.]+)", stdout)
+    assert best and pointing and best.group(1) == max(pointing, key=float)  # what the demo prints

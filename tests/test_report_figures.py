@@ -7,7 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from pyengine.report import LOG_DECADES, Report, Section, svg_lines
-from pyengine.technique import Figure
+from pyengine.technique import Figure, UnitRef
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -98,8 +98,9 @@ def test_results_are_tables_and_the_report_sorts_them(tmp_path) -> None:  # type
     assert len(rows) == len(layers) * len(probes.best_accuracy)  # every layer x concept
     for concept, layer, unit, accuracy, auc, *_ in rows:
         key = f"{layer}|{concept}"
-        assert unit == int(probes.ranking[key][0]) and auc == round(float(probes.auc[key][unit]), 3)
-        assert accuracy == round(float(probes.test_accuracy[key][unit]), 3)
+        assert unit == UnitRef(layer, int(probes.ranking[key][0]))
+        assert auc == round(float(probes.auc[key][unit.unit]), 3)
+        assert accuracy == round(float(probes.test_accuracy[key][unit.unit]), 3)
     assert [row[0] for row in spectrum.table()[1:]] == layers
     assert "rank rel<0.001" in spectrum.table()[0]
     assert faith.table()[1][0] == "saliency" and faith.table()[1][1] == round(faith.pointing["saliency"], 3)
