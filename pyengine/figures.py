@@ -46,20 +46,19 @@ HEATMAP_PERCENTILE = 0.99  # heatmap figures: full colour at this quantile of |v
 def heatmap_figure(
     title: str, inputs: torch.Tensor, maps: torch.Tensor, *, units: str, caption: str = "", columns: int = 4
 ) -> Figure:
-    """Heatmaps of ``maps`` (N, H, W) over ``inputs`` (N, C, H, W), one colour scale for all tiles
+    """Heatmaps of ``maps`` (N, H, W) over ``inputs`` (N, C, H, W) in grey, one colour scale for all tiles
     (full colour at the 99th percentile of |value|, stated by the report's colour bar in ``units``);
     the report draws the heatmaps over the inputs with adjustable opacity."""
     maps = maps.detach().float().cpu()
-    images = normalise_each(inputs.detach().float().cpu())
-    if images.shape[1] not in (1, 3):
-        images = images.mean(1, keepdim=True)
+    # the inputs in grey: a blue object must not read as a negative attribution
+    images = normalise_each(inputs.detach().float().cpu().mean(1, keepdim=True))
     magnitudes = maps.abs().flatten()
     limit = float(torch.quantile(magnitudes[:16_000_000], HEATMAP_PERCENTILE)) if magnitudes.numel() else 0.0
     if limit <= 0:
         limit = float(magnitudes.max()) if magnitudes.numel() else 0.0
     heat = torch.stack([heatmap(m, limit) for m in maps])
     columns = max(1, min(columns, maps.shape[0]))
-    base = image_grid(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, columns=columns)
+    base = image_grid(images.expand(-1, 3, -1, -1), columns=columns)
     note = f"one colour scale for all tiles; |values| above {limit:.3g} (the 99th percentile) at full colour"
     return Figure(
         title,

@@ -239,7 +239,7 @@ class Section:
 
 
 IMAGE_WIDTH = 960  # images are enlarged to this width (pixels kept sharp), at most MAX_ZOOM times
-MAX_ZOOM = 8
+MAX_ZOOM = 16
 HEAT_OPACITY = 60  # percent: the heatmap over the inputs, adjustable per figure
 
 

@@ -70,7 +70,7 @@ def test_heatmap_section_has_overlay_slider_and_colour_bar() -> None:
     assert len(page.images) == 2 and page.images[1].get("class") == "heat" and page.ranges == 1
     widths = {int(str(image["width"])) for image in page.images}
     width = figure.image.shape[-1]  # type: ignore[union-attr]
-    assert widths == {min(960, width * 8)}  # enlarged to be legible, at most 8 times
+    assert widths == {min(960, width * 16)}  # enlarged to be legible, at most 16 times
     assert "drop &lt;of&gt; score" in text and "<of>" not in text
     bar = colour_bar(ColourScale(0.25, "u"))
     assert "≤ -0.25" in bar and "≥ 0.25" in bar and ">0<" in bar
