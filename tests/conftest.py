@@ -107,3 +107,14 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoCNN:
         else:
             os.environ["PYENGINE_CACHE"] = old
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pyengine demo`` run once per session through the CLI; its output folder (``out/report/index.html`` the
+    report). The weights cache it trained into is ``out.parent / "cache"``."""
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "out"
+    result = run_cli("demo", "--out", str(out), env={"PYENGINE_CACHE": str(root / "cache")}, timeout=1200)
+    assert result.returncode == 0, f"pyengine demo failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return out
