@@ -36,10 +36,10 @@ def test_demo_report_in_browser(
     report = check_page(page, tmp_path / "report.png", chromium)
     assert report.problems == [], "\n".join(report.problems)
     assert report.pages[0] == page.resolve()
-    assert report.text_length > 1000 and report.images > 0, report.summary()
-    assert report.screenshot is not None and report.screenshot.stat().st_size > 0
+    assert report.text_length > 200 and report.images > 0, report.summary()  # a page, not an empty shell
+    assert report.screenshot == tmp_path / "report.png" and report.screenshot.stat().st_size > 0
     width, height = report.screenshot_size
-    assert width == 1400 and height > 1000, report.summary()
+    assert width == 1400 and height >= 1000, report.summary()
     assert report.render_ms > 0 and report.folder_bytes > 0
     print(f"\nreport in Chromium: {report.summary()}; screenshot {report.screenshot}")
     record_property("report_bytes", report.folder_bytes)
