@@ -2,7 +2,9 @@
 #   make demo       train + capture + every technique + report, into demo-out/
 #   make test       build, compile-check the CUDA sources (when nvcc is on PATH), install the system HDF5
 #                   (libhdf5-dev, hdf5-tools: apt-get as root, when missing; else a message), the gates
-#                   (ruff format + lint, mypy), then the tests against the built package
+#                   (ruff format + lint, mypy), install a headless Chromium (the system package chromium:
+#                   apt-get as root, when missing; else a message; the browser test of the report skips
+#                   without one), then the tests against the built package
 #   make dev        an editable install: tests and tools see edits to pyengine/ and plugins/
 #                   without a reinstall (C++ edits still need `make dev` again)
 #   make lint / make typecheck   the gates alone
@@ -35,7 +37,7 @@ ASAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-n
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 SANITIZE_TESTS ?= tests/test_ops_*.py tests/test_pathwise.py tests/test_synchrony.py
 
-.PHONY: all setup build dev lint typecheck test fuzz sanitize demo bench nvcc-check system-hdf5 gpu-check clean
+.PHONY: all setup build dev lint typecheck test fuzz sanitize demo bench nvcc-check system-hdf5 system-browser gpu-check clean
 
 all: test
 
@@ -95,7 +97,35 @@ system-hdf5:
 	  tail -n 5 $$log; echo "system-hdf5: could not install$$missing; the tests that need them skip"; }; \
 	rm -f $$log
 
-test: lint typecheck build nvcc-check system-hdf5
+# A headless Chromium (the system package chromium, without its recommends) for tests/test_report_browser.py,
+# which loads the demo's report in it: installed with apt-get when missing and we are root; otherwise (or if the
+# install fails) a message says so, and that test skips. Never fatal. Nothing to do when a browser the test finds
+# is there already: $PYENGINE_CHROMIUM (a path or a name), else one of BROWSERS on PATH (as tests/browser.py looks).
+BROWSERS := chromium chromium-browser google-chrome
+BROWSER_PACKAGES := chromium
+APT_INSTALL_BROWSER := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES)
+system-browser:
+	@for browser in "$$PYENGINE_CHROMIUM" $(BROWSERS); do \
+	  [ -n "$$browser" ] && command -v "$$browser" >/dev/null 2>&1 && exit 0; \
+	done; \
+	command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 || { \
+	  echo "system-browser: no Chromium and no apt-get here: install Chromium with your package manager (or set \
+	PYENGINE_CHROMIUM), else the browser test of the report skips"; exit 0; }; \
+	missing=""; for package in $(BROWSER_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "ok installed" || missing="$$missing $$package"; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "system-browser: missing$$missing (not root: run sudo apt-get install --no-install-recommends$$missing); \
+	the browser test of the report skips"; \
+	  exit 0; fi; \
+	echo "system-browser: installing$$missing (apt-get)"; \
+	log=$$(mktemp); \
+	$(APT_INSTALL_BROWSER) >$$log 2>&1 || { apt-get update -q >>$$log 2>&1 && $(APT_INSTALL_BROWSER) >>$$log 2>&1; } || { \
+	  tail -n 5 $$log; echo "system-browser: could not install$$missing; the browser test of the report skips"; }; \
+	rm -f $$log
+
+test: lint typecheck build nvcc-check system-hdf5 system-browser
 	$(VENV)/bin/pytest
 
 # The ops fuzz (tests/ops_fuzz.py, in one child process) at length, with a fresh random seed.
