@@ -110,11 +110,13 @@ def demo(
         results[name] = result
         found.append((name, result.summary(), seconds))
         _say(f"{name}: {result.summary()} ({seconds:.1f} s; {result.rows})")
+        table = result.table()
+        lines = result.lines() if not table else [line for line in result.lines() if "WARNING" in line]
         sections.append(
             Section(
                 name,
-                lines=[*result.lines(), f"Rows analysed: {result.rows}."],
-                table=result.table(),
+                lines=[*(lines or [result.summary()]), *([f"Rows analysed: {result.rows}."] if result.rows else [])],
+                table=table,
                 figures=list(result.figures),
                 anchor=name,
             )

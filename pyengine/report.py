@@ -189,7 +189,11 @@ def svg_lines(figure: Figure, width: int = 620, height: int = 320) -> str:
             f'<text class="xtick" x="{x:.1f}" y="{base + 14}" {anchor} font-size="10">{html.escape(text)}</text>'
         )
     for index, ((name, values), colour) in enumerate(zip(series.items(), series_colours(list(series)))):
-        points = [(px(i), py(v)) for i, v in enumerate(values) if math.isfinite(v) and (v > 0 or not figure.log_y)]
+        points = [
+            (px(i), py(v))
+            for i, v in enumerate(values)
+            if math.isfinite(v) and (v > 0 or not figure.log_y) and transform(v) >= lo  # clipped: not drawn
+        ]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
         parts.append(f'<polyline class="series" fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
         if len(points) <= 20:
@@ -211,8 +215,8 @@ def svg_lines(figure: Figure, width: int = 620, height: int = 320) -> str:
     )
     if clipped:
         parts.append(
-            f'<text class="clipped" x="{left + plot_w + 8}" y="{top + plot_h}" font-size="10">'
-            f"{clipped} values below 1e{int(lo)} not shown</text>"
+            f'<text class="clipped" x="{left + plot_w + 8}" y="{top + plot_h - 12}" font-size="10">'
+            f'{clipped} values below 1e{int(lo)}<tspan x="{left + plot_w + 8}" dy="12">not shown</tspan></text>'
         )
     return "".join(parts) + "</svg>"
 

@@ -52,8 +52,10 @@ def test_log_axis_is_clipped_to_readable_decades_and_says_so() -> None:
     labels = ticks(root, "y")
     assert all(re.fullmatch(r"1e-?\d+", t) for t in labels)  # whole decades, not 1e-75.7
     assert int(labels[0][2:]) >= -LOG_DECADES and labels[-1] == "1e0"
-    clipped = [t.text for t in root.iter(f"{SVG}text") if t.get("class") == "clipped"]
+    clipped = [" ".join(t.itertext()) for t in root.iter(f"{SVG}text") if t.get("class") == "clipped"]
     assert clipped == [f"2 values below 1e-{LOG_DECADES} not shown"]
+    line = next(p for p in root.iter(f"{SVG}polyline") if p.get("class") == "series")
+    assert len((line.get("points") or "").split()) == len(values) - 2  # the clipped values are not drawn
 
 
 def test_categorical_x_axis_names_each_point_and_one_point_series_show() -> None:

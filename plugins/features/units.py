@@ -542,6 +542,8 @@ def _patch_figures(
             tiles.append(normalise_each(guided[row]))
         grid = image_grid(upscale(torch.cat(tiles)), columns=patches.shape[1])
         best = ", ".join(f"{v:.3g}" for v in values[row].tolist())
+        if not bool((values[row] > 0).any()):
+            best += " — the unit never fires on these inputs (dead): the patches are arbitrary"
         figures.append(
             Figure(
                 f"{layer} channel {channel}: top {patches.shape[1]} patches"
