@@ -93,7 +93,8 @@ def _layer_units(
     if first:
         figures += run("filters", model, layers=conv, progress=False).figures
     figures += run("activations", model, inputs[:1], layers=layer, progress=False).figures
-    patches = run(
+    # read by field name (the host imports no family's result type)
+    patches: Any = run(
         "max-patches",
         model,
         data=data,
@@ -103,7 +104,7 @@ def _layer_units(
         figure_channels=channels,
         progress=False,
     )
-    optimised = run(
+    optimised: Any = run(
         "activation-maximization",
         model,
         data=data,

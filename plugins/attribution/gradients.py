@@ -515,7 +515,7 @@ class SmoothGrad(GradientTechnique):
             total = torch.zeros_like(x, dtype=torch.float64)
             for _ in range(options.samples):
                 noise = torch.randn(x.shape, generator=ctx.rng, dtype=x.dtype).to(x.device)
-                rows = {"batch_size": x.shape[0]} if chunk else {}
+                rows: dict[str, Any] = {"batch_size": x.shape[0]} if chunk else {}
                 result = ctx.run(options.base, inputs.with_main(x + sigma * noise), target=t, **rows, **base_options)
                 maps = base_attributions(result, options.base, x).double()
                 total += maps.square() if options.square else maps
