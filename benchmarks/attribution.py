@@ -126,7 +126,9 @@ def demo_cnn(image_size: int) -> nn.Module:
     if image_size == 64:
         load_demo_weights(model, held_out)
     else:
-        train_cached(model, Shapes(config.train_size, seed=TRAIN_SEED, size=image_size), held_out, config, progress=False)
+        train_cached(
+            model, Shapes(config.train_size, seed=TRAIN_SEED, size=image_size), held_out, config, progress=False
+        )
     return model.eval()
 
 
