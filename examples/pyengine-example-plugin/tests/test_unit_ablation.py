@@ -156,7 +156,8 @@ def test_a_mistyped_layer_on_the_cli(tmp_path: Path) -> None:
         lines[0]
         == lines[1]
         == (
-            "pyengine: error: no layer 'features.relu9' in DemoCNN; closest: features.relu3, features.relu2, features.relu1"
+            "pyengine: error: no layer 'features.relu9' in DemoCNN; "
+            "closest: features.relu3, features.relu2, features.relu1"
         )
     )
 
