@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import torch
 
 from pyengine import distributed, host
 from pyengine.errors import PyengineError
+from pyengine.progress import INTERRUPTED, interrupt_at_ticks
 
 USAGE_ERROR = 2
 DISTRIBUTED_COMMANDS = ("capture", "run")  # what torchrun may launch over several processes
@@ -96,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             pending.append(stored_result(spec.name, run_name, options, result))
             say(f"{spec.name}/{run_name}: {result.summary()}")
     except KeyboardInterrupt:
+        INTERRUPTED.clear()  # handled here: writing the finished results must not be interrupted by it
         if not pending:
             say("pyengine: interrupted before any technique finished; nothing written", file=sys.stderr)
             return 130
@@ -278,6 +281,7 @@ def _rank_note() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = interrupt_at_ticks()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -297,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pyengine: interrupted", file=sys.stderr)
         return 130
     finally:
+        INTERRUPTED.clear()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         distributed.close()
 
 

@@ -4,10 +4,31 @@ installed, else a small stderr bar of our own; both show the rate and the time l
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import time
 from types import TracebackType
 from typing import Any, TextIO
+
+# Ctrl-C: Python raises KeyboardInterrupt wherever the main thread is, and one raised inside a
+# finalizer (a ``__del__`` of some library's object) is printed and dropped, so a long technique
+# would run on. With ``interrupt_at_ticks()`` (the CLI), the signal also sets this flag and the
+# next tick of any bar (drawn or not: every long loop ticks one) raises it again.
+INTERRUPTED = threading.Event()
+
+
+def interrupt_at_ticks() -> Any:
+    """Make SIGINT raise KeyboardInterrupt as usual and, if that is swallowed, at the next tick;
+    returns the handler it replaced (None off the main thread, where nothing changes)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def rate_text(count: int, elapsed: float) -> str:
@@ -75,6 +96,9 @@ class Progress:
             self.stream.flush()
 
     def update(self, n: int = 1) -> None:
+        if INTERRUPTED.is_set():
+            INTERRUPTED.clear()
+            raise KeyboardInterrupt
         self.count += n
         if self._tqdm is not None:
             self._tqdm.update(n)

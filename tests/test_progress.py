@@ -78,3 +78,32 @@ def test_the_demo_time_table_lists_steps_longest_first_with_the_total() -> None:
     assert table[0] == "time per step:"
     assert [line.split()[0] for line in table[1:]] == ["report", "capture", "gram-spectrum", "total"]
     assert table[1].endswith("6.0 s   60%") and table[-1].endswith("10.0 s")
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_resurfaces_at_the_next_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C that lands in a ``__del__`` is dropped by Python; the CLI's handler also sets a flag
+    that the next tick of any bar (drawn or not) raises."""
+    import signal
+
+    from pyengine.progress import INTERRUPTED, interrupt_at_ticks
+
+    class Swallows:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt raised here is ignored
+
+    dropped: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    previous = interrupt_at_ticks()
+    try:
+        Swallows()  # freed at once: the interrupt is lost inside __del__
+        assert dropped == [KeyboardInterrupt]
+        bar = Progress(10, "loop", enabled=False)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(10):
+                bar.update()
+        assert bar.count == 0 and not INTERRUPTED.is_set()
+        bar.update()  # raised once per signal
+        assert bar.count == 1
+    finally:
+        INTERRUPTED.clear()
+        signal.signal(signal.SIGINT, previous)
