@@ -24,10 +24,6 @@ from pyengine.store import StoreReader
 from pyengine.technique import Figure, Result
 from pyengine.train import HELD_OUT_SEED, TRAIN_SEED, TrainConfig, load_demo_weights, train_cached
 
-DEMO_SEED = TRAIN_SEED
-# The demo's settings where a technique's defaults serve larger models: nothing a reader sees is lost.
-DEMO_OPTIONS: dict[str, dict[str, Any]] = {}
-
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -58,7 +54,7 @@ def demo(
     steps: list[tuple[str, float]] = []  # (step, seconds): the table printed at the end
     clock = time.perf_counter()
     if train:
-        report = train_cached(model, Shapes(config.train_size, seed=DEMO_SEED), held_out, config, progress=progress)
+        report = train_cached(model, Shapes(config.train_size, seed=TRAIN_SEED), held_out, config, progress=progress)
         how = "loaded from cache" if report.cached else f"trained in {report.seconds:.1f} s"
         steps.append(("train (or load) demo-cnn", time.perf_counter() - clock))
     else:
@@ -80,6 +76,7 @@ def demo(
     sections: list[Section] = []
     results: dict[str, Result] = {}
     found: list[tuple[str, str, float]] = []  # technique, its one line, seconds: the summary table
+    failures = 0
     for name, technique in host.techniques().items():
         # Techniques that explain single inputs get the first few held-out images; the others
         # analyse the whole held-out set (from the store where they read activations).
@@ -96,10 +93,10 @@ def demo(
                 save=results_path,
                 run_name="demo",
                 progress=progress,
-                **DEMO_OPTIONS.get(name, {}),
                 **rows,
             )
         except PyengineError as error:
+            failures += 1
             _say(f"{name}: FAILED: {error}")
             sections.append(Section(name, error=str(error), anchor=name))
             steps.append((f"{name} (failed)", time.perf_counter() - started))
@@ -121,7 +118,6 @@ def demo(
                 anchor=name,
             )
         )
-    failures = sum(1 for _, line, _ in found if line.startswith("FAILED: "))
     clock = time.perf_counter()
     units = unit_pages(model, held_out, activations, inputs, results, progress=progress)
     steps.append(("unit pages (patches, guided maps, activation maximization)", time.perf_counter() - clock))
